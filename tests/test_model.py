@@ -1,0 +1,66 @@
+"""The model's layouts and masks (SPEC §1)."""
+
+import pytest
+import torch
+
+from conftest import random_prompts, tiny_model
+from minidtrpo.model import ModelConfig, clean_noisy_mask, layout_mask
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_shapes_and_mask_token(layout):
+    model = tiny_model(layout)
+    tokens = torch.randint(0, 12, (3, 14))
+    logits = model(tokens)
+    assert logits.shape == (3, 14, 12) and logits.dtype == torch.float64
+    assert torch.isneginf(logits[..., 11]).all()  # MASK is never predicted
+    assert torch.isfinite(logits[..., :11]).all()
+
+
+def test_block_layout_is_causal_across_blocks():
+    """Changing a token in a later block never changes earlier logits (block); it does in the full layout."""
+    tokens = torch.randint(0, 11, (2, 14), generator=torch.Generator().manual_seed(1))
+    changed = tokens.clone()
+    changed[:, 6 + 5] = (changed[:, 6 + 5] + 1) % 11  # a token of response block 1 (positions 10..13)
+    block, full = tiny_model("block"), tiny_model("full")
+    diff_block = (block(tokens) - block(changed))[..., :11].abs().amax(dim=(0, 2))  # (N,)
+    diff_full = (full(tokens) - full(changed))[..., :11].abs().amax(dim=(0, 2))
+    assert diff_block[:10].max() == 0  # prompt and block 0 untouched, exactly
+    assert diff_block[10:].max() > 1e-6  # the changed block itself does react
+    assert diff_full[:10].min() > 1e-9  # everything reacts in the full layout
+
+
+def test_layout_mask_by_hand():
+    cfg = ModelConfig(prompt_len=2, response_len=4, block_size=2)
+    m = layout_mask(cfg).int().tolist()
+    assert m == [[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0],
+                 [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+
+
+def test_clean_noisy_mask_by_hand():
+    """[x ; y ; ỹ] with P = 1, L = 4, b = 2: rows are queries, columns keys."""
+    m = clean_noisy_mask(1, 4, 2).int().tolist()
+    #            x  y0 y1 y2 y3 ỹ0 ỹ1 ỹ2 ỹ3
+    assert m == [[1, 0, 0, 0, 0, 0, 0, 0, 0],   # x
+                 [1, 1, 1, 0, 0, 0, 0, 0, 0],   # y0  clean block 0 -> x + clean block 0
+                 [1, 1, 1, 0, 0, 0, 0, 0, 0],   # y1
+                 [1, 1, 1, 1, 1, 0, 0, 0, 0],   # y2  clean block 1 -> x + clean blocks 0, 1
+                 [1, 1, 1, 1, 1, 0, 0, 0, 0],   # y3
+                 [1, 0, 0, 0, 0, 1, 1, 0, 0],   # ỹ0  noisy block 0 -> x + itself
+                 [1, 0, 0, 0, 0, 1, 1, 0, 0],   # ỹ1
+                 [1, 1, 1, 0, 0, 0, 0, 1, 1],   # ỹ2  noisy block 1 -> x + clean block 0 + itself
+                 [1, 1, 1, 0, 0, 0, 0, 1, 1]]   # ỹ3
+
+
+def test_explicit_positions_and_mask_reproduce_default():
+    model = tiny_model("block")
+    tokens = random_prompts(2, 14)
+    explicit = model(tokens, positions=torch.arange(14), attn_mask=layout_mask(model.config))
+    assert torch.equal(explicit, model(tokens))
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="layout"):
+        ModelConfig(layout="causal")
+    with pytest.raises(ValueError, match="multiple"):
+        ModelConfig(response_len=10, block_size=4)
