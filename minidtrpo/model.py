@@ -105,29 +105,35 @@ def clean_noisy_mask(prompt_len: int, response_len: int, block_size: int, device
 # Modules
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary position embedding of x (B, H, N, D) at integer positions (B, N)."""
-    d = x.shape[-1]
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # angles in at least fp32
-    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)  # (D/2,)
-    angles = positions[:, None, :, None].to(dtype) * inv_freq  # (B, 1, N, D/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    # rotate each (even, odd) pair by its angle, then interleave back
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)  # (B, H, N, D)
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's rotation angles at integer positions (B, N), each (B, 1, N, D), computed once
+    per forward and shared by every layer. Frequencies θ_f = base^(−2f/D) for f < D/2, repeated for both
+    halves of the head ("rotate half" convention)."""
+    fdtype = torch.float64 if dtype == torch.float64 else torch.float32  # angles in at least fp32
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=fdtype) / head_dim)  # (D/2,)
+    angles = positions[:, None, :, None].to(fdtype) * inv_freq  # (B, 1, N, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, 1, N, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_f, x_{f+D/2}) of x (..., N, D) by its position's angle: x·cos + rotate_half(x)·sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_heads, self.rope_base = config.n_heads, config.rope_base
+        self.n_heads = config.n_heads
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x, positions, attn_mask, past=None):
+    def forward(self, x, rotation, attn_mask, past=None):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 × (B, H, N, D)
-        q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        qkv = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+        qk = rope(qkv[:2], *rotation)  # queries and keys rotated together: (2, B, H, N, D)
+        q, k, v = qk[0], qk[1], qkv[2]
         new_kv = (k, v)  # keys/values of these N tokens, for a caller that caches them
         if past is not None:  # prepend cached keys/values of finished blocks
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, S+N, D)
@@ -145,8 +151,8 @@ class TransformerBlock(nn.Module):
         hidden = config.mlp_ratio * config.d_model
         self.mlp = nn.Sequential(nn.Linear(config.d_model, hidden), nn.GELU(), nn.Linear(hidden, config.d_model))
 
-    def forward(self, x, positions, attn_mask, past=None):
-        a, new_kv = self.attn(self.ln1(x), positions, attn_mask, past)  # pre-norm residual branches
+    def forward(self, x, rotation, attn_mask, past=None):
+        a, new_kv = self.attn(self.ln1(x), rotation, attn_mask, past)  # pre-norm residual branches
         x = x + a
         return x + self.mlp(self.ln2(x)), new_kv
 
@@ -203,9 +209,10 @@ class MaskedDiffusionTransformer(nn.Module):
                                  f"= {self.default_mask.shape[0]}; pass attn_mask explicitly")
             attn_mask = self.default_mask[S:]
         x = self.embed(tokens)  # (B, N, C)
+        rotation = rope_angles(positions, x.shape[-1] // self.config.n_heads, self.config.rope_base, x.dtype)
         new_kvs = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, positions, attn_mask, None if past is None else past[i])
+            x, kv = block(x, rotation, attn_mask, None if past is None else past[i])
             new_kvs.append(kv)
         logits = self.head(self.ln_f(x))  # (B, N, V)
         if logits.dtype in (torch.float16, torch.bfloat16):

@@ -30,3 +30,25 @@ def block_model():
 @pytest.fixture
 def full_model():
     return tiny_model("full")
+
+
+def perturbed(model, scale=0.02, seed=1):
+    """A copy of model with N(0, scale²) noise added to every parameter: a nearby policy."""
+    import copy
+
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return other
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tests on one intra-op thread: for these tiny models thread synchronisation costs far
+    more than it saves, and on a busy 2-core machine two threads made a test 16× slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,117 @@
+"""Benchmark of the foundation: SFT throughput and MFU, and the sampler with and without its KV cache.
+
+    python bench/bench_foundation.py            # ~1 minute on a 2-core CPU
+    python bench/bench_foundation.py --device=cuda
+
+Everything is measured side by side in one run:
+1. the machine's fp32 matmul rate (1024×1024 products), the denominator of MFU;
+2. SFT training tokens/s of the default model (sudoku, block layout: [prompt ; clean ; noisy] = P + 2L
+   tokens per sequence), and model-FLOPs utilisation = 6 · parameters · tokens/s ÷ matmul rate
+   (attention score FLOPs are not counted, as in nanoGPT's estimate);
+3. sampler throughput at response length 64, block 8, batch 256, one token per step, with the KV cache
+   for finished blocks and without it (every step recomputes the whole sequence), and whether the two
+   decoded the same tokens.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from minidtrpo.config import autocast, pick_device
+from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
+from minidtrpo.sampling import generate
+from minidtrpo.tasks import get_task
+from minidtrpo.training import sft_loss
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat: int, warmup: int = 2) -> float:
+    """Median seconds of fn() over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_rate(device, n=1024) -> float:
+    """Measured fp32 (bf16 on CUDA, the precision training uses there) matmul FLOP/s."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    reps = 50 if device.type == "cuda" else 5
+    seconds = timed(lambda: [a @ b for _ in range(reps)], device, repeat=5)
+    return 2 * n**3 * reps / seconds
+
+
+def bench_sft(device, batch_size=128, steps=10) -> dict:
+    task = get_task("sudoku")
+    torch.manual_seed(0)
+    model = MaskedDiffusionTransformer(ModelConfig.for_task(task)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.Generator(device).manual_seed(0)
+
+    def step():
+        prompts, answers = (x.to(device) for x in task.sample(batch_size, generator=gen))
+        with autocast(device):
+            loss, _ = sft_loss(model, prompts, answers, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    seconds = timed(step, device, repeat=steps)
+    tokens = batch_size * (task.prompt_len + 2 * task.response_len)
+    return {"params": model.num_params(), "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "flops_per_s": 6 * model.num_params() * tokens / seconds}
+
+
+def bench_sampler(device, batch_size=256, response_len=64, block_size=8) -> dict:
+    torch.manual_seed(0)
+    cfg = ModelConfig(prompt_len=16, response_len=response_len, block_size=block_size)
+    model = MaskedDiffusionTransformer(cfg, verbose=False).to(device)
+    with torch.no_grad():  # a fresh init predicts almost uniformly; spread its logits so that float
+        model.head.weight.mul_(20.0)  # rounding does not decide near-ties, as it would not for a trained model
+    prompts = torch.randint(0, 46, (batch_size, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    out = {}
+    for cache in (True, False):
+        def run():
+            with autocast(device):
+                out[cache] = generate(model, prompts, temperature=1.0, kv_cache=cache,
+                                      generator=torch.Generator(device).manual_seed(0))
+        out[f"seconds_{cache}"] = timed(run, device, repeat=3, warmup=1)
+    same = torch.equal(out[True].tokens, out[False].tokens)
+    return {"cached_s": out["seconds_True"], "uncached_s": out["seconds_False"],
+            "speedup": out["seconds_False"] / out["seconds_True"], "identical_tokens": same,
+            "tokens_per_s_cached": batch_size * response_len / out["seconds_True"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    rate = matmul_rate(device)
+    sft = bench_sft(device)
+    sampler = bench_sampler(device)
+    print(f"\nthreads {torch.get_num_threads()}, matmul {rate / 1e9:.0f} GFLOP/s")
+    print(f"SFT  {sft['params'] / 1e6:.2f}M params: {sft['step_s'] * 1e3:.0f} ms/step, "
+          f"{sft['tokens_per_s']:,.0f} tokens/s, {sft['flops_per_s'] / 1e9:.0f} GFLOP/s, "
+          f"MFU {sft['flops_per_s'] / rate:.0%}")
+    print(f"sampler L=64 b=8 B=256: cached {sampler['cached_s']:.2f} s, recomputed {sampler['uncached_s']:.2f} s, "
+          f"speed-up {sampler['speedup']:.1f}x, identical tokens: {sampler['identical_tokens']}")
+    print(json.dumps({"device": str(device), "matmul_gflops": rate / 1e9, "sft": sft, "sampler": sampler}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Likelihood estimators (SPEC §4) against independent naive references: P1–P4, P11, printed gaps.
+
+The references below are Python loops over sequences, steps, blocks and positions, written from the
+formulas with plain forward passes on hand-built states; they never call minidtrpo.estimators.
+Run with `pytest -s` to see the measured approximation gaps.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import perturbed, random_prompts, tiny_model
+from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, reduced_trajectory_logprob,
+                                  sample_block_steps, sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
+from minidtrpo.sampling import Trajectory, generate
+
+P, M = 6, 11  # prompt length and MASK id of conftest.tiny_model
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def rollout(model, steps_per_block=2, temperature=1.0, remasking="low_confidence", batch=4, seed=0):
+    return generate(model, random_prompts(batch, seed=seed), steps_per_block=steps_per_block,
+                    temperature=temperature, remasking=remasking, generator=torch.Generator().manual_seed(seed))
+
+
+def grads(value, model):
+    return torch.autograd.grad(value, list(model.parameters()), allow_unused=True)
+
+
+def assert_grads_close(g1, g2, atol=1e-10):
+    for a, b in zip(g1, g2):
+        if a is None or b is None:
+            assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def naive_state(traj, i, t, shift=0):
+    """Tokens (P+L,) of sequence i in state τ_t: every response token with unmask_step ≥ t + shift masked."""
+    x = traj.tokens[i].clone()
+    for j in range(traj.unmask_step.shape[1]):
+        if traj.unmask_step[i, j] >= t + shift:
+            x[P + j] = M
+    return x
+
+
+def naive_logmu(model, tokens, tau=1.0):
+    """log μ_θ(· | tokens) at the response positions, from one plain pass with the layout's own mask."""
+    return F.log_softmax(model(tokens[None])[0, P:] / tau, dim=-1)  # (L, V)
+
+
+def naive_step_logps(model, traj, shift=0):
+    """(B, T): Σ_{i∈I_t} log μ_θ(y_i | x, τ_t), one forward per (sequence, step)."""
+    B, L = traj.unmask_step.shape
+    out = torch.zeros(B, traj.num_steps, dtype=torch.float64)
+    for i in range(B):
+        for t in range(traj.num_steps):
+            lp = naive_logmu(model, naive_state(traj, i, t, shift), traj.logp_temperature)
+            for j in range(L):
+                if traj.unmask_step[i, j] == t:
+                    out[i, t] = out[i, t] + lp[j, traj.responses[i, j]]
+    return out
+
+
+def naive_reduced(model, traj, steps):
+    """Σ_b Σ_{i: unmask_step = b·T_B + s_b} log μ_θ(y_i | true state before step b·T_B + s_b)."""
+    B, L = traj.unmask_step.shape
+    out = [torch.zeros((), dtype=torch.float64) for _ in range(B)]
+    for i in range(B):
+        for blk in range(traj.num_blocks):
+            t = blk * traj.steps_per_block + int(steps[i, blk])
+            lp = naive_logmu(model, naive_state(traj, i, t), traj.logp_temperature)
+            for j in range(L):
+                if traj.unmask_step[i, j] == t:
+                    out[i] = out[i] + lp[j, traj.responses[i, j]]
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# P1: exact full trajectory
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+@pytest.mark.parametrize("steps_per_block,temperature,remasking",
+                         [(2, 1.0, "low_confidence"), (4, 0.7, "random"), (3, 0.0, "low_confidence")])
+def test_p1_full_trajectory_matches_sampler_and_naive(layout, steps_per_block, temperature, remasking):
+    """P1: trajectory_logprob with the sampling model == Σ logp_at_reveal == the naive per-state loop,
+    per step and in gradient; a state shifted by one step (token visible) is far off, so the test can fail."""
+    model = tiny_model(layout)
+    traj = rollout(model, steps_per_block, temperature, remasking)
+    total = trajectory_logprob(model, traj)
+    per_step = trajectory_logprob(model, traj, per_step=True)
+    naive = naive_step_logps(model, traj)
+    torch.testing.assert_close(total, traj.logp_at_reveal.sum(1), rtol=0, atol=1e-10)
+    torch.testing.assert_close(per_step, naive, rtol=0, atol=1e-10)
+    assert_grads_close(grads(total.sum(), model), grads(naive.sum(), model))
+    wrong = naive_step_logps(model, traj, shift=1).sum(1)  # token i visible in its own state
+    assert (wrong - total).abs().min() > 1.0
+
+
+def test_position_term_random_is_log_binomial():
+    """log S_t = −log C(m_t, k_t) under random remasking, counted by hand."""
+    model = tiny_model("full")
+    traj = rollout(model, steps_per_block=3, remasking="random")
+    got = trajectory_logprob(model, traj, position_term=True, per_step=True) - \
+        trajectory_logprob(model, traj, per_step=True)
+    for i in range(traj.tokens.shape[0]):
+        for t in range(traj.num_steps):
+            blk = t // traj.steps_per_block
+            cols = range(blk * traj.block_size, (blk + 1) * traj.block_size)
+            m = sum(int(traj.unmask_step[i, j] >= t) for j in cols)
+            k = sum(int(traj.unmask_step[i, j] == t) for j in cols)
+            assert abs(got[i, t].item() + math.log(math.comb(m, k))) < 1e-12
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_position_term_low_confidence_by_enumeration(layout):
+    """The low-confidence transition probability Π μ_i(y_i)·S_t equals brute force: enumerate every
+    candidate tuple at the block's masked positions, keep those whose top-k confident set is I_t with y."""
+    model = tiny_model(layout)
+    traj = rollout(model, steps_per_block=2, temperature=0.8, batch=2, seed=3)
+    per_step = trajectory_logprob(model, traj, position_term=True, per_step=True)
+    b, V = traj.block_size, M  # candidates range over the 11 real tokens (MASK has probability 0)
+    for i in range(2):
+        for t in range(traj.num_steps):
+            blk = t // traj.steps_per_block
+            cols = [j for j in range(blk * b, (blk + 1) * b) if traj.unmask_step[i, j] >= t]  # masked in block
+            reveal = sorted(c for c, j in enumerate(cols) if traj.unmask_step[i, j] == t)
+            lp = naive_logmu(model, naive_state(traj, i, t), traj.logp_temperature)[cols, :V]  # (m, V)
+            cand = torch.tensor(list(itertools.product(range(V), repeat=len(cols))))  # (V^m, m)
+            conf = lp.gather(1, cand.T).T  # (V^m, m) log μ_j(c_j)
+            top = conf.topk(len(reveal), dim=1).indices.sort(1).values  # the sampler's chosen positions
+            y = traj.responses[i, cols]
+            ok = (top == torch.tensor(reveal)).all(1) & (cand[:, reveal] == y[reveal]).all(1)
+            brute = conf[ok].sum(1).logsumexp(0)  # log Σ over accepted tuples of Π_j μ_j(c_j)
+            assert abs(brute.item() - per_step[i, t].item()) < 1e-9
+
+
+def test_position_term_greedy_raises():
+    model = tiny_model("block")
+    with pytest.raises(ValueError, match="temperature"):
+        trajectory_logprob(model, rollout(model, temperature=0.0), position_term=True)
+
+
+def test_p2_random_remasking_position_term_cancels_and_print_low_confidence_gap():
+    """P2: under random remasking the transition log-ratio with log S_t == token-only log-ratio, per step.
+    Under low-confidence remasking S_t depends on θ: print how much it moves the log-ratio."""
+    ref = tiny_model("block")
+    policy = perturbed(ref, 0.02)
+    traj = rollout(ref, steps_per_block=4, remasking="random", batch=8)
+    ratio = {pt: trajectory_logprob(policy, traj, position_term=pt, per_step=True)
+             - trajectory_logprob(ref, traj, position_term=pt, per_step=True) for pt in (True, False)}
+    torch.testing.assert_close(ratio[True], ratio[False], rtol=0, atol=1e-10)
+    assert trajectory_logprob(ref, traj, position_term=True).sum() < trajectory_logprob(ref, traj).sum() - 1
+    for layout in ("block", "full"):
+        ref = tiny_model(layout)
+        policy = perturbed(ref, 0.02)
+        traj = rollout(ref, steps_per_block=4, batch=16)  # low-confidence
+        full = trajectory_logprob(policy, traj, position_term=True) - trajectory_logprob(ref, traj, position_term=True)
+        tok = trajectory_logprob(policy, traj) - trajectory_logprob(ref, traj)
+        print(f"\n[gap] low-confidence ratio reduction ({layout}, T_B=4, |Δθ|~0.02): mean |log-ratio with S_t − "
+              f"token-only| = {(full - tok).abs().mean():.4f}, mean |token-only log-ratio| = {tok.abs().mean():.4f}")
+        assert (full - tok).abs().mean() > 1e-3  # the gap is real: S_t does not cancel
+
+
+# ----------------------------------------------------------------------------------------------------
+# P3: dTRPO single pass; P4: unbiasedness and variance
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_p3_block_single_pass_equals_per_block_passes(dtype, tol):
+    """P3: block layout, one [x ; y ; ỹ] pass == one pass per block state == the naive loop (+ gradients)."""
+    model = tiny_model("block", dtype=dtype)
+    traj = rollout(model, steps_per_block=4, batch=6)
+    steps = sample_block_steps(traj, torch.Generator().manual_seed(0))
+    single = reduced_trajectory_logprob(model, traj, steps)
+    per_block = reduced_trajectory_logprob(model, traj, steps, single_pass=False)
+    torch.testing.assert_close(single, per_block, rtol=0, atol=tol)
+    if dtype == torch.float64:
+        naive = naive_reduced(model, traj, steps)
+        torch.testing.assert_close(single, naive, rtol=0, atol=tol)
+        assert_grads_close(grads(single.sum(), model), grads(naive.sum(), model))
+
+
+def test_full_layout_per_block_exact_and_print_single_pass_gap():
+    """Full layout: the per-block passes equal the naive loop; the single pass is an approximation (printed)."""
+    ref = tiny_model("full")
+    policy = perturbed(ref, 0.02)
+    traj = rollout(ref, steps_per_block=4, batch=16)
+    steps = sample_block_steps(traj, torch.Generator().manual_seed(0))
+    per_block = reduced_trajectory_logprob(ref, traj, steps, single_pass=False)
+    naive = naive_reduced(ref, traj.index(slice(0, 4)), steps[:4])
+    torch.testing.assert_close(per_block[:4], naive, rtol=0, atol=1e-10)
+    single = reduced_trajectory_logprob(ref, traj, steps)
+    gap_policy = reduced_trajectory_logprob(policy, traj, steps) - reduced_trajectory_logprob(policy, traj, steps,
+                                                                                              single_pass=False)
+    d_single = dtrpo_logratio(policy, ref, traj, steps)
+    d_exact = dtrpo_logratio(policy, ref, traj, steps, single_pass=False)
+    print(f"\n[gap] full-layout single pass: mean |log-lik single − per-block| = "
+          f"{(single - per_block).abs().mean():.4f}"
+          f" (ref), {gap_policy.abs().mean():.4f} (policy = ref + N(0, 0.02²)); mean |log-lik| = "
+          f"{per_block.abs().mean():.4f}; dTRPO D̂ (c = T_B = 4): mean |D̂ single − exact| = "
+          f"{(d_single - d_exact).abs().mean():.4f}, mean |D̂| = {d_exact.abs().mean():.4f}")
+    assert (single - per_block).abs().max() > 1e-6  # it is an approximation in this layout
+
+
+def all_step_combos(traj):
+    """Every steps tensor (C, N_B) and the trajectory repeated C times, stacked: (C·B) rows."""
+    combos = torch.tensor(list(itertools.product(range(traj.steps_per_block), repeat=traj.num_blocks)))
+    B = traj.tokens.shape[0]
+    return traj.index(torch.arange(B).repeat(len(combos))), combos.repeat_interleave(B, 0), len(combos)
+
+
+def test_p4_dtrpo_unbiased_and_variance_grows_with_steps():
+    """P4: with c = T_B, E_s[D̂] == exact trajectory log-ratio: exactly by enumerating all s (value and
+    gradient), and by Monte Carlo within 4 standard errors; Var_s[D̂] grows with T_B."""
+    ref = tiny_model("block")
+    policy = perturbed(ref, 0.02)
+    var = {}
+    for T_B in (1, 2, 4):
+        traj = rollout(ref, steps_per_block=T_B, batch=4, remasking="random")
+        exact = trajectory_logprob(policy, traj) - trajectory_logprob(ref, traj).detach()  # (B,)
+        big, steps, C = all_step_combos(traj)
+        d_hat = dtrpo_logratio(policy, ref, big, steps).view(C, -1)  # (C, B)
+        torch.testing.assert_close(d_hat.mean(0), exact, rtol=0, atol=1e-10)
+        var[T_B] = d_hat.detach().var(0, unbiased=False).mean().item()
+        if T_B == 4:
+            assert_grads_close(grads(d_hat.mean(0).sum(), policy), grads(exact.sum(), policy))
+            R = 256
+            mc_traj = traj.index(torch.arange(4).repeat(R))
+            with torch.no_grad():
+                mc = dtrpo_logratio(policy, ref, mc_traj, sample_block_steps(mc_traj, torch.Generator().manual_seed(1)))
+            mc = mc.view(R, 4)
+            se = mc.std(0) / math.sqrt(R)
+            assert ((mc.mean(0) - exact.detach()).abs() < 4 * se).all()
+            assert torch.equal(dtrpo_logratio(policy, ref, traj, steps[:4], scale="one") * 4,
+                               dtrpo_logratio(policy, ref, traj, steps[:4]))
+    print(f"\n[P4] mean Var_s[D̂] (c = T_B): T_B=1 {var[1]:.3g}, T_B=2 {var[2]:.3g}, T_B=4 {var[4]:.3g}")
+    assert var[1] < 1e-20 and var[4] > var[2] > 0.1
+
+
+def test_dtrpo_reference_gets_no_gradient():
+    ref, policy = tiny_model("block"), perturbed(tiny_model("block"), 0.02)
+    traj = rollout(ref)
+    dtrpo_logratio(policy, ref, traj, sample_block_steps(traj)).sum().backward()
+    assert all(p.grad is None for p in ref.parameters())
+    assert all(p.grad is not None for p in policy.parameters())
+
+
+def test_sample_block_steps_range_and_seed():
+    traj = rollout(tiny_model("block"), steps_per_block=3)
+    s = sample_block_steps(traj.index(torch.arange(4).repeat(500)), torch.Generator().manual_seed(0))
+    assert s.shape == (2000, 2) and s.dtype == torch.long
+    assert torch.equal(torch.bincount(s.flatten(), minlength=3) > 1200, torch.ones(3, dtype=torch.bool))
+    assert torch.equal(sample_block_steps(traj, torch.Generator().manual_seed(5)),
+                       sample_block_steps(traj, torch.Generator().manual_seed(5)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# §4.3 ELBO, §4.4 one step, P11
+
+
+def test_sample_elbo_masks_stratified_and_uniform():
+    B, L, n = 2000, 8, 3
+    masks = sample_elbo_masks(B, L, n, torch.Generator().manual_seed(0))
+    assert masks.shape == (B, n, L) and masks.dtype == torch.bool
+    counts = masks.sum(-1)  # (B, N)
+    for row in counts[:50].tolist():  # the counts are ((u − 1 + round(j·L/n)) mod L) + 1 for one u
+        assert any(row == [((u - 1 + round(j * L / n)) % L) + 1 for j in range(n)] for u in range(1, L + 1))
+    freq = masks.float().mean((0, 1))  # every position equally likely
+    assert (freq - freq.mean()).abs().max() < 0.03
+    assert torch.equal(sample_elbo_masks(2, L, L, torch.Generator().manual_seed(1)).sum(-1).sort(1).values,
+                       torch.arange(1, L + 1).expand(2, L))  # n = L: every count once
+
+
+def naive_elbo_term(model, prompt, response, mask):
+    """(1/m)·Σ_{i masked} log μ_θ(y_i | ·). Block layout: each block scored in its own plain pass with the
+    earlier blocks clean, itself masked by `mask`, later blocks fully masked (invisible anyway)."""
+    cfg, L = model.config, len(response)
+    blocks = range(L // cfg.block_size) if cfg.layout == "block" else [None]
+    total = torch.zeros((), dtype=torch.float64)
+    for blk in blocks:
+        x = torch.cat([prompt, response.clone()])
+        for j in range(L):
+            here = blk is None or j // cfg.block_size == blk
+            if (mask[j] and here) or (blk is not None and j // cfg.block_size > blk):
+                x[P + j] = M
+        lp = naive_logmu(model, x)
+        for j in range(L):
+            if mask[j] and (blk is None or j // cfg.block_size == blk):
+                total = total + lp[j, response[j]]
+    return total / int(mask.sum())
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_elbo_terms_match_naive(layout):
+    model = tiny_model(layout)
+    traj = rollout(model, batch=3)
+    masks = sample_elbo_masks(3, 8, 4, torch.Generator().manual_seed(0))
+    ell = elbo_terms(model, traj.prompts, traj.responses, masks)  # (B, N)
+    naive = torch.stack([torch.stack([naive_elbo_term(model, traj.prompts[i], traj.responses[i], masks[i, j])
+                                      for j in range(4)]) for i in range(3)])
+    torch.testing.assert_close(ell, naive, rtol=0, atol=1e-10)
+    assert_grads_close(grads(ell.sum(), model), grads(naive.sum(), model))
+    one = elbo_terms(model, traj.prompts, traj.responses, masks[:, 2:3])  # one MC sample, as BGPO uses it
+    torch.testing.assert_close(one[:, 0], ell[:, 2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(elbo_terms(model, traj.prompts, traj.responses, masks, normalize=False), 8 * ell)
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_one_step_logprob_matches_naive(layout):
+    model = tiny_model(layout)
+    traj = rollout(model, batch=3)
+    pmask = sample_prompt_mask(traj.prompts, 0.3, torch.Generator().manual_seed(0))
+    got = one_step_logprob(model, traj.prompts, traj.responses, pmask, temperature=0.7)
+    for i in range(3):
+        x = torch.cat([traj.prompts[i].masked_fill(pmask[i], M), torch.full((8,), M)])
+        lp = naive_logmu(model, x, 0.7)
+        assert abs(got[i].item() - sum(lp[j, traj.responses[i, j]].item() for j in range(8))) < 1e-10
+    freq = sample_prompt_mask(torch.zeros(200, 50), 0.15, torch.Generator().manual_seed(0)).float().mean()
+    assert abs(freq.item() - 0.15) < 0.01
+
+
+@pytest.mark.parametrize("layout,block_size", [("full", 4), ("block", 2)])
+def test_p11_elbo_is_expected_random_order_loglik(layout, block_size):
+    """P11 (L = 4): the exact ELBO (all masks enumerated) == mean over all decoding orders of the
+    one-token-per-step trajectory log-prob (§4.1) ≤ log p(y) of that random-order sampler; L × the
+    stratified MC mean converges to it. Block layout: orders inside each block, blocks left to right,
+    and the exact ELBO is the sum of per-block ELBOs (BD3-LM)."""
+    L = 4
+    model = tiny_model(layout, response_len=L, block_size=block_size)
+    prompts = random_prompts(2)
+    y = generate(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(0)).responses
+    # exact ELBO by hand: Σ_blocks Σ_{k=1..b} (1/k)·mean_{S ⊆ block, |S|=k} Σ_{i∈S} log μ(y_i | ·)
+    exact = torch.zeros(2, dtype=torch.float64)
+    for blk in range(L // block_size):
+        cols = range(blk * block_size, (blk + 1) * block_size)
+        for k in range(1, block_size + 1):
+            subsets = list(itertools.combinations(cols, k))
+            for S in subsets:
+                mask = torch.tensor([j in S for j in range(L)])
+                for i in range(2):
+                    exact[i] += naive_elbo_term(model, prompts[i], y[i], mask).detach() / len(subsets)
+    # the same through elbo_terms on every mask: Σ_{m=1..L} mean_{|S|=m} ℓ_S
+    all_masks = [torch.tensor([j in S for j in range(L)])
+                 for m in range(1, L + 1) for S in itertools.combinations(range(L), m)]
+    sizes = torch.tensor([int(mk.sum()) for mk in all_masks])
+    ell = elbo_terms(model, prompts, y, torch.stack(all_masks).expand(2, -1, -1)).detach()  # (2, 15)
+    via_terms = sum(ell[:, sizes == m].mean(1) for m in range(1, L + 1))
+    torch.testing.assert_close(via_terms, exact, rtol=0, atol=1e-10)
+    # every order σ (blocks left to right): unmask_step = rank of the position in the order
+    per_block = [list(itertools.permutations(range(blk * block_size, (blk + 1) * block_size)))
+                 for blk in range(L // block_size)]
+    orders = [sum(parts, ()) for parts in itertools.product(*per_block)]
+    us = torch.tensor([[order.index(j) for j in range(L)] for order in orders])  # (O, L)
+    O = len(orders)
+    traj = Trajectory(tokens=torch.cat([prompts, y], 1).repeat_interleave(O, 0), unmask_step=us.repeat(2, 1),
+                      logp_at_reveal=torch.zeros(2 * O, L, dtype=torch.float64), prompt_len=P, block_size=block_size,
+                      steps_per_block=block_size, temperature=1.0, remasking="random", mask_id=M)
+    order_ll = trajectory_logprob(model, traj).detach().view(2, O)
+    torch.testing.assert_close(order_ll.mean(1), exact, rtol=0, atol=1e-10)
+    log_p = trajectory_logprob(model, traj, position_term=True).detach().view(2, O).logsumexp(1)  # Σ_σ P(σ)·p_σ(y)
+    assert (exact < log_p).all()
+    R = 400
+    masks = sample_elbo_masks(2 * R, L, 2, torch.Generator().manual_seed(0))
+    mc = L * elbo_terms(model, prompts.repeat(R, 1), y.repeat(R, 1), masks).detach().mean(1).view(R, 2)
+    assert ((mc.mean(0) - exact).abs() < 4 * mc.std(0) / math.sqrt(R)).all()
