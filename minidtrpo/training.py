@@ -41,6 +41,7 @@ class TrainConfig:
     n_layers: int = arg(4, "transformer blocks")
     n_heads: int = arg(4, "attention heads")
     block_size: int = arg(0, "response tokens per block b (0: the task's default)")
+    init: str = arg("", "start from this checkpoint's weights (e.g. a curriculum stage); model options then come from it")
     seed: int = arg(0, "seed of initialisation, data and masks")
     batch_size: int = arg(128, "sequences per step")
     lr: float = arg(2e-3, "peak AdamW learning rate")
@@ -158,6 +159,13 @@ def train_sft(cfg: TrainConfig) -> dict:
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "checkpoint.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     torch.manual_seed(cfg.seed)  # parameter initialisation; data and masks use their own generator
     task, model = build(cfg)
+    if cfg.init:  # continue from earlier weights (same architecture), on this config's task and options
+        init_model, _ = load(cfg.init)
+        if init_model.config.layout != cfg.layout or init_model.num_params() != model.num_params():
+            raise ValueError(f"--init={cfg.init} has layout={init_model.config.layout} and "
+                             f"{init_model.num_params()} parameters; this run asks for layout={cfg.layout} and "
+                             f"{model.num_params()} (set --layout/--d_model/--n_layers/--n_heads to match)")
+        model.load_state_dict(init_model.state_dict())
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -201,7 +209,8 @@ def train_sft(cfg: TrainConfig) -> dict:
     def done():
         return step >= cfg.max_steps or (cfg.time_budget > 0 and train_seconds >= cfg.time_budget)
 
-    bar = tqdm(total=cfg.max_steps if not cfg.time_budget else None, initial=step, desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps if not cfg.time_budget else None, initial=step, desc="sft", dynamic_ncols=True,
+               mininterval=1.0)
     metrics = {}
     try:
         while not done():
@@ -217,10 +226,11 @@ def train_sft(cfg: TrainConfig) -> dict:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            if ema is not model:  # θ_ema ← d·θ_ema + (1 − d)·θ
+            if ema is not model:  # θ_ema ← d·θ_ema + (1 − d)·θ, with d warming up so early weights fade fast
+                d = min(cfg.ema, (1 + step) / (10 + step))
                 with torch.no_grad():
                     for pe, p in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(p, 1 - cfg.ema)
+                        pe.lerp_(p, 1 - d)
             step += 1
             dt = time.perf_counter() - t0
             train_seconds += dt

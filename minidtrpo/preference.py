@@ -1,0 +1,232 @@
+"""Offline preference optimisation: pairs sampled once from a frozen reference, then DPO (SPEC §5.3).
+
+`make_pairs`: for each training prompt, G responses with their decoding trajectories from the reference,
+scored by the task; the best and the worst form a pair when their rewards differ. `train_dpo` minimises
+    L = −E log σ( β · [ D(x, y_w) − D(x, y_l) ] )
+with one of three estimates of the trajectory log-ratio D = log π_θ(τ) − log π_ref(τ):
+- dtrpo: dTRPO's reduced trajectory (arXiv 2603.18806, SPEC §4.2): one sampled step s_b per block, all
+  blocks in one [x ; y ; ỹ] pass, c = T_B (`scale=steps`, unbiased) or 1 (`scale=one`, the paper's form).
+  Per response: one policy pass with grad and one reference pass without.
+- full_trajectory: the exact log-ratio of §4.1 (TraceRL, arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924).
+- vrpo: VRPO's ELBO difference B̂_θ − B̂_ref on shared stratified masks (LLaDA 1.5, arXiv 2505.19223).
+The run loop, rollout function and checkpoints are rl.py's.
+
+Departures:
+1. Exact-trajectory DPO never keeps T graphs. The DPO weight is computed first, without grad:
+   ∂L/∂D_w = −(β/B)·σ(−β·[D_w − D_l]) = −∂L/∂D_l; then log π_θ(τ) is backpropagated one within-block step s
+   at a time, using log π_θ(τ) = Σ_s Σ_b Σ_{i∈I_{b,s}} log μ_θ(y_i | state before step b·T_B + s): the
+   dTRPO reduced log-prob with every block at the same s, summed over s (exact; tested). Peak memory is
+   N_B states instead of T, at the price of one extra no-grad pass over all T states. `flat_memory=false`
+   keeps every graph (plain autograd) for comparison.
+2. Exact-trajectory DPO takes log π_ref(τ) = Σ logp_at_reveal: the reference sampled the pair (P1), so it
+   costs no pass. `dpo` checks that --init is the model that sampled the pairs (a hash of its weights).
+3. dTRPO draws a fresh s_b per block, per response, per visit; VRPO fresh masks per visit. The log S_t
+   terms are dropped: they cancel under random remasking (P2), approximately under low confidence.
+4. vrpo defaults to the sequence-level ELBO (elbo_per_token=false: (L/m_j)·Σ), which estimates a
+   log-likelihood like the other two estimators, so one β means the same for all three.
+5. Epochs are capped (default 3): a prototype's dTRPO peaked after ~3 passes over its pairs and declined
+   after (CALIBRATION); the test reward is logged at every evaluation to see it.
+
+Shapes: B pairs per update, P prompt length, L response length, N MC samples, N_B blocks, T_B steps per block.
+"""
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import arg, atomic_save, autocast, fail, pick_device
+from .estimators import (dtrpo_logratio, elbo_terms, reduced_trajectory_logprob, sample_block_steps,
+                         sample_elbo_masks, trajectory_logprob)
+from .objectives import dpo_loss
+from .rl import Meters, _seconds, clip_and_step, rollout, run_loop
+from .sampling import REMASKING, Trajectory
+from .training import load
+
+ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
+
+
+@dataclass
+class PairsConfig:
+    """Sample (best, worst) response pairs with trajectories from a frozen reference model."""
+    init: str = arg("runs/sft/checkpoint.pt", "the reference model that samples the pairs")
+    num_prompts: int = arg(512, "training prompts")
+    num_generations: int = arg(8, "responses per prompt G; the best and the worst become a pair")
+    temperature: float = arg(1.0, "sampling temperature τ")
+    remasking: str = arg("low_confidence", "which positions a sampler step reveals", REMASKING)
+    steps_per_block: int = arg(0, "sampler steps per block T_B (0: block_size)")
+    batch_size: int = arg(64, "prompts decoded together")
+    seed: int = arg(0, "seed of the prompts and of the sampler")
+    device: str = arg("auto", "auto | cpu | cuda | mps")
+    out: str = arg("runs/pairs.pt", "output file (torch.load(..., weights_only=True))")
+
+
+@dataclass
+class DPOConfig:
+    """Offline DPO on saved pairs with a trajectory log-ratio estimator (dTRPO, exact, or VRPO)."""
+    init: str = arg("runs/sft/checkpoint.pt", "the reference model that sampled the pairs (frozen); start of θ")
+    pairs: str = arg("runs/pairs.pt", "pairs file written by `pairs`")
+    estimator: str = arg("dtrpo", "trajectory log-ratio estimator D (module docstring)", ESTIMATORS)
+    beta: float = arg(0.2, "DPO β")
+    scale: str = arg("steps", "dtrpo: c = T_B (steps, unbiased) or 1 (one, the paper's)", ("steps", "one"))
+    single_pass: bool = arg(True, "dtrpo: all blocks in one [x ; y ; ỹ] pass (exact in the block layout only)")
+    flat_memory: bool = arg(True, "full_trajectory: DPO weight first, then backward step by step (departure 1)")
+    n_mc: int = arg(8, "vrpo: ELBO Monte Carlo samples per response")
+    elbo_per_token: bool = arg(False, "vrpo: per-token ELBO (false: sequence-level, departure 4)")
+    batch_size: int = arg(16, "pairs per optimizer step")
+    epochs: float = arg(3.0, "passes over the pairs (capped: departure 5)")
+    lr: float = arg(1e-4, "AdamW learning rate, constant")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "gradient norm clip (0: off)")
+    seed: int = arg(0, "seed of the pair order and of the estimator draws")
+    max_iters: int = arg(100_000, "stop after this many optimizer steps (also capped by epochs)")
+    time_budget: float = arg(0.0, "stop after this many seconds of updates (0: no limit)")
+    eval_every: int = arg(20, "evaluate and checkpoint every this many steps (0: only at the end)")
+    eval_every_s: float = arg(0.0, "also evaluate each time this many more training seconds have passed")
+    eval_n: int = arg(500, "fixed test problems per evaluation (greedy decoding)")
+    steps_per_block: int = arg(0, "sampler steps per block T_B at evaluation (0: block_size)")
+    device: str = arg("auto", "auto | cpu | cuda | mps")
+    out_dir: str = arg("runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
+    resume: bool = arg(False, "continue the run saved in out_dir")
+
+
+def fingerprint(model) -> str:
+    """A short hash of the weights: which model sampled a pairs file."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def make_pairs(cfg: PairsConfig) -> dict:
+    """Sample, score and save the pairs; returns a summary (also printed as one JSON line)."""
+    device = pick_device(cfg.device)
+    ref, task = load(cfg.init, device)
+    data_gen, sample_gen = torch.Generator().manual_seed(cfg.seed), torch.Generator(device).manual_seed(cfg.seed + 1)
+    G, t0, chosen, rejected, rewards = cfg.num_generations, time.perf_counter(), [], [], []
+    for start in range(0, cfg.num_prompts, cfg.batch_size):
+        n = min(cfg.batch_size, cfg.num_prompts - start)
+        prompts, _ = task.sample(n, "train", generator=data_gen)
+        traj, r, _ = rollout(ref, task, prompts.repeat_interleave(G, 0).to(device), temperature=cfg.temperature,
+                             remasking=cfg.remasking, steps_per_block=cfg.steps_per_block, generator=sample_gen)
+        r = r.view(n, G)  # (n, G)
+        differ = r.amax(1) > r.amin(1)  # groups whose rewards differ: the only informative pairs
+        first = torch.arange(n, device=device) * G  # row of each group's first response
+        chosen.append(traj.index((first + r.argmax(1))[differ]))  # y_w: the best of the group
+        rejected.append(traj.index((first + r.argmin(1))[differ]))  # y_l: the worst
+        rewards.append(torch.stack([r.amax(1), r.amin(1), r.mean(1)], 1)[differ])
+    chosen, rejected, rewards = Trajectory.cat(chosen).to("cpu"), Trajectory.cat(rejected).to("cpu"), torch.cat(rewards)
+    if len(chosen.tokens) == 0:
+        fail(f"no pair: all {cfg.num_prompts} groups had equal rewards (raise temperature or num_generations)")
+    summary = {"pairs": len(chosen.tokens), "prompts": cfg.num_prompts, "pair_frac": len(chosen.tokens) / cfg.num_prompts,
+               "chosen_reward": rewards[:, 0].mean().item(), "rejected_reward": rewards[:, 1].mean().item(),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_save({"chosen": chosen.to_dict(), "rejected": rejected.to_dict(), "rewards": rewards.cpu(),
+                 "task": task.name, "task_options": dict(task.options), "ref_fingerprint": fingerprint(ref),
+                 "config": asdict(cfg), "summary": summary}, cfg.out)
+    print(json.dumps(summary))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# The three estimators of D inside the DPO loss. `both` = chosen trajectories then rejected ones (2B rows).
+# Each backpropagates the loss of one optimizer step and returns its stats.
+
+
+def dpo_dtrpo(cfg, policy, ref, both, gen):
+    B = len(both.tokens) // 2
+    steps = sample_block_steps(both, gen)  # (2B, N_B) a fresh s_b ~ U{0..T_B−1} per block and response
+    with autocast(both.tokens.device):
+        # D̂ = c · Σ_b Σ_{i∈I_{b,s_b}} [log μ_θ − log μ_ref](y_i | x, y_{<b}, ỹ_b^(s_b)); reference without grad
+        d = dtrpo_logratio(policy, ref, both, steps, cfg.scale, single_pass=cfg.single_pass)  # (2B,)
+    loss, stats = dpo_loss(d[:B], d[B:], cfg.beta)
+    loss.backward()
+    return {"loss": loss.item(), **stats}
+
+
+def dpo_full_trajectory(cfg, policy, ref, both, gen):
+    B, device = len(both.tokens) // 2, both.tokens.device
+    # log π_ref(τ) = Σ_i logp_at_reveal_i: recorded when the reference sampled the pair (P1, departure 2)
+    logp_ref = both.logp_at_reveal.sum(1)  # (2B,)
+    if not cfg.flat_memory:  # plain autograd: the graphs of all T states stay alive until backward
+        with autocast(device):
+            d = trajectory_logprob(policy, both) - logp_ref  # (2B,)
+        loss, stats = dpo_loss(d[:B], d[B:], cfg.beta)
+        loss.backward()
+        return {"loss": loss.item(), **stats}
+    with torch.no_grad(), autocast(device):
+        d = trajectory_logprob(policy, both) - logp_ref  # (2B,) D = log π_θ(τ) − log π_ref(τ), exact
+    loss, stats = dpo_loss(d[:B], d[B:], cfg.beta)
+    # ∂L/∂D_w = −(β/B)·σ(−β·[D_w − D_l]) = −∂L/∂D_l   (the DPO weight, fixed before any graph exists)
+    w = -cfg.beta / B * torch.sigmoid(-cfg.beta * (d[:B] - d[B:]))  # (B,)
+    dL_dD = torch.cat([w, -w])  # (2B,)
+    exact_states = policy.config.layout == "block"  # the [x ; y ; ỹ] pass is the true state there (P3)
+    for s in range(both.steps_per_block):
+        steps = torch.full((2 * B, both.num_blocks), s, device=device)  # every block at within-block step s
+        with autocast(device):
+            # Σ_b Σ_{i∈I_{b,s}} log μ_θ(y_i | state before step b·T_B + s): step s's share of log π_θ(τ)
+            logp_s = reduced_trajectory_logprob(policy, both, steps, single_pass=exact_states)  # (2B,)
+        # ∇L = Σ_s Σ_r (∂L/∂D_r) · ∇logp_s,r: backward now frees step s's graph (N_B states, not T)
+        (dL_dD * logp_s).sum().backward()
+    return {"loss": loss.item(), **stats}
+
+
+def dpo_vrpo(cfg, policy, ref, both, gen):
+    B2, L = both.responses.shape
+    masks = sample_elbo_masks(B2, L, cfg.n_mc, gen, both.tokens.device)  # (2B, N, L) shared by θ and ref
+
+    def elbo(model):
+        with autocast(both.tokens.device):
+            return elbo_terms(model, both.prompts, both.responses, masks, normalize=cfg.elbo_per_token,
+                              temperature=both.logp_temperature)  # (2B, N)
+
+    with torch.no_grad():
+        ell_ref = elbo(ref)
+    # D = B̂_θ − B̂_ref = (1/n) Σ_j (ℓ_θ^(j) − ℓ_ref^(j)), on the same masks (VRPO's coupled sampling)
+    d = (elbo(policy) - ell_ref).mean(1)  # (2B,)
+    loss, stats = dpo_loss(d[:B2 // 2], d[B2 // 2:], cfg.beta)
+    loss.backward()
+    return {"loss": loss.item(), **stats}
+
+
+DPO_ESTIMATORS = {"dtrpo": dpo_dtrpo, "full_trajectory": dpo_full_trajectory, "vrpo": dpo_vrpo}
+
+
+def train_dpo(cfg: DPOConfig) -> dict:
+    """Run offline DPO as configured; returns the final test metrics. Ctrl-C saves a checkpoint first."""
+    device = pick_device(cfg.device)
+    policy, task = load(cfg.init, device)
+    ref, _ = load(cfg.init, device)  # frozen
+    ref.requires_grad_(False)
+    data = torch.load(cfg.pairs, map_location=device, weights_only=True)
+    if (data["task"], data["task_options"]) != (task.name, dict(task.options)):
+        fail(f"{cfg.pairs} holds {data['task']} {data['task_options']} pairs; --init is a {task!r} model")
+    if data["ref_fingerprint"] != fingerprint(ref):
+        fail(f"{cfg.pairs} was sampled by another model than --init={cfg.init}: DPO needs that model as reference")
+    chosen, rejected = Trajectory(**data["chosen"]), Trajectory(**data["rejected"])
+    n_pairs = len(chosen.tokens)
+    per_epoch = math.ceil(n_pairs / cfg.batch_size)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gens = {"estimator": torch.Generator(device).manual_seed(cfg.seed)}  # s_b draws and ELBO masks
+    print(f"{n_pairs} pairs, {per_epoch} steps per epoch")
+
+    def iteration(it):
+        epoch, b = divmod(it, per_epoch)
+        # the order of epoch e is a function of (seed, e) alone: nothing to save for an exact resume
+        order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device)
+        both = Trajectory.cat([chosen.index(idx), rejected.index(idx)])  # (2B rows) chosen then rejected
+        t0 = time.perf_counter()
+        with Meters(device, policy, ref) as meters:
+            stats = DPO_ESTIMATORS[cfg.estimator](cfg, policy, ref, both, gens["estimator"])
+            grad_norm = clip_and_step(policy, opt, cfg.grad_clip)
+        return {"epoch": round((it + 1) / per_epoch, 4), **stats, "grad_norm": grad_norm,
+                "update_s": _seconds(t0, device), **meters.summary(responses=len(both.tokens))}
+
+    max_iters = min(cfg.max_iters, math.ceil(cfg.epochs * per_epoch))
+    return run_loop(cfg, "dpo", policy=policy, ref=ref, task=task, opt=opt, generators=gens, iteration=iteration,
+                    max_iters=max_iters, device=device, bar_keys=("loss", "reward_accuracy", "margin"))
