@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .compare import CompareConfig, compare
 from .config import arg, fail, parse, pick_device
+from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
+from .rl import RLConfig, train_rl
 from .training import TrainConfig, evaluate, load, train_sft
 
 
@@ -39,6 +42,14 @@ def cmd_eval(argv):
 COMMANDS = {
     "sft": (lambda argv: train_sft(parse(TrainConfig, argv, "sft")), "supervised masked-diffusion training"),
     "eval": (cmd_eval, "evaluate a checkpoint (prints one JSON line)"),
+    "rl": (lambda argv: train_rl(parse(RLConfig, argv, "rl")),
+           "online RL: full_trajectory | bgpo | diffu_grpo | vrpo_ol (minidtrpo/rl.py)"),
+    "pairs": (lambda argv: make_pairs(parse(PairsConfig, argv, "pairs")),
+              "sample (best, worst) pairs with trajectories from a frozen reference"),
+    "dpo": (lambda argv: train_dpo(parse(DPOConfig, argv, "dpo")),
+            "offline DPO on pairs: dtrpo | full_trajectory | vrpo (minidtrpo/preference.py)"),
+    "compare": (lambda argv: compare(parse(CompareConfig, argv, "compare")),
+                "every objective, same start, budget and seeds: table + figure (minidtrpo/compare.py)"),
 }
 
 

@@ -42,7 +42,7 @@ from .config import arg, atomic_save, autocast, fail, pick_device
 from .estimators import (dtrpo_logratio, elbo_terms, reduced_trajectory_logprob, sample_block_steps,
                          sample_elbo_masks, trajectory_logprob)
 from .objectives import dpo_loss
-from .rl import Meters, _seconds, clip_and_step, rollout, run_loop
+from .rl import Meters, clip_and_step, elapsed, rollout, run_loop
 from .sampling import REMASKING, Trajectory
 from .training import load
 
@@ -122,7 +122,8 @@ def make_pairs(cfg: PairsConfig) -> dict:
     chosen, rejected, rewards = Trajectory.cat(chosen).to("cpu"), Trajectory.cat(rejected).to("cpu"), torch.cat(rewards)
     if len(chosen.tokens) == 0:
         fail(f"no pair: all {cfg.num_prompts} groups had equal rewards (raise temperature or num_generations)")
-    summary = {"pairs": len(chosen.tokens), "prompts": cfg.num_prompts, "pair_frac": len(chosen.tokens) / cfg.num_prompts,
+    n_pairs = len(chosen.tokens)
+    summary = {"pairs": n_pairs, "prompts": cfg.num_prompts, "pair_frac": n_pairs / cfg.num_prompts,
                "chosen_reward": rewards[:, 0].mean().item(), "rejected_reward": rewards[:, 1].mean().item(),
                "seconds": round(time.perf_counter() - t0, 2)}
     atomic_save({"chosen": chosen.to_dict(), "rejected": rejected.to_dict(), "rewards": rewards.cpu(),
@@ -225,7 +226,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
             stats = DPO_ESTIMATORS[cfg.estimator](cfg, policy, ref, both, gens["estimator"])
             grad_norm = clip_and_step(policy, opt, cfg.grad_clip)
         return {"epoch": round((it + 1) / per_epoch, 4), **stats, "grad_norm": grad_norm,
-                "update_s": _seconds(t0, device), **meters.summary(responses=len(both.tokens))}
+                "update_s": elapsed(t0, device), **meters.summary(responses=len(both.tokens))}
 
     max_iters = min(cfg.max_iters, math.ceil(cfg.epochs * per_epoch))
     return run_loop(cfg, "dpo", policy=policy, ref=ref, task=task, opt=opt, generators=gens, iteration=iteration,

@@ -219,7 +219,7 @@ def train_rl(cfg: RLConfig) -> dict:
         adv, adv_stats = grpo_advantages(rewards, G, scale_std=cfg.scale_std)  # (B,)
         keep = (adv.view(-1, G) != 0).any(1).repeat_interleave(G)  # (B,) groups that carry a signal
         row = {**adv_stats, "exact": exact.float().mean().item(), "kept": int(keep.sum()),
-               "nll_revealed": -traj.logp_at_reveal.mean().item(), "rollout_s": _seconds(t0, device)}
+               "nll_revealed": -traj.logp_at_reveal.mean().item(), "rollout_s": elapsed(t0, device)}
         if cfg.kl_rollouts > 0:  # untimed diagnostic: k1 = log π_θ(τ) − log π_init(τ) on trajectories of π_θ
             with torch.no_grad(), autocast(device):
                 few = traj.index(slice(0, cfg.kl_rollouts))
@@ -234,7 +234,7 @@ def train_rl(cfg: RLConfig) -> dict:
 
         with Meters(device, policy, ref) as meters:
             stats = UPDATES[cfg.objective](cfg, policy, ref, traj.index(keep), adv[keep], gens["estimator"], step)
-        return {**row, **stats, "grad_norm": grad_norms[-1], "update_s": _seconds(t0, device),
+        return {**row, **stats, "grad_norm": grad_norms[-1], "update_s": elapsed(t0, device),
                 **meters.summary(responses=int(keep.sum()))}
 
     return run_loop(cfg, "rl", policy=policy, ref=ref, task=task, opt=opt, generators=gens, iteration=iteration,
@@ -254,7 +254,7 @@ def clip_and_step(model, opt, grad_clip) -> float:
     return norm.item()
 
 
-def _seconds(t0, device) -> float:
+def elapsed(t0, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
     return time.perf_counter() - t0
@@ -350,17 +350,18 @@ def run_loop(cfg, kind, *, policy, ref, task, opt, generators, iteration, max_it
         return {"model": policy.state_dict(), "optimizer": opt.state_dict(),
                 "rng": {name: g.get_state() for name, g in generators.items()}, **run}
 
-    def save(state):
-        atomic_save({**state, "model_config": asdict(policy.config), "task": task.name,
-                     "task_options": dict(task.options), "config": asdict(cfg), "kind": kind,
-                     "ref_model": ref.state_dict()}, ckpt_path)
+    def save(state):  # "finished" tells a caller (compare) a complete run from an interrupted one
+        atomic_save({**state, "finished": done(state) and not state["pending_eval"], "kind": kind,
+                     "model_config": asdict(policy.config), "task": task.name, "task_options": dict(task.options),
+                     "config": asdict(cfg), "ref_model": ref.state_dict()}, ckpt_path)
 
     def log(row):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def done():
-        return run["iter"] >= max_iters or (cfg.time_budget > 0 and run["train_seconds"] >= cfg.time_budget)
+    def done(state=None):
+        state = run if state is None else state
+        return state["iter"] >= max_iters or (cfg.time_budget > 0 and state["train_seconds"] >= cfg.time_budget)
 
     bar = tqdm(total=max_iters, initial=run["iter"], desc=kind, dynamic_ncols=True)
     snapshot, metrics = None, {}
@@ -395,6 +396,9 @@ def run_loop(cfg, kind, *, policy, ref, task, opt, generators, iteration, max_it
         bar.close()
         if os.path.exists(metrics_path):
             plot_run(metrics_path, os.path.join(cfg.out_dir, "curves.png"), bar_keys)
+    if not metrics:  # resumed a finished run: report its last evaluation
+        last = [r for r in read_metrics(metrics_path) if "test_exact" in r][-1]
+        metrics = {"exact": last["test_exact"], "reward": last["test_reward"], "n": cfg.eval_n}
     print(json.dumps({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 1), **metrics}))
     return metrics
 

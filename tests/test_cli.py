@@ -1,0 +1,83 @@
+"""Smoke runs of the command line: SFT, eval, determinism, resume, and clear errors for bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from minidtrpo.__main__ import main
+from minidtrpo.training import load
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = ["--task=sudoku", "--d_model=32", "--n_layers=2", "--n_heads=2", "--batch_size=16", "--eval_n=16"]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:  # wall-clock fields differ from run to run; everything else must not
+        for key in ("train_seconds", "tokens_per_s"):
+            r.pop(key, None)
+    return rows
+
+
+def test_sft_smoke_and_eval(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    main(["sft", *TINY, "--max_steps=20", "--eval_every=10", f"--out_dir={out}"])
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "curves.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    rows = read_metrics(out)
+    assert sum("loss" in r for r in rows) == 20 and sum("test_exact" in r for r in rows) == 2
+    assert json.load(open(os.path.join(out, "config.json")))["max_steps"] == 20
+    model, task = load(os.path.join(out, "checkpoint.pt"))
+    assert task.name == "sudoku" and model.config.d_model == 32
+    capsys.readouterr()
+    main(["eval", f"--ckpt={out}/checkpoint.pt", "--n=8", "--device=cpu"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert set(result) == {"exact", "reward", "n"} and result["n"] == 8
+
+
+def test_same_seed_same_metrics(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        main(["sft", *TINY, "--max_steps=6", "--eval_every=3", "--seed=3", f"--out_dir={out}"])
+        runs.append(read_metrics(out))
+    assert runs[0] == runs[1]
+    out = str(tmp_path / "c")
+    main(["sft", *TINY, "--max_steps=6", "--eval_every=3", "--seed=4", f"--out_dir={out}"])
+    assert read_metrics(out) != runs[0]
+
+
+def test_resume_continues_exactly(tmp_path):
+    """An SFT run stopped at step 4 and resumed to step 8 logs what an uninterrupted run logs."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    main(["sft", *TINY, "--max_steps=8", "--eval_every=4", f"--out_dir={full}"])
+    main(["sft", *TINY, "--max_steps=4", "--eval_every=4", f"--out_dir={part}"])
+    main(["sft", *TINY, "--max_steps=8", "--eval_every=4", f"--out_dir={part}", "--resume"])
+    a, b = read_metrics(full), read_metrics(part)
+    b = [r for i, r in enumerate(b) if not (r.get("step") == 4 and "test_exact" in r and i < len(b) - 1
+                                            and b[i + 1].get("step") == 4)]  # the stop's own final eval
+    assert [r for r in a if r["step"] > 4] == [r for r in b if r["step"] > 4]
+    for x, y in zip(torch.load(f"{full}/checkpoint.pt", weights_only=True)["model"].values(),
+                    torch.load(f"{part}/checkpoint.pt", weights_only=True)["model"].values()):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "--nope=1"], "unknown option --nope"),
+    (["sft", "--task=chess"], "choose one of addition"),
+    (["sft", "--lr=fast"], "--lr='fast' is not a valid float"),
+    (["sft", "--layout=causal"], "choose one of block, full"),
+    (["train"], "valid commands"),
+    (["eval", "--split=dev"], "choose one of train, test"),
+])
+def test_bad_input_is_one_clear_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
