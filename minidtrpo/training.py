@@ -19,7 +19,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from .config import arg, atomic_save, autocast, parse_options, pick_device, write_json
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
-from .sampling import REMASKING, generate
+from .sampling import generate
 from .tasks import TASKS, get_task
 
 

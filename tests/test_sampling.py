@@ -40,7 +40,7 @@ def test_schedule_blocks_and_recorded_logps(layout, steps_per_block):
     tau = 0.7
     traj = generate(model, prompts, steps_per_block=steps_per_block, temperature=tau, remasking="low_confidence",
                     generator=torch.Generator().manual_seed(3))
-    b, L, P = 4, 8, 6
+    b, P = 4, 6
     schedule = reveal_schedule(b, steps_per_block)
     assert (traj.unmask_step >= 0).all() and (traj.tokens != 11).all()
     for t in range(traj.num_steps):
