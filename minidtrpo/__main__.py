@@ -10,6 +10,7 @@ from .compare import CompareConfig, compare
 from .config import arg, fail, parse, pick_device
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .rl import RLConfig, train_rl
+from .report import cmd_estimators
 from .training import TrainConfig, evaluate, load, train_sft
 
 
@@ -50,6 +51,8 @@ COMMANDS = {
             "offline DPO on pairs: dtrpo | full_trajectory | vrpo (minidtrpo/preference.py)"),
     "compare": (lambda argv: compare(parse(CompareConfig, argv, "compare")),
                 "every objective, same start, budget and seeds: table + figure (minidtrpo/compare.py)"),
+    "estimators": (lambda argv: cmd_estimators(argv),
+                   "bias, noise, gradient cosine and cost of every likelihood estimator (minidtrpo/report.py)"),
 }
 
 

@@ -289,13 +289,14 @@ def markdown(results: list[dict], setup: dict) -> str:
         "- dTRPO in the full layout: the single [x ; y ; ỹ] pass hides the later, masked blocks that the true state "
         "shows, so its bias is a real error; the N_B-pass variant scores the true states and is unbiased.",
         "- bias = mean_i(mean over draws − Δ_i) ± standard error; std = mean_i of the per-trajectory std over "
-        "draws; corr = correlation of one draw with Δ across trajectories, corr K-mean = the same for the mean of the K "
-        "draws (noise averaged out: it tends to 1 for an estimator of Δ, to the correlation of its own target "
-        "with Δ otherwise); grad cos = cosine of one draw's ∇_θ mean_i estimate_i with ∇_θ mean_i Δ_i, averaged "
-        "over draws.",
+        "draws; corr = correlation of one draw with Δ across trajectories, corr K-mean = the same for the mean of "
+        "the K draws (noise averaged out: it tends to 1 for an estimator of Δ, to the correlation of its own "
+        "target with Δ otherwise); grad cos = cosine of one draw's ∇_θ mean_i estimate_i with ∇_θ mean_i Δ_i, "
+        "averaged over draws.",
         *[f"- *exact + log S_t* adds the θ-dependent position-selection term log S_t of low-confidence remasking, "
           f"which every other row (and every practical method) drops: here it moves the log-ratio by "
-          f"{r['bias']:+.3f} on average and by up to {r['max_abs_err']:.2f} nats on one trajectory (max |Δ| = {s['delta_absmax']:.3f})."
+          f"{r['bias']:+.3f} on average and by up to {r['max_abs_err']:.2f} nats on one trajectory "
+          f"(max |Δ| = {s['delta_absmax']:.3f})."
           for r in results if r["name"] == "exact + log S_t"],
         "- passes × tokens: forward rows per response per model (the reference costs the same again, without "
         "backward) × sequence length of each row; ms are per batch of B; saved MB = peak bytes autograd keeps "
@@ -320,6 +321,7 @@ def plot(results, delta, path):
         ax.plot(lim, lim, "k--", lw=0.8)
         ax.set_title(f"{r['name']}\ncorr {r['corr']:.2f}", fontsize=8)
         ax.tick_params(labelsize=6)
+        ax.locator_params(axis="x", nbins=4)
         ax.set_xlabel("exact Δ", fontsize=7)
         if k == 0:
             ax.set_ylabel("estimate (one draw)", fontsize=7)
@@ -386,7 +388,7 @@ def _report(cfg: ReportConfig) -> dict:
     gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # every estimator's draws
     total = sum(cfg.draws + cfg.grad_draws if e.random else min(3, cfg.draws) + 1 for e in ests)
     results = []
-    with tqdm(total=total, desc="estimators", dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc="estimators", dynamic_ncols=True, mininterval=1.0) as bar:
         for est in ests:
             bar.set_postfix_str(est.name)
             results.append(measure(est, policy, ref, traj, delta, g_star, cfg, gen, bar))

@@ -21,7 +21,7 @@ def report(request, tmp_path_factory, single_thread):
     train_sft(TrainConfig(task="sudoku", layout=layout, d_model=32, n_layers=2, batch_size=16, max_steps=5,
                           warmup_steps=1, eval_every=0, eval_n=8, device="cpu", out_dir=str(root / "sft")))
     out = root / "estimators"
-    cmd_estimators([f"--ckpt={root / 'sft' / 'checkpoint.pt'}", "--n_prompts=6", "--draws=24", "--grad_draws=2",
+    cmd_estimators([f"--ckpt={root / 'sft' / 'checkpoint.pt'}", "--n_prompts=6", "--draws=16", "--grad_draws=2",
                     "--perturb=0.05", "--device=cpu", f"--out_dir={out}"])
     return layout, out, json.loads((out / "estimators.json").read_text())
 
@@ -51,7 +51,7 @@ def test_exact_row_is_the_anchor(report):
 
 
 def test_dtrpo_mean_over_draws_matches_exact(report):
-    """E_s[D̂] = Δ with c = T_B: over 24 draws the mean agrees with the exact log-ratio overall (4 standard
+    """E_s[D̂] = Δ with c = T_B: over 16 draws the mean agrees with the exact log-ratio overall (4 standard
     errors) and per trajectory (mean squared z-score ≈ 1); the same statistic for c = 1 is far off (measured:
     ~1 against ~100-200), so the check has power. Full layout: the exact N_B-pass variant."""
     layout, _, data = report
