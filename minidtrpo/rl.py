@@ -45,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
 from .config import arg, atomic_save, autocast, fail, pick_device, write_json
 from .estimators import elbo_terms, one_step_logprob, sample_elbo_masks, sample_prompt_mask, trajectory_logprob
@@ -270,12 +271,9 @@ class Meters:
     def _count(self, module, args, kwargs):
         self.rows += (args[0] if args else kwargs["tokens"]).shape[0]
 
-    def _pack(self, t):
-        return _Saved(t, self)
-
     def __enter__(self):
         self.hooks = [m.register_forward_pre_hook(self._count, with_kwargs=True) for m in self.models]
-        self.saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda handle: handle.t)
+        self.saved = torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(t, self), lambda saved: saved.t)
         self.saved.__enter__()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -322,11 +320,12 @@ def run_loop(cfg, kind, *, policy, ref, task, opt, generators, iteration, max_it
     so a run interrupted and resumed (cfg.resume) writes the same metrics as an uninterrupted one. Ctrl-C
     saves the state as of the last finished iteration (a snapshot), then re-raises.
     """
-    from tqdm import tqdm
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "checkpoint.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     run = {"iter": 0, "train_seconds": 0.0, "pending_eval": True}  # pending_eval: evaluate before going on
     if cfg.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         policy.load_state_dict(state["model"])
         ref.load_state_dict(state["ref_model"])
@@ -363,7 +362,7 @@ def run_loop(cfg, kind, *, policy, ref, task, opt, generators, iteration, max_it
         state = run if state is None else state
         return state["iter"] >= max_iters or (cfg.time_budget > 0 and state["train_seconds"] >= cfg.time_budget)
 
-    bar = tqdm(total=max_iters, initial=run["iter"], desc=kind, dynamic_ncols=True)
+    bar = tqdm(total=None if cfg.time_budget else max_iters, initial=run["iter"], desc=kind, dynamic_ncols=True)
     snapshot, metrics = None, {}
     try:
         while True:
