@@ -5,8 +5,8 @@
 
 Everything is measured side by side in one run:
 1. the machine's fp32 matmul rate (1024×1024 products), the denominator of MFU;
-2. SFT training tokens/s of the default model (sudoku, block layout: [prompt ; clean ; noisy] = P + 2L
-   tokens per sequence), and model-FLOPs utilisation = 6 · parameters · tokens/s ÷ matmul rate
+2. SFT training tokens/s of the default model (sudoku, block layout: [prompt ; clean ; noisy] = P + 2L − b
+   tokens per sequence, the last clean block being left out), and model-FLOPs utilisation = 6 · parameters · tokens/s ÷ matmul rate
    (attention score FLOPs are not counted, as in nanoGPT's estimate);
 3. sampler throughput at response length 64, block 8, batch 256, one token per step, with the KV cache
    for finished blocks and without it (every step recomputes the whole sequence), and whether the two
@@ -71,7 +71,7 @@ def bench_sft(device, batch_size=128, steps=10) -> dict:
         opt.step()
 
     seconds = timed(step, device, repeat=steps)
-    tokens = batch_size * (task.prompt_len + 2 * task.response_len)
+    tokens = batch_size * (task.prompt_len + 2 * task.response_len - task.block_size)  # sft_loss's sequence
     return {"params": model.num_params(), "step_s": seconds, "tokens_per_s": tokens / seconds,
             "flops_per_s": 6 * model.num_params() * tokens / seconds}
 

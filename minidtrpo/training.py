@@ -70,10 +70,14 @@ def sft_loss(model, prompts, answers, generator=None, eps: float = 1e-3):
     masked = torch.rand(B, L, generator=generator, device=device) < t  # (B, L) each token masked w.p. t
     noisy = answers.masked_fill(masked, cfg.mask_id)  # y_t
     if cfg.layout == "block":  # [x ; y ; y_t]: the clean copy and the noisy copy share position ids
-        tokens = torch.cat([prompts, answers, noisy], dim=1)  # (B, P+2L)
-        positions = torch.cat([torch.arange(P + L, device=device), torch.arange(P, P + L, device=device)])
-        mask = clean_noisy_mask(P, L, cfg.block_size, device)
-        logits = model(tokens, positions, mask)[:, P + L:]  # (B, L, V) predictions at the noisy copy
+        # No noisy block looks at the last clean block (noisy block k sees clean blocks < k), so that block
+        # is left out: [x ; y_{<last} ; y_t], P + 2L − b tokens, the same logits for fewer FLOPs.
+        C = L - cfg.block_size  # clean tokens kept
+        tokens = torch.cat([prompts, answers[:, :C], noisy], dim=1)  # (B, P+C+L)
+        positions = torch.cat([torch.arange(P + C, device=device), torch.arange(P, P + L, device=device)])
+        keep = torch.cat([torch.arange(P + C), torch.arange(P + L, P + 2 * L)]).to(device)
+        mask = clean_noisy_mask(P, L, cfg.block_size, device)[keep][:, keep]  # (P+C+L, P+C+L)
+        logits = model(tokens, positions, mask)[:, P + C:]  # (B, L, V) predictions at the noisy copy
     else:
         logits = model(torch.cat([prompts, noisy], dim=1))[:, P:]  # (B, L, V)
     logp = -F.cross_entropy(logits.flatten(0, 1), answers.flatten(), reduction="none").view(B, L)  # log μ_θ(y_i|x,y_t)
@@ -186,7 +190,8 @@ def train_sft(cfg: TrainConfig) -> dict:
     print("config:", json.dumps(asdict(cfg)))
     fwd = torch.compile(model) if cfg.compile else model
     test_prompts, test_answers = (x.to(device) for x in task.test_set(cfg.eval_n))
-    seq_tokens = task.prompt_len + task.response_len * (2 if cfg.layout == "block" else 1)
+    b = model.config.block_size
+    seq_tokens = task.prompt_len + (2 * task.response_len - b if cfg.layout == "block" else task.response_len)
 
     def save():
         extra = {"raw_model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
