@@ -388,7 +388,8 @@ def _report(cfg: ReportConfig) -> dict:
     gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # every estimator's draws
     total = sum(cfg.draws + cfg.grad_draws if e.random else min(3, cfg.draws) + 1 for e in ests)
     results = []
-    with tqdm(total=total, desc="estimators", dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(total=total, desc="estimators", dynamic_ncols=True, mininterval=1.0,
+              disable=None) as bar:  # no bar when the output is not a terminal
         for est in ests:
             bar.set_postfix_str(est.name)
             results.append(measure(est, policy, ref, traj, delta, g_star, cfg, gen, bar))

@@ -362,7 +362,8 @@ def run_loop(cfg, kind, *, policy, ref, task, opt, generators, iteration, max_it
         state = run if state is None else state
         return state["iter"] >= max_iters or (cfg.time_budget > 0 and state["train_seconds"] >= cfg.time_budget)
 
-    bar = tqdm(total=None if cfg.time_budget else max_iters, initial=run["iter"], desc=kind, dynamic_ncols=True)
+    bar = tqdm(total=None if cfg.time_budget else max_iters, initial=run["iter"], desc=kind, dynamic_ncols=True,
+               mininterval=1.0, disable=None)  # no bar when the output is not a terminal
     snapshot, metrics = None, {}
     try:
         while True:

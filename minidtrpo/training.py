@@ -214,7 +214,7 @@ def train_sft(cfg: TrainConfig) -> dict:
         return step >= cfg.max_steps or (cfg.time_budget > 0 and train_seconds >= cfg.time_budget)
 
     bar = tqdm(total=cfg.max_steps if not cfg.time_budget else None, initial=step, desc="sft", dynamic_ncols=True,
-               mininterval=1.0)
+               mininterval=1.0, disable=None)  # no bar when the output is not a terminal
     metrics = {}
     try:
         while not done():
