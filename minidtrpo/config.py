@@ -145,3 +145,36 @@ def write_json(obj, path: str):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward (the activation memory), alive now and at peak.
+
+        with SavedBytes() as meter:
+            loss.backward()
+        meter.peak  # bytes
+
+    Works on any device: it counts what `torch.autograd.graph.saved_tensors_hooks` packs, and a tensor stops
+    counting when autograd drops it (after its backward, or with its graph).
+    """
+
+    def __init__(self):
+        self.alive = self.peak = 0
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(t, self), lambda held: held.t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class _Held:
+    def __init__(self, t, meter):
+        self.t, self.meter, self.nbytes = t, meter, t.numel() * t.element_size()
+        meter.alive += self.nbytes
+        meter.peak = max(meter.peak, meter.alive)
+
+    def __del__(self):
+        self.meter.alive -= self.nbytes

@@ -59,7 +59,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .config import arg, fail, parse, pick_device, write_json
+from .config import SavedBytes, arg, fail, parse, pick_device, write_json
 from .estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps, sample_elbo_masks,
                          sample_prompt_mask, trajectory_logprob)
 from .sampling import generate
@@ -152,30 +152,6 @@ def estimators_for(layout: str, temperature: float, prompt_mask_p: float) -> lis
 # Measurement plumbing
 
 
-class SavedBytes:
-    """saved_tensors_hooks that track the bytes autograd keeps for backward, alive and at peak."""
-
-    def __init__(self):
-        self.alive = self.peak = 0
-
-    def pack(self, t):
-        return _Handle(t, self)
-
-    @staticmethod
-    def unpack(handle):
-        return handle.t
-
-
-class _Handle:
-    def __init__(self, t, meter):
-        self.t, self.meter, self.nbytes = t, meter, t.numel() * t.element_size()
-        meter.alive += self.nbytes
-        meter.peak = max(meter.peak, meter.alive)
-
-    def __del__(self):
-        self.meter.alive -= self.nbytes
-
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -220,10 +196,9 @@ def measure(est: Estimator, policy, ref, traj, delta, g_star, cfg, gen, bar) -> 
     hook = policy.register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape)))
     cosines, step_s, peak = [], [], 0
     for g in range(G):
-        meter = SavedBytes()
         _sync(device)
         t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        with SavedBytes() as meter:
             grad = flat_grad(est.fn(policy, ref, traj, gen).mean(), policy)  # ∇_θ mean_i estimate_i
         _sync(device)
         step_s.append(time.perf_counter() - t0)

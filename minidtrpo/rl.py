@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from .config import arg, atomic_save, autocast, fail, pick_device, write_json
+from .config import SavedBytes, arg, atomic_save, autocast, fail, pick_device, write_json
 from .estimators import elbo_terms, one_step_logprob, sample_elbo_masks, sample_prompt_mask, trajectory_logprob
 from .objectives import bgpo_accumulate, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
 from .sampling import REMASKING, Trajectory, generate
@@ -266,15 +266,14 @@ class Meters:
     activation memory P7 measures, on any device), the process's peak RSS and, on CUDA, peak allocation."""
 
     def __init__(self, device, *models):
-        self.device, self.models, self.rows, self.alive, self.peak = device, models, 0, 0, 0
+        self.device, self.models, self.rows = device, models, 0
 
     def _count(self, module, args, kwargs):
         self.rows += (args[0] if args else kwargs["tokens"]).shape[0]
 
     def __enter__(self):
         self.hooks = [m.register_forward_pre_hook(self._count, with_kwargs=True) for m in self.models]
-        self.saved = torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(t, self), lambda saved: saved.t)
-        self.saved.__enter__()
+        self.saved = SavedBytes().__enter__()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
@@ -285,7 +284,7 @@ class Meters:
             h.remove()
 
     def summary(self, responses: int) -> dict:
-        out = {"passes_per_response": self.rows / max(responses, 1), "peak_saved_mb": self.peak / 2**20}
+        out = {"passes_per_response": self.rows / max(responses, 1), "peak_saved_mb": self.saved.peak / 2**20}
         try:
             import resource  # Unix only; ru_maxrss is in KiB on Linux
             out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -294,18 +293,6 @@ class Meters:
         if self.device.type == "cuda":
             out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return out
-
-
-class _Saved:
-    """A tensor autograd saved for backward; its bytes count as alive until autograd frees it."""
-
-    def __init__(self, t, meter):
-        self.t, self.meter, self.nbytes = t, meter, t.numel() * t.element_size()
-        meter.alive += self.nbytes
-        meter.peak = max(meter.peak, meter.alive)
-
-    def __del__(self):
-        self.meter.alive -= self.nbytes
 
 
 def read_metrics(path) -> list[dict]:

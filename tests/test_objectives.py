@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import perturbed, random_prompts, tiny_model
+from minidtrpo.config import SavedBytes
 from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps,
                                   sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
 from minidtrpo.objectives import (bgpo_accumulate, bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
@@ -212,30 +213,6 @@ def test_p6_bgpo_accumulated_gradient_and_lower_bound_off_policy():
     assert (bound <= exact + 1e-12).all() and (bound < exact - 1e-8).sum() >= 4
 
 
-class SavedBytes:
-    """saved_tensors_hooks that track the bytes autograd keeps for backward, alive and at peak."""
-
-    def __init__(self):
-        self.alive = self.peak = 0
-
-    def pack(self, t):
-        return _Handle(t, self)
-
-    @staticmethod
-    def unpack(h):
-        return h.t
-
-
-class _Handle:
-    def __init__(self, t, meter):
-        self.t, self.meter, self.nbytes = t, meter, t.numel() * t.element_size()
-        meter.alive += self.nbytes
-        meter.peak = max(meter.peak, meter.alive)
-
-    def __del__(self):
-        self.meter.alive -= self.nbytes
-
-
 def test_p7_bgpo_peak_memory_does_not_grow_with_n():
     """P7: peak bytes saved for backward: flat in n for BGPO (one sample's graph at a time), growing with n
     for the exp-of-mean baseline (all graphs at once)."""
@@ -243,8 +220,7 @@ def test_p7_bgpo_peak_memory_does_not_grow_with_n():
     for n in (1, 4, 16):
         model, traj, masks, ell_old = elbo_setup(n, batch=4)
         for name in peaks:
-            meter = SavedBytes()
-            with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            with SavedBytes() as meter:
                 if name == "bgpo":
                     bgpo_accumulate(lambda j: elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0],
                                     ell_old, ADV[:4])

@@ -290,28 +290,7 @@ assert (bound <= exact + 1e-12).all()
 # exp-of-mean objective keeps all n graphs at once.
 
 # %%
-class SavedBytes:
-    """Bytes of the tensors autograd holds for backward: alive now and at peak."""
-
-    def __init__(self):
-        self.alive = self.peak = 0
-
-    def pack(self, t):
-        return _Held(t, self)
-
-    @staticmethod
-    def unpack(held):
-        return held.t
-
-
-class _Held:
-    def __init__(self, t, meter):
-        self.t, self.meter, self.nbytes = t, meter, t.numel() * t.element_size()
-        meter.alive += self.nbytes
-        meter.peak = max(meter.peak, meter.alive)
-
-    def __del__(self):  # autograd dropped it (after backward, or with its graph)
-        self.meter.alive -= self.nbytes
+from minidtrpo.config import SavedBytes  # a saved_tensors_hooks pair that counts bytes alive and at peak
 
 
 mem_model = copy.deepcopy(model).requires_grad_(True)  # float32, as in training
@@ -322,8 +301,7 @@ for n in (1, 4, 16):
     with torch.no_grad():
         ell_old = elbo_terms(mem_model, xm, ym, masks)
     for name in peaks:
-        meter = SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        with SavedBytes() as meter:
             if name.startswith("BGPO"):
                 bgpo_accumulate(lambda j: elbo_terms(mem_model, xm, ym, masks[:, j:j + 1])[:, 0], ell_old, Am)
             else:
