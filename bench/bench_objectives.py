@@ -1,0 +1,167 @@
+"""Benchmark of the objectives' update cost: BGPO's flat memory and dTRPO's cheap DPO update.
+
+    python bench/bench_objectives.py                                     # ~1 minute on a 2-core CPU
+    python bench/bench_objectives.py --ckpt=runs/h2h/sft/checkpoint.pt   # a trained model's rollouts
+    python bench/bench_objectives.py --device=cuda
+
+Everything runs side by side in one process, on one batch of rollouts, through the update functions the
+training commands use (`rl.UPDATES`, `preference.DPO_ESTIMATORS`), so it measures the code that trains:
+1. online updates (B = num_prompts × G responses, advantages A ~ N(0, 1) from a seeded generator: the cost
+   of an update does not depend on A's values): bgpo and vrpo_ol at n_mc = 1, 4, 16, full_trajectory and
+   diffu_grpo; for each, the median seconds of one update, the model rows run forward per response, and
+   the peak bytes autograd saves for backward (the activation memory, `config.SavedBytes`; on CUDA also
+   the peak allocation);
+2. DPO updates on the same pairs (the rollouts paired two by two): dTRPO (one [x ; y ; ỹ] pass per
+   response and model), exact-trajectory DPO with flat memory (the default) and with plain autograd.
+Targets (issue 4): bgpo's peak at n_mc = 16 within 1.2× of n_mc = 1 while vrpo_ol's grows; a dTRPO
+update ≤ 1/4 of an exact-trajectory DPO update. The ratios are printed and saved as JSON; a figure shows
+peak saved memory against n_mc.
+
+Without --ckpt the model is the default sudoku model (full layout) at its random initialisation, with its
+logits spread so that sampling is not uniform: update costs depend on shapes, not on what was learned.
+"""
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+
+from minidtrpo.config import autocast, pick_device
+from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
+from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
+from minidtrpo.rl import UPDATES, Meters, RLConfig, rollout
+from minidtrpo.sampling import Trajectory
+from minidtrpo.tasks import get_task
+from minidtrpo.training import load
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, policy, ref, device, responses: int, repeat: int) -> dict:
+    """Median seconds of fn() over `repeat` runs (after one warm-up run), with its rows and saved bytes."""
+    fn()
+    policy.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        with Meters(device, policy, ref) as meters:
+            fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        policy.zero_grad(set_to_none=True)  # the weights never move: every repeat is the same update
+    out = {"update_s": sorted(times)[len(times) // 2], **meters.summary(responses)}
+    out.pop("rss_mb", None)  # the process's peak so far: not a per-update figure in a shared process
+    return out
+
+
+def online(name, n_mc, policy, ref, traj, adv, device, repeat) -> dict:
+    cfg = RLConfig(objective=name, n_mc=n_mc)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def update():
+        gen.manual_seed(0)  # the same masks (ELBO) or prompt mask (one-step) at every repeat
+        UPDATES[name](cfg, policy, ref, traj, adv, gen, step=lambda: None)  # step: keep the weights fixed
+
+    return measure(update, policy, ref, device, len(adv), repeat)
+
+
+def dpo(estimator, flat_memory, policy, ref, both, device, repeat) -> dict:
+    cfg = DPOConfig(estimator=estimator, flat_memory=flat_memory)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def update():
+        gen.manual_seed(0)  # the same s_b draws at every repeat
+        DPO_ESTIMATORS[estimator](cfg, policy, ref, both, gen)
+
+    return measure(update, policy, ref, device, len(both.tokens), repeat)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, style in (("bgpo", "o-"), ("vrpo_ol", "s--")):
+        pts = sorted((r["n_mc"], r["peak_saved_mb"]) for r in rows if r["objective"] == name)
+        ax.plot(*zip(*pts), style, label=name)
+    ax.set(xlabel="Monte Carlo samples n_mc", ylabel="peak MB saved for backward", xscale="log",
+           title="activation memory of one update")
+    ax.set_xticks([1, 4, 16], ["1", "4", "16"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", default="", help="checkpoint whose rollouts to score (default: a fresh model)")
+    parser.add_argument("--num_prompts", type=int, default=16, help="prompts per batch (as rl's default)")
+    parser.add_argument("--num_generations", type=int, default=8, help="rollouts per prompt G")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per update (the median is reported)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="runs/bench_objectives", help="folder for the JSON and the figure")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    if args.ckpt:
+        ref, task = load(args.ckpt, device)
+    else:
+        task = get_task("sudoku")
+        torch.manual_seed(0)
+        ref = MaskedDiffusionTransformer(ModelConfig.for_task(task, layout="full"), verbose=False).to(device)
+        with torch.no_grad():
+            ref.head.weight.mul_(20.0)  # a fresh init predicts almost uniformly; spread its logits
+    ref.requires_grad_(False)
+    policy = copy.deepcopy(ref).requires_grad_(True)
+    B = args.num_prompts * args.num_generations
+    prompts, _ = task.sample(args.num_prompts, "train", generator=torch.Generator().manual_seed(0))
+    traj, _, _ = rollout(ref, task, prompts.repeat_interleave(args.num_generations, 0).to(device), temperature=1.0,
+                         remasking="low_confidence", steps_per_block=0, generator=torch.Generator(device).manual_seed(1))
+    adv = torch.randn(B, generator=torch.Generator().manual_seed(2)).to(device)  # (B,)
+    both = Trajectory.cat([traj.index(slice(0, B // 2)), traj.index(slice(B // 2, B))])  # B/2 pairs, 2 rows each
+    print(f"{task!r}, layout={ref.config.layout}, {B} responses, T = {traj.num_steps} decoding steps")
+
+    rows = []
+    jobs = [("bgpo", n) for n in (1, 4, 16)] + [("vrpo_ol", n) for n in (1, 4, 16)]
+    jobs += [("full_trajectory", 0), ("diffu_grpo", 0)]
+    for name, n_mc in jobs:
+        rows.append({"objective": name, "n_mc": n_mc, **online(name, n_mc, policy, ref, traj, adv, device, args.repeat)})
+    for estimator, flat in (("dtrpo", True), ("full_trajectory", True), ("full_trajectory", False)):
+        label = "dpo_" + estimator + ("" if estimator == "dtrpo" else ", flat memory" if flat else ", plain autograd")
+        rows.append({"objective": label, "n_mc": 0, **dpo(estimator, flat, policy, ref, both, device, args.repeat)})
+
+    print(f"\n| update | n_mc | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['objective']} | {r['n_mc'] or '—'} | {r['update_s']:.3f} | {r['passes_per_response']:.1f} | "
+              f"{r['peak_saved_mb']:.1f} |")
+    pick = {(r["objective"], r["n_mc"]): r for r in rows}
+    ratios = {
+        "bgpo_peak_16_over_1": pick["bgpo", 16]["peak_saved_mb"] / pick["bgpo", 1]["peak_saved_mb"],
+        "vrpo_ol_peak_16_over_1": pick["vrpo_ol", 16]["peak_saved_mb"] / pick["vrpo_ol", 1]["peak_saved_mb"],
+        "dtrpo_over_exact_dpo_seconds": pick["dpo_dtrpo", 0]["update_s"]
+        / pick["dpo_full_trajectory, flat memory", 0]["update_s"],
+        "dtrpo_over_exact_dpo_seconds_plain": pick["dpo_dtrpo", 0]["update_s"]
+        / pick["dpo_full_trajectory, plain autograd", 0]["update_s"],
+    }
+    print(f"\nbgpo peak saved memory, n_mc 16 / 1: {ratios['bgpo_peak_16_over_1']:.2f}x (target <= 1.2)")
+    print(f"vrpo_ol peak saved memory, n_mc 16 / 1: {ratios['vrpo_ol_peak_16_over_1']:.2f}x (grows with n_mc)")
+    print(f"dTRPO DPO update / exact-trajectory DPO update: {ratios['dtrpo_over_exact_dpo_seconds']:.3f} "
+          f"(flat memory), {ratios['dtrpo_over_exact_dpo_seconds_plain']:.3f} (plain autograd) (target <= 0.25)")
+    os.makedirs(args.out, exist_ok=True)
+    plot([r for r in rows if r["objective"] in ("bgpo", "vrpo_ol")], os.path.join(args.out, "memory_vs_nmc.png"))
+    result = {"device": str(device), "threads": torch.get_num_threads(), "ckpt": args.ckpt, "responses": B,
+              "rows": rows, "ratios": ratios}
+    with open(os.path.join(args.out, "bench_objectives.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(ratios))
+
+
+if __name__ == "__main__":
+    main()
