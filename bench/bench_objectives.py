@@ -12,12 +12,12 @@ training commands use (`rl.UPDATES`, `preference.DPO_ESTIMATORS`), so it measure
    the peak bytes autograd saves for backward (the activation memory, `config.SavedBytes`; on CUDA also
    the peak allocation);
 2. DPO updates on the same pairs (the rollouts paired two by two): dTRPO (one [x ; y ; ỹ] pass per
-   response and model), exact-trajectory DPO with flat memory (the default) and with plain autograd.
+   response and model in the block layout, one pass per block state in the full one), exact-trajectory DPO with flat memory (the default) and with plain autograd.
 Targets (issue 4): bgpo's peak at n_mc = 16 within 1.2× of n_mc = 1 while vrpo_ol's grows; a dTRPO
 update ≤ 1/4 of an exact-trajectory DPO update. The ratios are printed and saved as JSON; a figure shows
 peak saved memory against n_mc.
 
-Without --ckpt the model is the default sudoku model (full layout) at its random initialisation, with its
+Without --ckpt the model is the default sudoku model (`--layout`, full by default) at its random initialisation, with its
 logits spread so that sampling is not uniform: update costs depend on shapes, not on what was learned.
 """
 
@@ -103,6 +103,7 @@ def plot(rows, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", default="", help="checkpoint whose rollouts to score (default: a fresh model)")
+    parser.add_argument("--layout", default="full", choices=("full", "block"), help="layout of the fresh model")
     parser.add_argument("--num_prompts", type=int, default=16, help="prompts per batch (as rl's default)")
     parser.add_argument("--num_generations", type=int, default=8, help="rollouts per prompt G")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per update (the median is reported)")
@@ -115,7 +116,7 @@ def main():
     else:
         task = get_task("sudoku")
         torch.manual_seed(0)
-        ref = MaskedDiffusionTransformer(ModelConfig.for_task(task, layout="full"), verbose=False).to(device)
+        ref = MaskedDiffusionTransformer(ModelConfig.for_task(task, layout=args.layout), verbose=False).to(device)
         with torch.no_grad():
             ref.head.weight.mul_(20.0)  # a fresh init predicts almost uniformly; spread its logits
     ref.requires_grad_(False)
