@@ -165,13 +165,16 @@ class Addition(Task):
     digits already seen and the carry just written (SPEC §7: most-significant-first was not learned):
         problem "1234+5678"  prompt "4321+8765="  answer "21960"  (6912 -> "06912" -> reversed)
     lsb_first=False writes everything most-significant first: prompt "1234+5678=", answer "06912".
-    P = round_up(2n+2, 4), L = round_up(n+1, 4), block_size 4 (digits=4: P=12, L=8).
+    P = round_up(2n+2, 4), L = round_up(n+1, 4), block_size 1 (digits=4: P=12, L=8): one token per block, so
+    decoding is left to right and every digit is predicted after the digits (and carries) below it. Measured
+    (README): the default 0.8M model reached 100% exact in 180 CPU seconds with block 1 and 27% with block 4,
+    where a digit is often predicted before the digit whose carry it needs.
     Reward: 1 if the first n+1 characters of the response are the answer, else 0 (what follows them
     is ignored); partial=True gives the fraction of those n+1 digits that are right instead.
     Split: crc32 of the two operands in sorted order (a+b and b+a share a split).
     """
 
-    name = "addition"
+    name, block_size = "addition", 1
 
     def __init__(self, digits: int = 4, lsb_first: bool = True, partial: bool = False):
         super().__init__(digits=digits, lsb_first=lsb_first, partial=partial)
