@@ -194,6 +194,17 @@ def reduced_trajectory_logprob(model, traj, steps, *, single_pass=True, chunk=25
     return torch.where(scored, tok, 0.0).sum(1)  # (B,)
 
 
+def reduced_recorded_logprob(traj, steps) -> torch.Tensor:
+    """The reduced trajectory of the model that sampled traj, read from its record, no pass: (B,).
+
+    Σ_b Σ_{i∈I_{b,s_b}} logp_at_reveal_i == reduced_trajectory_logprob(sampler, traj, steps) (P1, state by state):
+    the reference term of D̂ when the reference decoded the response (offline DPO pairs).
+    """
+    block_of = torch.arange(traj.responses.shape[1], device=traj.tokens.device) // traj.block_size  # (L,)
+    t = block_of * traj.steps_per_block + steps[:, block_of]  # (B, L) the sampled step of each position's block
+    return torch.where(traj.unmask_step == t, traj.logp_at_reveal, 0.0).sum(1)  # (B,)
+
+
 def dtrpo_logratio(policy, ref, traj, steps, scale="steps", *, single_pass=True) -> torch.Tensor:
     """dTRPO's trajectory log-ratio estimate D̂(x, y) (SPEC §4.2) -> (B,), gradient through the policy only.
 

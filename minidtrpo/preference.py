@@ -6,7 +6,7 @@ scored by the task; the best and the worst form a pair when their rewards differ
 with one of three estimates of the trajectory log-ratio D = log π_θ(τ) − log π_ref(τ):
 - dtrpo: dTRPO's reduced trajectory (arXiv 2603.18806, SPEC §4.2): one sampled step s_b per block, all
   blocks in one [x ; y ; ỹ] pass, c = T_B (`scale=steps`, unbiased) or 1 (`scale=one`, the paper's form).
-  Per response: one policy pass with grad and one reference pass without.
+  Per response: one policy pass with grad; the reference's term is read from the record (departure 2).
 - full_trajectory: the exact log-ratio of §4.1 (TraceRL, arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924).
 - vrpo: VRPO's ELBO difference B̂_θ − B̂_ref on shared stratified masks (LLaDA 1.5, arXiv 2505.19223).
 The run loop, rollout function and checkpoints are rl.py's.
@@ -18,8 +18,11 @@ Departures:
    dTRPO reduced log-prob with every block at the same s, summed over s (exact; tested). Peak memory is
    N_B states instead of T, at the price of one extra no-grad pass over all T states. `flat_memory=false`
    keeps every graph (plain autograd) for comparison.
-2. Exact-trajectory DPO takes log π_ref(τ) = Σ logp_at_reveal: the reference sampled the pair (P1), so it
-   costs no pass. `dpo` checks that --init is the model that sampled the pairs (a hash of its weights).
+2. The reference costs no pass: it sampled the pair, so its log-probs at every state are the recorded
+   logp_at_reveal (P1). Exact-trajectory DPO takes log π_ref(τ) = Σ logp_at_reveal; dTRPO takes the same
+   record at its sampled steps (`estimators.reduced_recorded_logprob`; in the block layout the sampler's KV
+   cache and the [x ; y ; ỹ] pass agree to ~1e-5 in float32). `dpo` checks that --init is the model that
+   sampled the pairs (a hash of its weights).
 3. dTRPO draws a fresh s_b per block, per response, per visit; VRPO fresh masks per visit. The log S_t
    terms are dropped: they cancel under random remasking (P2), approximately under low confidence.
 4. vrpo defaults to the sequence-level ELBO (elbo_per_token=false: (L/m_j)·Σ), which estimates a
@@ -43,7 +46,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import arg, atomic_save, autocast, fail, pick_device
-from .estimators import (dtrpo_logratio, elbo_terms, reduced_trajectory_logprob, sample_block_steps,
+from .estimators import (elbo_terms, reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
                          sample_elbo_masks, trajectory_logprob)
 from .objectives import dpo_loss
 from .rl import Meters, clip_and_step, elapsed, rollout, run_loop
@@ -148,9 +151,12 @@ def dpo_dtrpo(cfg, policy, ref, both, gen):
     B = len(both.tokens) // 2
     steps = sample_block_steps(both, gen)  # (2B, N_B) a fresh s_b ~ U{0..T_B−1} per block and response
     single = cfg.single_pass == "true" or (cfg.single_pass == "auto" and policy.config.layout == "block")
+    c = {"steps": both.steps_per_block, "one": 1}[cfg.scale]
+    # log μ_ref at the sampled states = the recorded logp_at_reveal: the reference decoded the pair (departure 2)
+    ref_logp = reduced_recorded_logprob(both, steps)  # (2B,)
     with autocast(both.tokens.device):
-        # D̂ = c · Σ_b Σ_{i∈I_{b,s_b}} [log μ_θ − log μ_ref](y_i | x, y_{<b}, ỹ_b^(s_b)); reference without grad
-        d = dtrpo_logratio(policy, ref, both, steps, cfg.scale, single_pass=single)  # (2B,)
+        # D̂ = c · Σ_b Σ_{i∈I_{b,s_b}} [log μ_θ − log μ_ref](y_i | x, y_{<b}, ỹ_b^(s_b))
+        d = c * (reduced_trajectory_logprob(policy, both, steps, single_pass=single) - ref_logp)  # (2B,)
     loss, stats = dpo_loss(d[:B], d[B:], cfg.beta)
     loss.backward()
     return {"loss": loss.item(), **stats}

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import perturbed, random_prompts, tiny_model
-from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, reduced_trajectory_logprob,
-                                  sample_block_steps, sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
+from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, reduced_recorded_logprob,
+                                  reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
 from minidtrpo.sampling import Trajectory, generate
 
 P, M = 6, 11  # prompt length and MASK id of conftest.tiny_model
@@ -205,6 +205,23 @@ def test_full_layout_per_block_exact_and_print_single_pass_gap():
           f"{per_block.abs().mean():.4f}; dTRPO D̂ (c = T_B = 4): mean |D̂ single − exact| = "
           f"{(d_single - d_exact).abs().mean():.4f}, mean |D̂| = {d_exact.abs().mean():.4f}")
     assert (single - per_block).abs().max() > 1e-6  # it is an approximation in this layout
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+@pytest.mark.parametrize("temperature,remasking", [(1.0, "low_confidence"), (0.7, "random")])
+def test_reduced_recorded_equals_sampler_reduced(layout, temperature, remasking):
+    """The reference term of dTRPO's DPO, read from the record, == the sampler's reduced trajectory
+    (true states, and the single pass in the block layout); at other sampled steps it differs."""
+    model = tiny_model(layout)
+    traj = rollout(model, steps_per_block=4, temperature=temperature, remasking=remasking, batch=6)
+    steps = sample_block_steps(traj, torch.Generator().manual_seed(0))
+    recorded = reduced_recorded_logprob(traj, steps)
+    torch.testing.assert_close(recorded, reduced_trajectory_logprob(model, traj, steps, single_pass=False),
+                               rtol=0, atol=1e-10)
+    if layout == "block":
+        torch.testing.assert_close(recorded, reduced_trajectory_logprob(model, traj, steps), rtol=0, atol=1e-10)
+    other = (steps + 1) % traj.steps_per_block  # a different step in every block
+    assert (reduced_recorded_logprob(traj, other) - recorded).abs().max() > 1e-3
 
 
 def all_step_combos(traj):
