@@ -13,7 +13,7 @@ training commands use (`rl.UPDATES`, `preference.DPO_ESTIMATORS`), so it measure
    the peak allocation);
 2. DPO updates on the same pairs (the rollouts paired two by two): dTRPO (one [x ; y ; ỹ] pass per
    response and model in the block layout, one pass per block state in the full one), exact-trajectory DPO with flat memory (the default) and with plain autograd.
-Targets (issue 4): bgpo's peak at n_mc = 16 within 1.2× of n_mc = 1 while vrpo_ol's grows; a dTRPO
+Targets: bgpo's peak at n_mc = 16 within 1.2× of n_mc = 1 while vrpo_ol's grows; a dTRPO
 update ≤ 1/4 of an exact-trajectory DPO update. The ratios are printed and saved as JSON; a figure shows
 peak saved memory against n_mc.
 

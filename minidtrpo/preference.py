@@ -27,8 +27,9 @@ Departures:
    terms are dropped: they cancel under random remasking (P2), approximately under low confidence.
 4. vrpo defaults to the sequence-level ELBO (elbo_per_token=false: (L/m_j)·Σ), which estimates a
    log-likelihood like the other two estimators, so one β means the same for all three.
-5. Epochs are capped (default 3): a prototype's dTRPO peaked after ~3 passes over its pairs and declined
-   after (CALIBRATION); the test reward is logged at every evaluation to see it.
+5. Epochs are capped (default 3): offline DPO peaks after a few passes over its pairs and declines after
+   (README: 12 epochs of dTRPO peaked in the 5th and ended 6 points lower); the test reward is logged at
+   every evaluation to see it.
 6. dtrpo's single pass is used only where it is exact (block layout) by default. A full-layout model was
    never trained on the [x ; y ; ỹ] layout, and there DPO on the single-pass D̂ did not improve a 55%
    sudoku model in 360 updates while per-block passes (N_B passes per response and model, still T_B

@@ -82,7 +82,7 @@ class RLConfig:
     remasking: str = arg("low_confidence", "which positions a sampler step reveals", REMASKING)
     steps_per_block: int = arg(0, "sampler steps per block T_B for rollouts and evaluation (0: block_size)")
     num_iterations: int = arg(1, "optimizer steps per rollout batch μ (1 = on-policy)")
-    lr: float = arg(1e-4, "AdamW learning rate, constant (the prototype's; tune per objective)")
+    lr: float = arg(1e-4, "AdamW learning rate, constant (tune per objective: README)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "gradient norm clip (0: off)")
     clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; inert on-policy)")
