@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from conftest import perturbed, random_prompts, tiny_model
 from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, reduced_recorded_logprob,
-                                  reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
+                                  reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks,
+                                  sample_prompt_mask, trajectory_logprob)
 from minidtrpo.sampling import Trajectory, generate
 
 P, M = 6, 11  # prompt length and MASK id of conftest.tiny_model
