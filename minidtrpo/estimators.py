@@ -202,7 +202,13 @@ def reduced_recorded_logprob(traj, steps) -> torch.Tensor:
     """
     block_of = torch.arange(traj.responses.shape[1], device=traj.tokens.device) // traj.block_size  # (L,)
     t = block_of * traj.steps_per_block + steps[:, block_of]  # (B, L) the sampled step of each position's block
+    # Σ_b Σ_{i∈I_{b,s_b}} logp_at_reveal_i,  I_{b,s} = {i : unmask_step_i = b·T_B + s}
     return torch.where(traj.unmask_step == t, traj.logp_at_reveal, 0.0).sum(1)  # (B,)
+
+
+def dtrpo_scale(traj, scale: str) -> int:
+    """c of D̂: T_B for scale="steps" (unbiased, P4), 1 for scale="one" (the paper's presentation)."""
+    return {"steps": traj.steps_per_block, "one": 1}[scale]
 
 
 def dtrpo_logratio(policy, ref, traj, steps, scale="steps", *, single_pass=True) -> torch.Tensor:
@@ -214,7 +220,7 @@ def dtrpo_logratio(policy, ref, traj, steps, scale="steps", *, single_pass=True)
     The log S_t terms are dropped: they cancel exactly under random remasking (P2), approximately under
     low-confidence remasking (the tests print the gap).
     """
-    c = {"steps": traj.steps_per_block, "one": 1}[scale]
+    c = dtrpo_scale(traj, scale)
     # the reference sees the same sampled steps and the same re-masked input (coupled estimate)
     with torch.no_grad():
         ref_logp = reduced_trajectory_logprob(ref, traj, steps, single_pass=single_pass)

@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import arg, atomic_save, autocast, fail, pick_device
-from .estimators import (elbo_terms, reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
-                         sample_elbo_masks, trajectory_logprob)
+from .estimators import (dtrpo_scale, elbo_terms, reduced_recorded_logprob, reduced_trajectory_logprob,
+                         sample_block_steps, sample_elbo_masks, trajectory_logprob)
 from .objectives import dpo_loss
 from .rl import Meters, clip_and_step, elapsed, rollout, run_loop
 from .sampling import REMASKING, Trajectory
@@ -152,7 +152,7 @@ def dpo_dtrpo(cfg, policy, ref, both, gen):
     B = len(both.tokens) // 2
     steps = sample_block_steps(both, gen)  # (2B, N_B) a fresh s_b ~ U{0..T_B−1} per block and response
     single = cfg.single_pass == "true" or (cfg.single_pass == "auto" and policy.config.layout == "block")
-    c = {"steps": both.steps_per_block, "one": 1}[cfg.scale]
+    c = dtrpo_scale(both, cfg.scale)  # T_B (unbiased) or 1
     # log μ_ref at the sampled states = the recorded logp_at_reveal: the reference decoded the pair (departure 2)
     ref_logp = reduced_recorded_logprob(both, steps)  # (2B,)
     with autocast(both.tokens.device):
