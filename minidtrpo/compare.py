@@ -66,12 +66,16 @@ def _options(text: str) -> list[str]:
 
 
 def _reusable(folder: str, config) -> str:
-    """'done' if folder holds a finished run of this config, 'partial' if an unfinished one, else 'new'."""
+    """'done' if folder holds a finished run of this config, 'partial' if an unfinished one, else 'new'.
+
+    An option added after the run was saved counts as its default value.
+    """
     ckpt = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(ckpt):
         return "new"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    if {**state["config"], "resume": False} != {**asdict(config), "resume": False}:
+    saved = {**asdict(type(config)()), **state["config"], "resume": False}
+    if saved != {**asdict(config), "resume": False}:
         return "new"
     return "done" if state["finished"] else "partial"
 

@@ -20,6 +20,10 @@ Conventions and departures:
    Full layout: plain passes on [x ; state], except dTRPO's optional single pass (an approximation there).
 3. Many states are stacked along the batch and run as a few large forward calls of at most `chunk` rows;
    there is no Python loop over sequences.
+4. ELBO masks in the full layout (option, `block_size=b`): SPEC §4.3's masks are uniform over the whole
+   response, states a block-by-block sampler never visits (later blocks partly revealed). The blockwise
+   masks keep earlier blocks clean, later blocks masked, and score one block: the ELBO of the
+   semi-autoregressive sampler, Σ_k E_m[(b/m)·Σ_{i∈k masked} log μ_θ], with one block per sample.
 
 Shapes: B batch, P prompt length, L response length, V vocab, N MC samples, N_B blocks, T steps,
 S forward passes (states scored side by side).
@@ -232,25 +236,37 @@ def dtrpo_logratio(policy, ref, traj, steps, scale="steps", *, single_pass=True)
 # §4.3 ELBO Monte Carlo (VRPO / BGPO)
 
 
-def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None) -> torch.Tensor:
+def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None, block_size=None) -> torch.Tensor:
     """n_mc stratified masks per sequence (SPEC §4.3): (B, N, L) bool, True = masked.
 
-    u ~ U{1..L} per sequence;  m_j = ((u − 1 + round(j·L/n)) mod L) + 1;  sample j masks m_j positions
-    uniformly without replacement. The counts cover 1..L evenly, which lowers the variance (VRPO).
+    block_size=None (SPEC): u ~ U{1..L} per sequence;  m_j = ((u − 1 + round(j·L/n)) mod L) + 1;  sample j
+      masks m_j positions uniformly without replacement. The counts cover 1..L evenly (VRPO's stratification).
+    block_size=b (departure 4, the full layout's semi-autoregressive ELBO): sample j picks one (block k_j,
+      count m_j) of the N_B·b pairs, stratified the same way over c = k·b + m − 1; it masks m_j positions of
+      block k_j uniformly and every later block whole, the states the block-by-block sampler visits.
     """
     gen_device = generator.device if generator is not None else device
     L = response_len
-    u = torch.randint(1, L + 1, (batch, 1), generator=generator, device=gen_device)  # (B, 1)
-    # round(j·L/n), half to even like Python's round
-    offset = torch.round(torch.arange(n_mc, device=gen_device, dtype=torch.float64) * L / n_mc).long()  # (N,)
-    m = (u - 1 + offset) % L + 1  # (B, N) masked counts m_j
+    n_cells = L if block_size is None else L // block_size * block_size  # stratify over counts or (block, count)
+    u = torch.randint(0, n_cells, (batch, 1), generator=generator, device=gen_device)  # (B, 1)
+    # round(j·C/n), half to even like Python's round
+    offset = torch.round(torch.arange(n_mc, device=gen_device, dtype=torch.float64) * n_cells / n_mc).long()  # (N,)
+    c = (u + offset) % n_cells  # (B, N) stratified cells 0..C−1
     # a uniformly random subset of size m: the m positions with the smallest random keys
-    rank = torch.rand(batch, n_mc, L, generator=generator, device=gen_device).argsort(-1).argsort(-1)  # (B, N, L)
-    masks = rank < m[..., None]  # (B, N, L)
+    keys = torch.rand(batch, n_mc, L, generator=generator, device=gen_device)  # (B, N, L)
+    if block_size is None:
+        rank = keys.argsort(-1).argsort(-1)  # (B, N, L) rank of each position among all L
+        masks = rank < (c + 1)[..., None]  # m_j = c_j + 1
+    else:
+        k, m = c // block_size, c % block_size + 1  # (B, N) block and count of each sample
+        block_of = torch.arange(L, device=gen_device) // block_size  # (L,)
+        rank = keys.view(batch, n_mc, -1, block_size).argsort(-1).argsort(-1).view(batch, n_mc, L)  # within block
+        masks = ((block_of == k[..., None]) & (rank < m[..., None])) | (block_of > k[..., None])  # (B, N, L)
     return masks if device is None else masks.to(device)
 
 
-def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=1.0, chunk=256) -> torch.Tensor:
+def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=1.0, block_size=None,
+               chunk=256) -> torch.Tensor:
     """Per-sample ELBO terms ℓ^{(j)} (SPEC §4.3) -> (B, N).
 
     ℓ^{(j)} = (1/m_j) · Σ_{i masked in sample j} log μ_θ(y_i | x, y^{(j)}),  m_j = |mask j|
@@ -263,6 +279,9 @@ def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=
     Full layout: a plain pass on [x ; y^{(j)}].
     masks: (B, N, L) from `sample_elbo_masks`; old policy and reference use the same masks. BGPO scores
     one sample at a time: pass masks[:, j:j+1].
+    block_size=b (full layout, with the masks drawn with the same b; departure 4): only the first block that
+    holds a masked position is scored, the later blocks are masked context. E over (k, m) of L·ℓ is then the
+    semi-autoregressive ELBO: N_B·(b/m)·Σ = (L/m)·Σ.
     """
     B, n, L = masks.shape
     noisy = responses[:, None].masked_fill(masks, model.config.mask_id).flatten(0, 1)  # (B·N, L) y^{(j)}
@@ -271,8 +290,13 @@ def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=
     logp = _response_logps(model, prompts_n, noisy, temperature, clean=clean,
                            block_size=model.config.block_size, chunk=chunk).view(B, n, L, -1)
     tok = logp.gather(-1, responses[:, None, :, None].expand(B, n, L, 1)).squeeze(-1)  # (B, N, L)
+    scored = masks
+    if block_size is not None:  # the first block with a masked position: the block being decoded
+        block_of = torch.arange(L, device=masks.device) // block_size  # (L,)
+        first = torch.where(masks, block_of, L).amin(-1, keepdim=True)  # (B, N, 1)
+        scored = masks & (block_of == first)  # (B, N, L)
     # ℓ^{(j)} = (1/m_j) · Σ_{i masked} log μ_θ(y_i | x, y^{(j)})   (a visible token is its own input: no term)
-    ell = torch.where(masks, tok, 0.0).sum(-1) / masks.sum(-1)  # (B, N)
+    ell = torch.where(scored, tok, 0.0).sum(-1) / scored.sum(-1)  # (B, N)
     return ell if normalize else L * ell
 
 

@@ -129,23 +129,26 @@ def bgpo_loss_terms(ell, ell_old, advantages, *, n_mc=None, clip_eps=None):
     return terms, stats
 
 
-def bgpo_accumulate(ell_fn, ell_old, advantages, *, clip_eps=None):
+def bgpo_accumulate(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
     """BGPO's memory-efficient backward: one MC sample's graph at a time -> (loss value, stats).
 
     ell_fn(j) -> (B,) the policy's ℓ_θ^{(j)} with its graph (the caller runs the model on masks[:, j:j+1]);
-    ell_old: (B, N) without grad. Gradients accumulate in .grad; the caller steps the optimizer.
+    ell_old: (B, N) without grad, or None on-policy (θ_old = θ): then ℓ_old^{(j)} = ℓ_θ^{(j)} detached, the
+    same numbers a no-grad pass would give, one pass cheaper; n_mc is then required.
+    Gradients accumulate in .grad; the caller steps the optimizer.
     """
-    n = ell_old.shape[1]
-    total, ell_sum = 0.0, 0.0
+    n = ell_old.shape[1] if ell_old is not None else n_mc
+    total, ell_sum, old_sum = 0.0, 0.0, 0.0
     for j in range(n):
         ell_j = ell_fn(j)  # (B,) builds the graph of sample j only
-        terms, _ = bgpo_loss_terms(ell_j[:, None], ell_old[:, j:j + 1], advantages, n_mc=n, clip_eps=clip_eps)
+        old_j = ell_j.detach() if ell_old is None else ell_old[:, j]  # (B,)
+        terms, _ = bgpo_loss_terms(ell_j[:, None], old_j[:, None], advantages, n_mc=n, clip_eps=clip_eps)
         loss_j = terms.sum()
         loss_j.backward()  # frees sample j's graph before sample j+1 is built: peak memory ∝ one sample
         total += loss_j.item()
-        ell_sum = ell_sum + ell_j.detach()
-    d_mean = (ell_sum / n - ell_old.mean(1)).mean().item()
-    return torch.tensor(total, dtype=ell_old.dtype), {"bound": -total, "logratio_mean": d_mean}
+        ell_sum, old_sum = ell_sum + ell_j.detach(), old_sum + old_j
+    d_mean = ((ell_sum - old_sum) / n).mean().item()
+    return torch.tensor(total, dtype=advantages.dtype), {"bound": -total, "logratio_mean": d_mean}
 
 
 def elbo_ratio_loss(ell, ell_old, advantages):

@@ -21,8 +21,9 @@ Departures:
    ρ differs from 1 by that much on-policy.)
 2. Estimators score at the rollout temperature τ (μ_θ = softmax(logits/τ)), the distribution that sampled.
 3. diffu_grpo draws one prompt mask per optimizer step, all up front, so old, new and reference share it
-   (as d1); bgpo and vrpo_ol draw one set of ELBO masks per rollout batch, shared by all steps. Both pay one
-   no-grad pass of their estimator for the old values. d1's per-token ratio is replaced by a sequence ratio.
+   (as d1); bgpo and vrpo_ol draw one set of ELBO masks per rollout batch, shared by all steps. With
+   num_iterations > 1 each pays one no-grad pass of its estimator for the old values up front (departure 7
+   for the on-policy case). d1's per-token ratio is replaced by a sequence ratio.
 4. The k3 KL penalty (β) exists where the objective takes it, clipped_pg_loss (full_trajectory,
    diffu_grpo); bgpo and vrpo_ol refuse β > 0 (BGPO trains without KL).
 5. Groups whose rewards are all equal (A = 0) are dropped before the update; if none is left the update is
@@ -31,6 +32,9 @@ Departures:
    needs no extra pass); low-confidence decoding reveals the surest tokens first, so it is below the mean
    entropy of the predictions. `kl_ref` = mean of log π_θ(τ) − log π_init(τ) (k1, token part of §4.1) on
    the first `kl_rollouts` rollouts, an untimed diagnostic.
+7. On-policy (num_iterations = 1) diffu_grpo, bgpo and vrpo_ol take the old values from the graph pass,
+   detached: θ_old = θ, so they are the numbers a separate no-grad pass would give (tests check this), and
+   the update costs one estimator pass less per response.
 Logged metrics are defined in `METRICS`. A policy-gradient loss value is not a progress signal: ρ ≡ 1
 on-policy makes it ≈ 0 by construction; watch reward and test accuracy.
 
@@ -94,6 +98,8 @@ class RLConfig:
                            ("token_mean", "sequence_mean", "constant"))
     n_mc: int = arg(16, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol)")
     elbo_per_token: bool = arg(True, "ℓ^(j) per masked token as in BGPO's code (false: × L)")
+    elbo_masks: str = arg("uniform", "ELBO masks: uniform over the response (SPEC §4.3), or blockwise: "
+                          "earlier blocks clean, later masked (estimators departure 4)", ("uniform", "blockwise"))
     prompt_mask_p: float = arg(0.15, "diffu_grpo: probability of masking each prompt token")
     kl_rollouts: int = arg(16, "rollouts per iteration scored by the initial model for kl_ref (0: off)")
     max_iters: int = arg(1000, "stop after this many iterations")
@@ -146,12 +152,14 @@ def update_diffu_grpo(cfg, policy, ref, traj, adv, gen, step):
     # one fresh prompt mask per optimizer step, drawn up front so old, new and reference share it (d1)
     prompt_masks = [sample_prompt_mask(x, cfg.prompt_mask_p, gen) for _ in range(cfg.num_iterations)]
     with torch.no_grad(), autocast(adv.device):
-        logp_old = [one_step_logprob(policy, x, y, m, temperature=tau) for m in prompt_masks]  # (B,) each
+        logp_old = [one_step_logprob(policy, x, y, m, temperature=tau) if cfg.num_iterations > 1 else None
+                    for m in prompt_masks]  # (B,) each; on-policy: from the graph pass (departure 7)
         logp_ref = [one_step_logprob(ref, x, y, m, temperature=tau) if cfg.beta > 0 else None for m in prompt_masks]
     for k, m in enumerate(prompt_masks):
         with autocast(adv.device):  # one pass: every response token predicted from x' and an all-masked y
             logp = one_step_logprob(policy, x, y, m, temperature=tau)  # (B,)
-        loss, stats = clipped_pg_loss(logp, logp_old[k], adv, cfg.clip_eps, aggregation=cfg.aggregation,
+        old = logp.detach() if logp_old[k] is None else logp_old[k]
+        loss, stats = clipped_pg_loss(logp, old, adv, cfg.clip_eps, aggregation=cfg.aggregation,
                                       logp_ref=logp_ref[k], beta=cfg.beta)
         loss.backward()
         step()
@@ -162,31 +170,39 @@ def _elbo(cfg, model, traj, masks):
     """ℓ^(j) of every response on masks (B, N, L) -> (B, N) (SPEC §4.3), at the rollout temperature."""
     with autocast(traj.tokens.device):
         return elbo_terms(model, traj.prompts, traj.responses, masks, normalize=cfg.elbo_per_token,
-                          temperature=traj.logp_temperature)
+                          temperature=traj.logp_temperature, block_size=_elbo_block(cfg, traj))
+
+
+def _elbo_block(cfg, traj):
+    return traj.block_size if cfg.elbo_masks == "blockwise" else None
 
 
 def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
     B, L = traj.responses.shape
-    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device)  # (B, N, L) stratified, shared by all steps
-    with torch.no_grad():
-        ell_old = _elbo(cfg, policy, traj, masks)  # (B, N) ℓ_old^(j) on the same masks
+    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, _elbo_block(cfg, traj))  # (B, N, L) shared by all steps
+    ell_old = None  # on-policy: ℓ_old^(j) = ℓ_θ^(j) detached, taken from the graph pass (departure 7)
+    if cfg.num_iterations > 1:
+        with torch.no_grad():
+            ell_old = _elbo(cfg, policy, traj, masks)  # (B, N) ℓ_old^(j) on the same masks
     for _ in range(cfg.num_iterations):
         # R̂_lb = Σ_j g_j: sample j's graph is built, backpropagated and freed before sample j+1 (memory of one)
         _, stats = bgpo_accumulate(lambda j: _elbo(cfg, policy, traj, masks[:, j:j + 1])[:, 0], ell_old, adv,
-                                   clip_eps=cfg.clip_eps)
+                                   n_mc=cfg.n_mc, clip_eps=cfg.clip_eps)
         step()
     return stats
 
 
 def update_vrpo_ol(cfg, policy, ref, traj, adv, gen, step):
     B, L = traj.responses.shape
-    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device)  # (B, N, L)
-    with torch.no_grad():
-        ell_old = _elbo(cfg, policy, traj, masks)  # (B, N)
+    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, _elbo_block(cfg, traj))  # (B, N, L)
+    ell_old = None
+    if cfg.num_iterations > 1:
+        with torch.no_grad():
+            ell_old = _elbo(cfg, policy, traj, masks)  # (B, N)
     for _ in range(cfg.num_iterations):
         ell = _elbo(cfg, policy, traj, masks)  # (B, N): all n graphs alive until backward (memory ∝ n)
         # R̂ = A · exp((1/n) Σ_j (ℓ_θ^(j) − ℓ_old^(j)))
-        loss, stats = elbo_ratio_loss(ell, ell_old, adv)
+        loss, stats = elbo_ratio_loss(ell, ell.detach() if ell_old is None else ell_old, adv)
         loss.backward()
         step()
     return stats

@@ -294,6 +294,69 @@ def test_sample_elbo_masks_stratified_and_uniform():
                        torch.arange(1, L + 1).expand(2, L))  # n = L: every count once
 
 
+def test_blockwise_elbo_masks():
+    """Departure 4: each sample keeps earlier blocks clean, masks 1..b positions of one block and every later
+    block; the (block, count) cells are stratified like the counts of SPEC §4.3."""
+    B, L, b, n = 2000, 8, 2, 3
+    masks = sample_elbo_masks(B, L, n, torch.Generator().manual_seed(0), block_size=b)
+    assert masks.shape == (B, n, L) and masks.dtype == torch.bool
+    blocks = masks.view(B, n, L // b, b).sum(-1)  # (B, N, N_B) masked count per block
+    first = (blocks > 0).float().argmax(-1)  # (B, N) the scored block k_j
+    idx = torch.arange(L // b)
+    assert ((blocks == 0) == (idx < first[..., None])).all()  # earlier blocks clean
+    assert ((blocks == b) | (idx <= first[..., None])).all()  # later blocks whole
+    cells = first * b + blocks.gather(-1, first[..., None])[..., 0] - 1  # (B, N) c_j = k_j·b + m_j − 1
+    for row in cells[:50].tolist():
+        assert any(row == [(u + round(j * L / n)) % L for j in range(n)] for u in range(L))
+    full = sample_elbo_masks(2, L, L, torch.Generator().manual_seed(1), block_size=b)
+    cells = (full.sum(-1) - 1).sort(1).values  # n = N_B·b: every (block, count) once (count = (N_B−1−k)·b + m)
+    assert torch.equal(cells, torch.arange(L).expand(2, L))
+    within = masks.view(B, n, L // b, b)[blocks.gather(-1, first[..., None])[..., 0] == 1]  # (·, N_B, b)
+    freq = within.float().sum((0, 1))  # where a single masked position falls inside its block: uniform
+    assert (freq / freq.sum() - 1 / b).abs().max() < 0.03
+
+
+def test_p11_blockwise_elbo_is_expected_semi_ar_loglik():
+    """Full layout, blockwise masks (L = 4, b = 2): the exact ELBO of the semi-autoregressive sampler,
+    Σ_blocks Σ_k (1/k)·mean_{|S|=k} Σ_{i∈S} log μ(y_i | earlier blocks clean, later masked), equals the mean
+    over within-block orders of the trajectory log-prob (§4.1); elbo_terms(block_size=b) gives each term and
+    L × its MC mean converges to it."""
+    L, b = 4, 2
+    model = tiny_model("full", response_len=L, block_size=b)
+    prompts = random_prompts(2)
+    y = generate(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(0)).responses
+    exact, terms, weights = torch.zeros(2, dtype=torch.float64), [], []
+    for blk in range(L // b):
+        cols = range(blk * b, (blk + 1) * b)
+        for k in range(1, b + 1):
+            subsets = list(itertools.combinations(cols, k))
+            for S in subsets:
+                mask = torch.tensor([j in S or j // b > blk for j in range(L)])  # later blocks masked
+                terms.append(mask)
+                weights.append(1 / len(subsets))
+                for i in range(2):
+                    x = torch.cat([prompts[i], y[i].masked_fill(mask, M)])
+                    lp = naive_logmu(model, x)
+                    exact[i] += sum(lp[j, y[i, j]] for j in S).detach() / (k * len(subsets))
+    ell = elbo_terms(model, prompts, y, torch.stack(terms).expand(2, -1, -1), block_size=b).detach()  # (2, 6)
+    # Σ over (block, k) of the mean over S of ℓ_S = (1/k)·Σ_{i∈S} log μ
+    torch.testing.assert_close((ell * torch.tensor(weights, dtype=ell.dtype)).sum(1), exact, rtol=0, atol=1e-10)
+    per_block = [list(itertools.permutations(range(blk * b, (blk + 1) * b))) for blk in range(L // b)]
+    orders = [sum(parts, ()) for parts in itertools.product(*per_block)]
+    O = len(orders)
+    us = torch.tensor([[order.index(j) for j in range(L)] for order in orders])  # (O, L)
+    traj = Trajectory(tokens=torch.cat([prompts, y], 1).repeat_interleave(O, 0), unmask_step=us.repeat(2, 1),
+                      logp_at_reveal=torch.zeros(2 * O, L, dtype=torch.float64), prompt_len=P, block_size=b,
+                      steps_per_block=b, temperature=1.0, remasking="random", mask_id=M)
+    torch.testing.assert_close(trajectory_logprob(model, traj).detach().view(2, O).mean(1), exact, rtol=0, atol=1e-10)
+    R = 400
+    masks = sample_elbo_masks(2 * R, L, 2, torch.Generator().manual_seed(0), block_size=b)
+    mc = L * elbo_terms(model, prompts.repeat(R, 1), y.repeat(R, 1), masks, block_size=b).detach().mean(1).view(R, 2)
+    assert ((mc.mean(0) - exact).abs() < 4 * mc.std(0) / math.sqrt(R)).all()
+    uniform = L * elbo_terms(model, prompts, y, sample_elbo_masks(2, L, 64, torch.Generator().manual_seed(0))).mean(1)
+    assert (uniform.detach() - exact).abs().max() > 1e-3  # the uniform ELBO is another quantity
+
+
 def naive_elbo_term(model, prompt, response, mask):
     """(1/m)·Σ_{i masked} log μ_θ(y_i | ·). Block layout: each block scored in its own plain pass with the
     earlier blocks clean, itself masked by `mask`, later blocks fully masked (invisible anyway)."""
