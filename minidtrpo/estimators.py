@@ -265,6 +265,22 @@ def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None, bl
     return masks if device is None else masks.to(device)
 
 
+ELBO_MASKS = ("auto", "uniform", "blockwise")
+
+
+def elbo_mask_block(choice, layout, block_size):
+    """The block_size argument of `sample_elbo_masks` / `elbo_terms` for an `elbo_masks` choice.
+
+    auto = blockwise in the full layout, where the sampler decodes block by block (departure 4), uniform in
+    the block layout, whose one-pass ELBO is already the block-diffusion one.
+    """
+    if choice not in ELBO_MASKS:
+        raise ValueError(f"elbo_masks={choice!r}; valid: {', '.join(ELBO_MASKS)}")
+    if choice == "auto":
+        choice = "blockwise" if layout == "full" else "uniform"
+    return block_size if choice == "blockwise" else None
+
+
 def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=1.0, block_size=None,
                chunk=256) -> torch.Tensor:
     """Per-sample ELBO terms ℓ^{(j)} (SPEC §4.3) -> (B, N).

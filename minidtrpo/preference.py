@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import arg, atomic_save, autocast, fail, pick_device
-from .estimators import (dtrpo_scale, elbo_terms, reduced_recorded_logprob, reduced_trajectory_logprob,
-                         sample_block_steps, sample_elbo_masks, trajectory_logprob)
+from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms, reduced_recorded_logprob,
+                         reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks, trajectory_logprob)
 from .objectives import dpo_loss
 from .rl import Meters, clip_and_step, elapsed, rollout, run_loop
 from .sampling import REMASKING, Trajectory
@@ -86,6 +86,8 @@ class DPOConfig:
     flat_memory: bool = arg(True, "full_trajectory: DPO weight first, then backward step by step (departure 1)")
     n_mc: int = arg(8, "vrpo: ELBO Monte Carlo samples per response")
     elbo_per_token: bool = arg(False, "vrpo: per-token ELBO (false: sequence-level, departure 4)")
+    elbo_masks: str = arg("auto", "vrpo: ELBO masks uniform (SPEC §4.3) or blockwise (auto: in the full layout; "
+                          "estimators departure 4)", ELBO_MASKS)
     batch_size: int = arg(16, "pairs per optimizer step")
     epochs: float = arg(3.0, "passes over the pairs (capped: departure 5)")
     lr: float = arg(1e-4, "AdamW learning rate, constant")
@@ -192,12 +194,13 @@ def dpo_full_trajectory(cfg, policy, ref, both, gen):
 
 def dpo_vrpo(cfg, policy, ref, both, gen):
     B2, L = both.responses.shape
-    masks = sample_elbo_masks(B2, L, cfg.n_mc, gen, both.tokens.device)  # (2B, N, L) shared by θ and ref
+    blk = elbo_mask_block(cfg.elbo_masks, policy.config.layout, both.block_size)  # None: uniform masks
+    masks = sample_elbo_masks(B2, L, cfg.n_mc, gen, both.tokens.device, blk)  # (2B, N, L) shared by θ and ref
 
     def elbo(model):
         with autocast(both.tokens.device):
             return elbo_terms(model, both.prompts, both.responses, masks, normalize=cfg.elbo_per_token,
-                              temperature=both.logp_temperature)  # (2B, N)
+                              temperature=both.logp_temperature, block_size=blk)  # (2B, N)
 
     with torch.no_grad():
         ell_ref = elbo(ref)

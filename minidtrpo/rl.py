@@ -52,7 +52,8 @@ import torch
 from tqdm import tqdm
 
 from .config import SavedBytes, arg, atomic_save, autocast, fail, pick_device, write_json
-from .estimators import elbo_terms, one_step_logprob, sample_elbo_masks, sample_prompt_mask, trajectory_logprob
+from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_terms, one_step_logprob, sample_elbo_masks,
+                         sample_prompt_mask, trajectory_logprob)
 from .objectives import bgpo_accumulate, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
 from .sampling import REMASKING, Trajectory, generate
 from .training import evaluate, load
@@ -98,8 +99,9 @@ class RLConfig:
                            ("token_mean", "sequence_mean", "constant"))
     n_mc: int = arg(16, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol)")
     elbo_per_token: bool = arg(True, "ℓ^(j) per masked token as in BGPO's code (false: × L)")
-    elbo_masks: str = arg("uniform", "ELBO masks: uniform over the response (SPEC §4.3), or blockwise: "
-                          "earlier blocks clean, later masked (estimators departure 4)", ("uniform", "blockwise"))
+    elbo_masks: str = arg("auto", "bgpo, vrpo_ol: ELBO masks uniform over the response (SPEC §4.3) or blockwise "
+                          "(earlier blocks clean, later masked; auto: in the full layout; estimators departure 4)",
+                          ELBO_MASKS)
     prompt_mask_p: float = arg(0.15, "diffu_grpo: probability of masking each prompt token")
     kl_rollouts: int = arg(16, "rollouts per iteration scored by the initial model for kl_ref (0: off)")
     max_iters: int = arg(1000, "stop after this many iterations")
@@ -170,16 +172,17 @@ def _elbo(cfg, model, traj, masks):
     """ℓ^(j) of every response on masks (B, N, L) -> (B, N) (SPEC §4.3), at the rollout temperature."""
     with autocast(traj.tokens.device):
         return elbo_terms(model, traj.prompts, traj.responses, masks, normalize=cfg.elbo_per_token,
-                          temperature=traj.logp_temperature, block_size=_elbo_block(cfg, traj))
+                          temperature=traj.logp_temperature, block_size=_elbo_block(cfg, model, traj))
 
 
-def _elbo_block(cfg, traj):
-    return traj.block_size if cfg.elbo_masks == "blockwise" else None
+def _elbo_block(cfg, model, traj):
+    return elbo_mask_block(cfg.elbo_masks, model.config.layout, traj.block_size)
 
 
 def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
     B, L = traj.responses.shape
-    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, _elbo_block(cfg, traj))  # (B, N, L) shared by all steps
+    blk = _elbo_block(cfg, policy, traj)  # None: uniform masks; b: blockwise
+    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, blk)  # (B, N, L) stratified, shared by all steps
     ell_old = None  # on-policy: ℓ_old^(j) = ℓ_θ^(j) detached, taken from the graph pass (departure 7)
     if cfg.num_iterations > 1:
         with torch.no_grad():
@@ -194,7 +197,7 @@ def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
 
 def update_vrpo_ol(cfg, policy, ref, traj, adv, gen, step):
     B, L = traj.responses.shape
-    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, _elbo_block(cfg, traj))  # (B, N, L)
+    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, _elbo_block(cfg, policy, traj))  # (B, N, L)
     ell_old = None
     if cfg.num_iterations > 1:
         with torch.no_grad():

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import perturbed, random_prompts, tiny_model
-from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, reduced_recorded_logprob,
-                                  reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks,
-                                  sample_prompt_mask, trajectory_logprob)
+from minidtrpo.estimators import (dtrpo_logratio, elbo_mask_block, elbo_terms, one_step_logprob,
+                                  reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
+                                  sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
 from minidtrpo.sampling import Trajectory, generate
 
 P, M = 6, 11  # prompt length and MASK id of conftest.tiny_model
@@ -314,6 +314,10 @@ def test_blockwise_elbo_masks():
     within = masks.view(B, n, L // b, b)[blocks.gather(-1, first[..., None])[..., 0] == 1]  # (·, N_B, b)
     freq = within.float().sum((0, 1))  # where a single masked position falls inside its block: uniform
     assert (freq / freq.sum() - 1 / b).abs().max() < 0.03
+    assert elbo_mask_block("auto", "full", b) == b and elbo_mask_block("auto", "block", b) is None
+    assert elbo_mask_block("uniform", "full", b) is None and elbo_mask_block("blockwise", "block", b) == b
+    with pytest.raises(ValueError, match="elbo_masks='x'; valid: auto, uniform, blockwise"):
+        elbo_mask_block("x", "full", b)
 
 
 def test_p11_blockwise_elbo_is_expected_semi_ar_loglik():
