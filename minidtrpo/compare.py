@@ -46,7 +46,7 @@ class CompareConfig:
     budget: float = arg(240.0, "seconds of training per run (rollout + update; evaluation excluded)")
     objectives: str = arg(",".join(ALL), f"comma-separated subset of {', '.join(ALL)}")
     seeds: str = arg("0,1", "comma-separated seeds; each objective runs once per seed")
-    lr_overrides: str = arg("bgpo=3e-5,vrpo_ol=3e-5,diffu_grpo=1e-5",
+    lr_overrides: str = arg("bgpo=2e-4,vrpo_ol=2e-4,diffu_grpo=1e-5,dpo_full_trajectory=1e-5,dpo_vrpo=1e-5",
                             "per-objective learning rates, name=lr,...; the others keep their command's default "
                             "(1e-4); README, 'Objectives head to head', says where each default comes from")
     rl_args: str = arg("", "more rl options for the online runs, key=value,... (e.g. num_prompts=8)")

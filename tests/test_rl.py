@@ -16,10 +16,11 @@ import torch
 import minidtrpo.rl as rl_module
 from conftest import perturbed, random_prompts, tiny_model
 from minidtrpo.__main__ import main
+from minidtrpo.compare import _reusable
 from minidtrpo.estimators import reduced_trajectory_logprob, trajectory_logprob
 from minidtrpo.objectives import dpo_loss
 from minidtrpo.preference import dpo_full_trajectory
-from minidtrpo.rl import OBJECTIVES
+from minidtrpo.rl import OBJECTIVES, RLConfig
 from minidtrpo.sampling import Trajectory, generate
 from minidtrpo.training import TrainConfig, load, train_sft
 
@@ -205,6 +206,15 @@ def test_compare_in_process(full_ckpt, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["compare", f"--init={full_ckpt}", "--objectives=grpo", f"--out_dir={tmp_path}"])
     assert e.value.code == 2
+    # a finished run is reused; an option added after it was saved counts as its default; another value is new
+    folder = tmp_path / "diffu_grpo" / "seed0"
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    cfg = RLConfig(**state["config"])
+    assert _reusable(str(folder), cfg) == "done"
+    del state["config"]["elbo_masks"]
+    torch.save(state, folder / "checkpoint.pt")
+    assert _reusable(str(folder), cfg) == "done"
+    assert _reusable(str(folder), RLConfig(**{**state["config"], "elbo_masks": "uniform"})) == "new"
 
 
 @pytest.mark.slow
