@@ -29,7 +29,8 @@ def report(request, tmp_path_factory, single_thread):
 def test_report_files_and_rows(report):
     layout, out, data = report
     names = ["exact trajectory", "exact + log S_t", "ELBO n=1", "ELBO n=4", "ELBO n=16", "one-step p=0.15"]
-    names += ["dTRPO c=T_B"] if layout == "block" else ["dTRPO c=T_B, 1 pass", "dTRPO c=T_B, N_B passes"]
+    names += ["dTRPO c=T_B"] if layout == "block" else ["dTRPO c=T_B, 1 pass", "dTRPO c=T_B, N_B passes",
+                                                         "ELBO n=16, blockwise"]
     table = (out / "estimators.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| estimator")]
     assert sorted(line.split(" | ")[0][2:] for line in rows) == sorted(names)  # one row per estimator, no more
