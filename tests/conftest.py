@@ -2,8 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
+from minidtrpo.sampling import generate
+
+P, M = 6, 11  # prompt length and MASK id of tiny_model
 
 
 def tiny_model(layout="block", prompt_len=6, response_len=8, block_size=4, seed=0, dtype=torch.float64, **kw):
@@ -52,3 +56,28 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Helpers of the estimator tests (test_estimators.py, test_elbo.py)
+
+
+def rollout(model, steps_per_block=2, temperature=1.0, remasking="low_confidence", batch=4, seed=0):
+    return generate(model, random_prompts(batch, seed=seed), steps_per_block=steps_per_block,
+                    temperature=temperature, remasking=remasking, generator=torch.Generator().manual_seed(seed))
+
+
+def grads(value, model):
+    return torch.autograd.grad(value, list(model.parameters()), allow_unused=True)
+
+
+def assert_grads_close(g1, g2, atol=1e-10):
+    for a, b in zip(g1, g2):
+        if a is None or b is None:
+            assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def naive_logmu(model, tokens, tau=1.0):
+    """log μ_θ(· | tokens) at the response positions, from one plain pass with the layout's own mask."""
+    return F.log_softmax(model(tokens[None])[0, P:] / tau, dim=-1)  # (L, V)
