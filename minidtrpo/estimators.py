@@ -247,7 +247,9 @@ def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None, bl
     """
     gen_device = generator.device if generator is not None else device
     L = response_len
-    n_cells = L if block_size is None else L // block_size * block_size  # stratify over counts or (block, count)
+    if block_size is not None and (block_size < 1 or L % block_size):
+        raise ValueError(f"block_size={block_size} must divide response_len={L}")
+    n_cells = L  # stratify over the L counts m, or over the N_B·b = L pairs (block k, count m)
     u = torch.randint(0, n_cells, (batch, 1), generator=generator, device=gen_device)  # (B, 1)
     # round(j·C/n), half to even like Python's round
     offset = torch.round(torch.arange(n_mc, device=gen_device, dtype=torch.float64) * n_cells / n_mc).long()  # (N,)
@@ -261,6 +263,7 @@ def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None, bl
         k, m = c // block_size, c % block_size + 1  # (B, N) block and count of each sample
         block_of = torch.arange(L, device=gen_device) // block_size  # (L,)
         rank = keys.view(batch, n_mc, -1, block_size).argsort(-1).argsort(-1).view(batch, n_mc, L)  # within block
+        # sample j: m_j random positions of block k_j masked, every block after k_j masked whole
         masks = ((block_of == k[..., None]) & (rank < m[..., None])) | (block_of > k[..., None])  # (B, N, L)
     return masks if device is None else masks.to(device)
 

@@ -56,6 +56,8 @@ def test_blockwise_elbo_masks():
     assert elbo_mask_block("uniform", "full", b) is None and elbo_mask_block("blockwise", "block", b) == b
     with pytest.raises(ValueError, match="elbo_masks='x'; valid: auto, uniform, blockwise"):
         elbo_mask_block("x", "full", b)
+    with pytest.raises(ValueError, match="block_size=3 must divide response_len=8"):
+        sample_elbo_masks(2, L, n, block_size=3)
 
 
 def test_p11_blockwise_elbo_is_expected_semi_ar_loglik():
