@@ -176,6 +176,7 @@ def _elbo(cfg, model, traj, masks):
 
 
 def _elbo_block(cfg, model, traj):
+    """block_size of the ELBO masks: None (uniform, SPEC §4.3) or the trajectory's block (blockwise)."""
     return elbo_mask_block(cfg.elbo_masks, model.config.layout, traj.block_size)
 
 
@@ -197,8 +198,9 @@ def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
 
 def update_vrpo_ol(cfg, policy, ref, traj, adv, gen, step):
     B, L = traj.responses.shape
-    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, _elbo_block(cfg, policy, traj))  # (B, N, L)
-    ell_old = None
+    blk = _elbo_block(cfg, policy, traj)  # None: uniform masks; b: blockwise
+    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, blk)  # (B, N, L)
+    ell_old = None  # on-policy: ℓ_old = ℓ_θ detached (departure 7)
     if cfg.num_iterations > 1:
         with torch.no_grad():
             ell_old = _elbo(cfg, policy, traj, masks)  # (B, N)
