@@ -23,7 +23,7 @@ from minidtrpo.config import autocast, pick_device
 from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
 from minidtrpo.sampling import generate
 from minidtrpo.tasks import get_task
-from minidtrpo.training import sft_loss
+from minidtrpo.train import model_config, sft_loss
 
 
 def sync(device):
@@ -57,7 +57,7 @@ def matmul_rate(device, n=1024) -> float:
 def bench_sft(device, batch_size=128, steps=10) -> dict:
     task = get_task("sudoku")
     torch.manual_seed(0)
-    model = MaskedDiffusionTransformer(ModelConfig.for_task(task)).to(device)
+    model = MaskedDiffusionTransformer(model_config(task)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     noise = torch.Generator(device).manual_seed(0)
@@ -78,7 +78,8 @@ def bench_sft(device, batch_size=128, steps=10) -> dict:
 
 def bench_sampler(device, batch_size=256, response_len=64, block_size=8) -> dict:
     torch.manual_seed(0)
-    cfg = ModelConfig(prompt_len=16, response_len=response_len, block_size=block_size)
+    cfg = ModelConfig(vocab_size=48, mask_id=47, prompt_len=16, response_len=response_len,
+                      block_size=block_size)
     model = MaskedDiffusionTransformer(cfg, verbose=False).to(device)
     with torch.no_grad():  # a fresh init predicts almost uniformly; spread its logits so that float
         model.head.weight.mul_(20.0)  # rounding does not decide near-ties, as it would not for a trained model

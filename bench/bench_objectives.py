@@ -32,10 +32,10 @@ import torch
 from minidtrpo.config import autocast, pick_device
 from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
 from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
-from minidtrpo.rl import UPDATES, Meters, RLConfig, rollout
+from minidtrpo.rl import UPDATES, RLConfig
 from minidtrpo.sampling import Trajectory
 from minidtrpo.tasks import get_task
-from minidtrpo.training import load
+from minidtrpo.train import Meters, load, model_config, rollout
 
 
 def sync(device):
@@ -116,7 +116,7 @@ def main():
     else:
         task = get_task("sudoku")
         torch.manual_seed(0)
-        ref = MaskedDiffusionTransformer(ModelConfig.for_task(task, layout=args.layout), verbose=False).to(device)
+        ref = MaskedDiffusionTransformer(model_config(task, layout=args.layout), verbose=False).to(device)
         with torch.no_grad():
             ref.head.weight.mul_(20.0)  # a fresh init predicts almost uniformly; spread its logits
     ref.requires_grad_(False)

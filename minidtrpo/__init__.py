@@ -7,6 +7,6 @@ dTRPO (arXiv 2603.18806), BGPO (arXiv 2510.11683), the exact full-trajectory obj
 from .model import MaskedDiffusionTransformer, ModelConfig
 from .sampling import Trajectory, generate
 from .tasks import get_task
-from .training import load
+from .train import load
 
 __all__ = ["MaskedDiffusionTransformer", "ModelConfig", "Trajectory", "generate", "get_task", "load"]

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from .compare import CompareConfig, compare
-from .config import arg, fail, parse, pick_device
+from .config import arg, check, fail, parse, pick_device
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
+from .report import ReportConfig, run_report
 from .rl import RLConfig, train_rl
-from .report import cmd_estimators
-from .training import TrainConfig, evaluate, load, train_sft
+from .train import SFTConfig, evaluate, load, train_sft
 
 
 @dataclass
@@ -25,34 +25,32 @@ class EvalConfig:
     steps_per_block: int = arg(0, "sampler steps per block (0: one token per step)")
     device: str = arg("auto", "auto | cpu | cuda | mps")
 
+    def __post_init__(self):
+        check(self.n >= 1, "n", self.n, "an int >= 1")
+        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
+        check(self.steps_per_block >= 0, "steps_per_block", self.steps_per_block, "an int >= 0")
 
-def cmd_eval(argv):
-    cfg = parse(EvalConfig, argv, "eval")
+
+def run_eval(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     model, task = load(cfg.ckpt, device)
-    if cfg.split == "test":
-        prompts, answers = task.test_set(cfg.n, seed=cfg.seed)
-    else:
-        prompts, answers = task.sample(cfg.n, "train", generator=torch.Generator().manual_seed(cfg.seed))
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-    m = evaluate(model, task, prompts.to(device), answers.to(device), steps_per_block=cfg.steps_per_block,
-                 temperature=cfg.temperature, generator=gen)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prompts = task.test_set(cfg.n, seed=cfg.seed)[0] if cfg.split == "test" else \
+        task.sample(cfg.n, "train", generator=gen)[0]
+    m = evaluate(model, task, prompts.to(device), steps_per_block=cfg.steps_per_block,
+                 temperature=cfg.temperature, generator=torch.Generator(device).manual_seed(cfg.seed))
     print(json.dumps(m))
+    return m
 
 
-COMMANDS = {
-    "sft": (lambda argv: train_sft(parse(TrainConfig, argv, "sft")), "supervised masked-diffusion training"),
-    "eval": (cmd_eval, "evaluate a checkpoint (prints one JSON line)"),
-    "rl": (lambda argv: train_rl(parse(RLConfig, argv, "rl")),
-           "online RL: full_trajectory | bgpo | diffu_grpo | vrpo_ol (minidtrpo/rl.py)"),
-    "pairs": (lambda argv: make_pairs(parse(PairsConfig, argv, "pairs")),
-              "sample (best, worst) pairs with trajectories from a frozen reference"),
-    "dpo": (lambda argv: train_dpo(parse(DPOConfig, argv, "dpo")),
-            "offline DPO on pairs: dtrpo | full_trajectory | vrpo (minidtrpo/preference.py)"),
-    "compare": (lambda argv: compare(parse(CompareConfig, argv, "compare")),
-                "every objective, same start, budget and seeds: table + figure (minidtrpo/compare.py)"),
-    "estimators": (lambda argv: cmd_estimators(argv),
-                   "bias, noise, gradient cosine and cost of every likelihood estimator (minidtrpo/report.py)"),
+COMMANDS = {  # name: (options, what runs them, one line of help)
+    "sft": (SFTConfig, train_sft, "supervised masked-diffusion training (minidtrpo/train.py)"),
+    "eval": (EvalConfig, run_eval, "evaluate a checkpoint (prints one JSON line)"),
+    "rl": (RLConfig, train_rl, "online RL: full_trajectory | bgpo | diffu_grpo | vrpo_ol (minidtrpo/rl.py)"),
+    "pairs": (PairsConfig, make_pairs, "sample (best, worst) pairs with trajectories from a frozen reference"),
+    "dpo": (DPOConfig, train_dpo, "offline DPO on pairs: dtrpo | full_trajectory | vrpo (preference.py)"),
+    "compare": (CompareConfig, compare, "every objective, same start, budget and seeds: table + figure"),
+    "estimators": (ReportConfig, run_report, "bias, noise, gradient cosine and cost of every estimator"),
 }
 
 
@@ -60,13 +58,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m minidtrpo <command> [--option=value ...]\n\ncommands:")
-        for name, (_, help) in COMMANDS.items():
+        for name, (_, _, help) in COMMANDS.items():
             print(f"  {name:<12} {help}")
         sys.exit(0)
     if argv[0] not in COMMANDS:
         fail(f"unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}")
+    config, run, _ = COMMANDS[argv[0]]
     try:
-        COMMANDS[argv[0]][0](argv[1:])
+        run(parse(config, argv[1:], argv[0]))
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import arg, fail, parse, parse_options
+from .config import arg, check, fail, parse, parse_options
 from .model import LAYOUTS
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
-from .rl import OBJECTIVES, RLConfig, read_metrics, train_rl
+from .rl import OBJECTIVES, RLConfig, train_rl
 from .tasks import TASKS
-from .training import TrainConfig, train_sft
+from .train import SFTConfig, read_metrics, train_sft
 
 DPO = ("dpo_dtrpo", "dpo_full_trajectory", "dpo_vrpo")
 ALL = OBJECTIVES + DPO
@@ -38,6 +38,8 @@ ALL = OBJECTIVES + DPO
 class CompareConfig:
     """Run every objective from the same start, budget and seeds; write a table and figures."""
     task: str = arg("sudoku", "task", TASKS)
+    # The key=value options below pass options through to another command (sft, rl, dpo, pairs), whose own
+    # parser checks them before any run starts; lists are comma-separated.
     task_options: str = arg("", "task options as key=value,... (for the SFT start)")
     layout: str = arg("full", "attention layout of the SFT start", LAYOUTS)
     sft_budget: float = arg(180.0, "seconds of SFT for the start (reused when out_dir/sft/checkpoint.pt exists)")
@@ -58,6 +60,24 @@ class CompareConfig:
     subprocess: bool = arg(True, "one subprocess per run (clean peak memory); false: in-process")
     device: str = arg("auto", "auto | cpu | cuda | mps")
     out_dir: str = arg("runs/compare", "folder of the runs, compare.md and compare.png")
+
+    def __post_init__(self):
+        names = self.objectives.split(",")
+        bad = [n for n in names if n not in ALL]
+        check(not bad, "objectives", self.objectives, f"a comma-separated subset of {', '.join(ALL)}")
+        seeds = self.seeds.split(",")
+        check(all(s.strip().isdigit() for s in seeds), "seeds", self.seeds, "comma-separated ints >= 0")
+        try:
+            lrs = parse_options(self.lr_overrides)
+        except ValueError:
+            lrs = {"": None}
+        check(all(k in ALL and isinstance(v, (int, float)) and v > 0 for k, v in lrs.items()),
+              "lr_overrides", self.lr_overrides, f"name=lr,... with names among {', '.join(ALL)}, lr > 0")
+        check(self.budget > 0, "budget", self.budget, "seconds > 0")
+        check(self.sft_budget > 0, "sft_budget", self.sft_budget, "seconds > 0")
+        check(self.eval_every_s >= 0, "eval_every_s", self.eval_every_s, "seconds >= 0")
+        for name in ("eval_n", "max_iters"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
 
 
 def _options(text: str) -> list[str]:
@@ -90,7 +110,7 @@ def sft_start(cfg: CompareConfig) -> str:
     argv = [f"--task={cfg.task}", f"--task_options={cfg.task_options}", f"--layout={cfg.layout}",
             f"--time_budget={cfg.sft_budget}", f"--eval_n={cfg.eval_n}", f"--device={cfg.device}",
             f"--out_dir={folder}", *_options(cfg.sft_args)]
-    train_sft(parse(TrainConfig, argv, "sft"))
+    train_sft(parse(SFTConfig, argv, "sft"))
     return path
 
 
@@ -191,11 +211,7 @@ def plot(results: dict, path: str):
 
 def compare(cfg: CompareConfig) -> str:
     """Run the head-to-head; returns the markdown table (also printed and written to compare.md)."""
-    names = [n for n in cfg.objectives.split(",") if n]
-    bad = [n for n in names + list(parse_options(cfg.lr_overrides)) if n not in ALL]
-    if bad or not names:
-        fail(f"unknown objective {bad[0] if bad else '(none)'!r}; valid: {', '.join(ALL)}")
-    seeds = [int(s) for s in cfg.seeds.split(",") if s]
+    names, seeds = cfg.objectives.split(","), [int(s) for s in cfg.seeds.split(",")]
     os.makedirs(cfg.out_dir, exist_ok=True)
     init = cfg.init or sft_start(cfg)
     results = {name: [summarise(run_one(cfg, name, seed, init)) for seed in seeds] for name in names}

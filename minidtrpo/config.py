@@ -1,14 +1,18 @@
-"""Command-line options generated from config dataclasses, plus the small utilities every run shares.
+"""Command-line options built with argparse from config dataclasses; device, precision and file writes.
 
-Each config is a dataclass whose fields are declared with `arg(default, help, choices)`; `parse(cls, argv)`
-turns `--name=value` / `--name value` into a typed instance. An unknown option, a value of the wrong type or
-a value outside `choices` stops the program with one line naming the valid choices (exit code 2).
+Each config is a dataclass whose fields are declared with `arg(default, help, choices)`. `parse(cls, argv)`
+makes one argparse option per field (`--name=value` or `--name value`; a bare boolean flag means true),
+then builds the dataclass, whose `__post_init__` checks the rules between fields. Every bad input (an
+unknown option, a value of the wrong type, a value outside `choices`, a broken cross-field rule) stops the
+program before any work with one line naming the option, the value and what is valid (exit code 2).
 """
 
+import argparse
 import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import typing
 
@@ -20,74 +24,70 @@ def arg(default, help: str, choices=None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
-def _convert(name: str, text: str, typ):
-    if typing.get_origin(typ) is typing.Union:  # Optional[X]: "none" means None
-        if text.lower() == "none":
-            return None
-        typ = next(t for t in typing.get_args(typ) if t is not type(None))
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"--{name}={text!r} is not a boolean; valid: true, false")
-    try:
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{name}={text!r} is not a valid {typ.__name__}") from None
-
-
 def fail(message: str):
     """Print one error line and exit with status 2 (the convention for bad command-line input)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def usage(cls, prog: str) -> str:
-    lines = [f"usage: python -m minidtrpo {prog} [--option=value ...]", "", (cls.__doc__ or "").strip(), ""]
+def check(ok: bool, name: str, value, valid: str):
+    """A config rule: raise ValueError naming the option, its value and what is valid unless ok."""
+    if not ok:
+        raise ValueError(f"--{name}={value!r} is not valid; valid: {valid}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message over several lines; we print one
+        fail(re.sub(r"^argument [-\w]+: ", "", message))  # our messages name the option themselves
+
+
+def _converter(name: str, typ, choices):
+    """argparse `type=` for one field: parse the text, then check it against `choices`."""
+    def convert(text: str):
+        if typ is bool:
+            if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise argparse.ArgumentTypeError(f"--{name}={text!r} is not a boolean; valid: true, false")
+            value = text.lower() in ("1", "true", "yes")
+        else:
+            try:
+                value = typ(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"--{name}={text!r} is not a valid {typ.__name__}") from None
+        if choices and value not in choices:
+            raise argparse.ArgumentTypeError(f"--{name}={value!r} is not valid; choose one of "
+                                             f"{', '.join(map(str, choices))}")
+        return value
+    return convert
+
+
+def build_parser(cls, prog: str) -> argparse.ArgumentParser:
+    """One argparse option per dataclass field, with its type, default, help and choices."""
+    parser = _Parser(prog=f"python -m minidtrpo {prog}", description=(cls.__doc__ or "").strip(),
+                     allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         choices = f.metadata.get("choices")
-        extra = f" (one of {', '.join(map(str, choices))})" if choices else ""
-        lines.append(f"  --{f.name:<22} {hints[f.name].__name__ if hasattr(hints[f.name], '__name__') else 'value'}"
-                     f" = {f.default!r}: {f.metadata.get('help', '')}{extra}")
-    return "\n".join(lines)
+        extra = f"; one of {', '.join(map(str, choices))}" if choices else ""
+        parser.add_argument(f"--{f.name}", type=_converter(f.name, hints[f.name], choices),
+                            default=f.default, metavar=hints[f.name].__name__.upper(),
+                            nargs="?" if hints[f.name] is bool else None,
+                            const=True if hints[f.name] is bool else None,  # bare "--resume" = true
+                            help=f"{f.metadata.get('help', '')} (default {f.default!r}{extra})")
+    return parser
 
 
 def parse(cls, argv: list[str], prog: str):
     """Build a `cls` instance from command-line tokens; bad input exits with one clear line."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values, i = {}, 0
-    while i < len(argv):
-        tok = argv[i]
-        if tok in ("-h", "--help"):
-            print(usage(cls, prog))
-            sys.exit(0)
-        if not tok.startswith("--"):
-            fail(f"unexpected argument {tok!r}; options look like --name=value (see --help)")
-        name, eq, text = tok[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in names:
-            fail(f"unknown option --{name} for '{prog}'; valid options: {', '.join('--' + n for n in names)}")
-        if not eq:  # "--name value", or a bare boolean flag "--name"
-            if hints[name] is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-                text = "true"
-            elif i + 1 < len(argv):
-                i, text = i + 1, argv[i + 1]
-            else:
-                fail(f"--{name} needs a value")
-        try:
-            values[name] = _convert(name, text, hints[name])
-        except ValueError as e:
-            fail(str(e))
-        i += 1
-    config = cls(**values)
-    for f in dataclasses.fields(cls):
-        choices = f.metadata.get("choices")
-        if choices and getattr(config, f.name) not in choices:
-            fail(f"--{f.name}={getattr(config, f.name)!r} is not valid; choose one of {', '.join(map(str, choices))}")
-    return config
+    parser = build_parser(cls, prog)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        name = unknown[0].split("=")[0]
+        valid = ", ".join(f"--{f.name}" for f in dataclasses.fields(cls))
+        fail(f"unknown option {name} for '{prog}'; valid options: {valid}")
+    try:
+        return cls(**vars(args))
+    except ValueError as e:  # a rule of __post_init__
+        fail(str(e))
 
 
 def parse_options(text: str) -> dict:
@@ -96,7 +96,7 @@ def parse_options(text: str) -> dict:
     for item in filter(None, text.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"task option {item!r} is not of the form key=value")
+            raise ValueError(f"option {item!r} is not of the form key=value")
         for typ in (int, float):
             try:
                 options[key] = typ(value)
@@ -135,46 +135,17 @@ def autocast(device: torch.device):
 
 def atomic_save(obj, path: str):
     """torch.save to a temporary file, then rename: an interruption never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: two writers never share a temporary file
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json(obj, path: str):
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
-
-
-class SavedBytes:
-    """Bytes of the tensors autograd saves for backward (the activation memory), alive now and at peak.
-
-        with SavedBytes() as meter:
-            loss.backward()
-        meter.peak  # bytes
-
-    Works on any device: it counts what `torch.autograd.graph.saved_tensors_hooks` packs, and a tensor stops
-    counting when autograd drops it (after its backward, or with its graph).
-    """
-
-    def __init__(self):
-        self.alive = self.peak = 0
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(t, self), lambda held: held.t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-
-class _Held:
-    def __init__(self, t, meter):
-        self.t, self.meter, self.nbytes = t, meter, t.numel() * t.element_size()
-        meter.alive += self.nbytes
-        meter.peak = max(meter.peak, meter.alive)
-
-    def __del__(self):
-        self.meter.alive -= self.nbytes

@@ -1,14 +1,14 @@
-"""Likelihood estimators of a response under the masked-diffusion policy (SPEC §4). They call the model.
+"""Likelihood estimators of a response under the masked-diffusion policy (docs/math.md §4). They call the model.
 
 What each objective uses to score a sampled response y given its prompt x:
-- `trajectory_logprob`: the exact log-probability of the decoding trajectory (SPEC §4.1; TraceRL,
+- `trajectory_logprob`: the exact log-probability of the decoding trajectory (docs/math.md §4.1; TraceRL,
   arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924), T = N_B·T_B states.
-- `reduced_trajectory_logprob` + `dtrpo_logratio`: dTRPO's reduced trajectory (arXiv 2603.18806, SPEC §4.2),
+- `reduced_trajectory_logprob` + `dtrpo_logratio`: dTRPO's reduced trajectory (arXiv 2603.18806, docs/math.md §4.2),
   one sampled state per block, all scored in one forward pass.
 - `elbo_terms` + `sample_elbo_masks`: the Monte Carlo ELBO of VRPO (arXiv 2505.19223) / BGPO
-  (arXiv 2510.11683), SPEC §4.3.
+  (arXiv 2510.11683), docs/math.md §4.3.
 - `one_step_logprob` + `sample_prompt_mask`: d1 / diffu-GRPO's one-step mean-field estimate
-  (arXiv 2504.12216), SPEC §4.4.
+  (arXiv 2504.12216), docs/math.md §4.4.
 
 Conventions and departures:
 1. μ_θ(v | x, s) = softmax(logits_θ(x, s) / τ)[v], τ = the rollout temperature (`traj.logp_temperature`,
@@ -20,7 +20,7 @@ Conventions and departures:
    Full layout: plain passes on [x ; state], except dTRPO's optional single pass (an approximation there).
 3. Many states are stacked along the batch and run as a few large forward calls of at most `chunk` rows;
    there is no Python loop over sequences.
-4. ELBO masks in the full layout (option, `block_size=b`): SPEC §4.3's masks are uniform over the whole
+4. ELBO masks in the full layout (option, `block_size=b`): docs/math.md §4.3's masks are uniform over the whole
    response, states a block-by-block sampler never visits (later blocks partly revealed). The blockwise
    masks keep earlier blocks clean, later blocks masked, and score one block: the ELBO of the
    semi-autoregressive sampler, Σ_k E_m[(b/m)·Σ_{i∈k masked} log μ_θ], with one block per sample.
@@ -33,6 +33,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 from .model import clean_noisy_mask
 
@@ -56,11 +57,6 @@ def _response_logps(model, prompts, states, tau, *, clean=None, block_size=None,
     return F.log_softmax(logits / tau, dim=-1)  # (n, L, V)
 
 
-def _stack(x, n):
-    """Repeat a (B, ...) tensor n times along a new leading axis and flatten: (n·B, ...)."""
-    return x.expand(n, *x.shape).flatten(0, 1)
-
-
 def _check_block_size(model, traj):
     if model.config.layout == "block" and traj.block_size != model.config.block_size:
         raise ValueError(f"trajectory block_size={traj.block_size} != model block_size={model.config.block_size}")
@@ -71,7 +67,7 @@ def _check_block_size(model, traj):
 
 
 def trajectory_logprob(model, traj, *, position_term=False, per_step=False, chunk=256):
-    """Exact log π_θ(τ | x) of the recorded decoding trajectory (SPEC §4.1) -> (B,), or (B, T) per step.
+    """Exact log π_θ(τ | x) of the recorded decoding trajectory (docs/math.md §4.1) -> (B,), or (B, T) per step.
 
     log π_θ(τ | x) = Σ_t [ log S_t(I_t | τ_t) + Σ_{i∈I_t} log μ_θ(y_i | x, τ_t) ]
     with τ_t = the response with every token of unmask_step ≥ t masked.
@@ -106,16 +102,18 @@ def trajectory_logprob(model, traj, *, position_term=False, per_step=False, chun
         step_of = block_of * T_B + s  # (T_B, 1, L) the global step at which each position is scored
         active = torch.ones_like(step_of, dtype=torch.bool)  # every block is the "current" one in its copy
         states = y.masked_fill(us >= step_of, traj.mask_id)  # (T_B, B, L) each block in its state before step_of
-        logp = _response_logps(model, _stack(traj.prompts, T_B), states.flatten(0, 1), traj.logp_temperature,
-                               clean=_stack(y, T_B), block_size=b, chunk=chunk)
+        # the T_B copies stacked as rows (s b): state-major, one row per (pass, trajectory)
+        logp = _response_logps(model, repeat(traj.prompts, "b p -> (s b) p", s=T_B),
+                               rearrange(states, "s b l -> (s b) l"), traj.logp_temperature,
+                               clean=repeat(y, "b l -> (s b) l", s=T_B), block_size=b, chunk=chunk)
     else:
         step_of = torch.arange(traj.num_steps, device=y.device)[:, None, None].expand(-1, 1, L)  # (T, 1, L)
         active = block_of == step_of // T_B  # (T, 1, L) positions of the block decoded at step t
         states = y.masked_fill(us >= step_of, traj.mask_id)  # (T, B, L) state τ_t: unmask_step ≥ t masked
-        logp = _response_logps(model, _stack(traj.prompts, len(states)), states.flatten(0, 1),
-                               traj.logp_temperature, chunk=chunk)
+        logp = _response_logps(model, repeat(traj.prompts, "b p -> (s b) p", s=len(states)),
+                               rearrange(states, "s b l -> (s b) l"), traj.logp_temperature, chunk=chunk)
     n = len(states)  # S passes
-    logp = logp.view(n, B, L, -1)  # (S, B, L, V)
+    logp = rearrange(logp, "(s b) l v -> s b l v", s=n)
     tok = logp.gather(-1, y.expand(n, B, L)[..., None]).squeeze(-1)  # (S, B, L) log μ_θ(y_i | x, state)
     revealed = active & (us == step_of)  # (S, B, L): token i is revealed in exactly one pass
     # Σ_{i∈I_t} log μ_θ(y_i | x, τ_t), placed at step t = unmask_step_i
@@ -164,7 +162,7 @@ def sample_block_steps(traj, generator=None) -> torch.Tensor:
 
 
 def reduced_trajectory_logprob(model, traj, steps, *, single_pass=True, chunk=256) -> torch.Tensor:
-    """dTRPO's reduced trajectory (arXiv 2603.18806, SPEC §4.2): one state per block -> (B,).
+    """dTRPO's reduced trajectory (arXiv 2603.18806, docs/math.md §4.2): one state per block -> (B,).
 
     Σ_b Σ_{i∈I_{b,s_b}} log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)}),  I_{b,s} = {i : unmask_step_i = b·T_B + s}
     ỹ_b^{(s)} is block b re-masked to its state just before step b·T_B + s (unmask_step ≥ b·T_B + s masked).
@@ -188,8 +186,9 @@ def reduced_trajectory_logprob(model, traj, steps, *, single_pass=True, chunk=25
     else:
         t = (torch.arange(n_blocks, device=y.device)[:, None] * T_B + steps.T)[..., None]  # (N_B, B, 1)
         states = y.masked_fill(us >= t, traj.mask_id)  # (N_B, B, L) the true state before step t_b
-        logp = _response_logps(model, _stack(traj.prompts, n_blocks), states.flatten(0, 1),
-                               traj.logp_temperature, chunk=chunk).view(n_blocks, B, L, -1)
+        logp = _response_logps(model, repeat(traj.prompts, "b p -> (s b) p", s=n_blocks),
+                               rearrange(states, "s b l -> (s b) l"), traj.logp_temperature, chunk=chunk)
+        logp = rearrange(logp, "(s b) l v -> s b l v", s=n_blocks)  # (N_B, B, L, V)
         # pass b scores block b only: at every position, keep the pass of its own block
         logp = logp[block_of, :, torch.arange(L, device=y.device)].transpose(0, 1)  # (B, L, V)
         scored = us == t[block_of, :, 0].T  # (B, L)
@@ -216,7 +215,7 @@ def dtrpo_scale(traj, scale: str) -> int:
 
 
 def dtrpo_logratio(policy, ref, traj, steps, scale="steps", *, single_pass=True) -> torch.Tensor:
-    """dTRPO's trajectory log-ratio estimate D̂(x, y) (SPEC §4.2) -> (B,), gradient through the policy only.
+    """dTRPO's trajectory log-ratio estimate D̂(x, y) (docs/math.md §4.2) -> (B,), gradient through the policy only.
 
     D̂ = c · Σ_b Σ_{i∈I_{b,s_b}} [log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)}) − log μ_ref(same)]
     scale="steps": c = T_B, then E_s[D̂] is the exact trajectory log-ratio (unbiased, P4);
@@ -237,9 +236,9 @@ def dtrpo_logratio(policy, ref, traj, steps, scale="steps", *, single_pass=True)
 
 
 def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None, block_size=None) -> torch.Tensor:
-    """n_mc stratified masks per sequence (SPEC §4.3): (B, N, L) bool, True = masked.
+    """n_mc stratified masks per sequence (docs/math.md §4.3): (B, N, L) bool, True = masked.
 
-    block_size=None (SPEC): u ~ U{1..L} per sequence;  m_j = ((u − 1 + round(j·L/n)) mod L) + 1;  sample j
+    block_size=None (uniform): u ~ U{1..L} per sequence;  m_j = ((u − 1 + round(j·L/n)) mod L) + 1;  sample j
       masks m_j positions uniformly without replacement. The counts cover 1..L evenly (VRPO's stratification).
     block_size=b (departure 4, the full layout's semi-autoregressive ELBO): sample j picks one (block k_j,
       count m_j) of the N_B·b pairs, stratified the same way over c = k·b + m − 1; it masks m_j positions of
@@ -286,7 +285,7 @@ def elbo_mask_block(choice, layout, block_size):
 
 def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=1.0, block_size=None,
                chunk=256) -> torch.Tensor:
-    """Per-sample ELBO terms ℓ^{(j)} (SPEC §4.3) -> (B, N).
+    """Per-sample ELBO terms ℓ^{(j)} (docs/math.md §4.3) -> (B, N).
 
     ℓ^{(j)} = (1/m_j) · Σ_{i masked in sample j} log μ_θ(y_i | x, y^{(j)}),  m_j = |mask j|
     normalize=True (default, the BGPO code): per masked token. normalize=False multiplies by L: the LLaDA
@@ -303,11 +302,12 @@ def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=
     semi-autoregressive ELBO: N_B·(b/m)·Σ = (L/m)·Σ.
     """
     B, n, L = masks.shape
-    noisy = responses[:, None].masked_fill(masks, model.config.mask_id).flatten(0, 1)  # (B·N, L) y^{(j)}
-    prompts_n = prompts.repeat_interleave(n, 0)  # (B·N, P)
-    clean = responses.repeat_interleave(n, 0) if model.config.layout == "block" else None
-    logp = _response_logps(model, prompts_n, noisy, temperature, clean=clean,
-                           block_size=model.config.block_size, chunk=chunk).view(B, n, L, -1)
+    # the N samples of a response stacked as rows (b n): response-major, one row per (response, sample)
+    noisy = rearrange(responses[:, None].masked_fill(masks, model.config.mask_id), "b n l -> (b n) l")
+    clean = repeat(responses, "b l -> (b n) l", n=n) if model.config.layout == "block" else None
+    logp = _response_logps(model, repeat(prompts, "b p -> (b n) p", n=n), noisy, temperature, clean=clean,
+                           block_size=model.config.block_size, chunk=chunk)
+    logp = rearrange(logp, "(b n) l v -> b n l v", n=n)
     tok = logp.gather(-1, responses[:, None, :, None].expand(B, n, L, 1)).squeeze(-1)  # (B, N, L)
     scored = masks
     if block_size is not None:  # the first block with a masked position: the block being decoded
@@ -330,7 +330,7 @@ def sample_prompt_mask(prompts, p=0.15, generator=None) -> torch.Tensor:
 
 
 def one_step_logprob(model, prompts, responses, prompt_mask, *, temperature=1.0) -> torch.Tensor:
-    """d1's one-step mean-field log-likelihood (arXiv 2504.12216, SPEC §4.4) -> (B,).
+    """d1's one-step mean-field log-likelihood (arXiv 2504.12216, docs/math.md §4.4) -> (B,).
 
     log π_θ(y | x) ≈ Σ_i log μ_θ(y_i | x', M…M),  x' = x with the prompt_mask positions replaced by M
     The old policy and the reference must use the same prompt_mask. Departure: in the block layout the

@@ -1,4 +1,4 @@
-"""The toy masked-diffusion language model (SPEC §1): one file, read top to bottom.
+"""The toy masked-diffusion language model (docs/math.md §1): one file, read top to bottom.
 
 A pre-norm bidirectional transformer over [prompt ; response] with RoPE and SDPA attention, no time
 conditioning: the fraction of MASK tokens in the input tells the model how noisy the sequence is, as in
@@ -16,20 +16,23 @@ Attention masks are boolean with True = "may attend", shape (N_query, N_key) or 
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 LAYOUTS = ("block", "full")
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 48  # V: characters of all tasks + EOS + MASK (tasks.Vocab)
-    prompt_len: int = 16  # P: fixed prompt length in tokens (prompts are EOS-padded)
-    response_len: int = 16  # L: fixed response length in tokens (answers are EOS-padded)
+    # The data's shape comes from the caller (train.model_config reads it off a task): no defaults.
+    vocab_size: int  # V: every token id the data uses, MASK included
+    mask_id: int  # id of the MASK token (its logit is forced to -inf)
+    prompt_len: int  # P: fixed prompt length in tokens
+    response_len: int  # L: fixed response length in tokens
     block_size: int = 4  # b: response tokens per semi-autoregressive block (L = N_B·b)
     layout: str = "block"  # "block" (block-causal, cacheable) or "full" (bidirectional everywhere)
     d_model: int = 128  # residual width
@@ -38,7 +41,6 @@ class ModelConfig:
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · d_model
     rope_base: float = 10000.0  # RoPE frequency base
     tie_embeddings: bool = True  # share the token embedding with the output head
-    mask_id: int = 47  # id of the MASK token (its logit is forced to -inf)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -51,14 +53,6 @@ class ModelConfig:
     @property
     def num_blocks(self) -> int:
         return self.response_len // self.block_size
-
-    @classmethod
-    def for_task(cls, task, **overrides) -> "ModelConfig":
-        """Lengths and vocabulary taken from a `tasks.Task`, everything else from defaults or overrides."""
-        fields = dict(vocab_size=task.vocab.size, mask_id=task.vocab.mask_id, prompt_len=task.prompt_len,
-                      response_len=task.response_len, block_size=task.block_size)
-        fields.update(overrides)
-        return cls(**fields)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,7 +76,7 @@ def layout_mask(config: ModelConfig, device=None) -> torch.Tensor:
 
 
 def clean_noisy_mask(prompt_len: int, response_len: int, block_size: int, device=None) -> torch.Tensor:
-    """(P+2L, P+2L) mask over [prompt ; clean y ; noisy ỹ] (BD3-LM's single-pass trick, SPEC §4.2).
+    """(P+2L, P+2L) mask over [prompt ; clean y ; noisy ỹ] (BD3-LM's single-pass trick, docs/math.md §4.2).
 
     prompt -> prompt;  clean block k -> prompt + clean blocks <= k;
     noisy block k -> prompt + clean blocks < k + noisy block k.
@@ -130,8 +124,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x, rotation, attn_mask, past=None):
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.n_heads)
         qk = rope(qkv[:2], *rotation)  # queries and keys rotated together: (2, B, H, N, D)
         q, k, v = qk[0], qk[1], qkv[2]
         new_kv = (k, v)  # keys/values of these N tokens, for a caller that caches them
@@ -140,7 +133,7 @@ class Attention(nn.Module):
         if attn_mask.dim() == 3:
             attn_mask = attn_mask[:, None]  # (B, 1, N, S+N): same mask for every head
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, D)
-        return self.proj(y.transpose(1, 2).reshape(B, N, C)), new_kv
+        return self.proj(rearrange(y, "b h n d -> b n (h d)")), new_kv  # heads merged back
 
 
 class TransformerBlock(nn.Module):
@@ -158,7 +151,7 @@ class TransformerBlock(nn.Module):
 
 
 class MaskedDiffusionTransformer(nn.Module):
-    """p_θ(clean token | partially masked sequence) at every position (SPEC §1)."""
+    """p_θ(clean token | partially masked sequence) at every position (docs/math.md §1)."""
 
     def __init__(self, config: ModelConfig, verbose: bool = True):
         super().__init__()
@@ -220,6 +213,3 @@ class MaskedDiffusionTransformer(nn.Module):
         # the MASK token is never a valid prediction: remove it before any softmax
         logits = logits.masked_fill(self.is_mask_token, float("-inf"))
         return (logits, new_kvs) if return_kv else logits
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)

@@ -1,4 +1,4 @@
-"""RL objectives as pure functions: tensors in, (loss, stats) out (SPEC §5). No model calls here.
+"""RL objectives as pure functions: tensors in, (loss, stats) out (docs/math.md §5). No model calls here.
 
 The log-likelihood estimates fed in come from `estimators.py`. Papers:
 - GRPO advantages and the clipped surrogate: DeepSeekMath (arXiv 2402.03300), d1 / diffu-GRPO
@@ -10,8 +10,8 @@ The log-likelihood estimates fed in come from `estimators.py`. Papers:
 Departures:
 1. GRPO's group std is the unbiased (Bessel-corrected) std, as torch.std and the TRL / d1 code; a group of
    size 1 or with all-equal rewards gets A = 0.
-2. `bgpo_accumulate` is the one function here that runs backward: it calls the caller's closure (which runs
-   the model) once per MC sample and backpropagates immediately, so only one sample's graph is alive.
+2. BGPO's per-sample terms are returned as a (B, N) table, one column per MC sample, so the caller can
+   backpropagate them one sample at a time (`rl.bgpo_accumulate`): no function here runs the model.
 3. BGPO's optional PPO-style clip (`clip_eps`) acts per MC sample on 1 + d_j (A ≥ 0) or exp(d_j) (A < 0);
    on-policy every d_j = 0 and the clip is inert.
 A policy-gradient loss value is not a progress signal (it is ≈ 0 on-policy by construction): watch reward.
@@ -21,14 +21,15 @@ Shapes: B batch, G group size, K steps or tokens per sequence, N MC samples.
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def grpo_advantages(rewards, group_size, scale_std=True):
-    """GRPO group-relative advantages (SPEC §5.1). rewards (B,) in contiguous groups of G -> ((B,), stats).
+    """GRPO group-relative advantages (docs/math.md §5.1). rewards (B,) in contiguous groups of G -> ((B,), stats).
 
     scale_std=False: no std division (as in d1 / Dr. GRPO).
     """
-    r = rewards.view(-1, group_size)  # (B/G, G)
+    r = rearrange(rewards, "(p g) -> p g", g=group_size)  # (B/G, G): each row one prompt's group
     mean = r.mean(1, keepdim=True)
     std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)  # unbiased (divides by G − 1)
     # A_i = (r_i − mean_group(r)) / (std_group(r) + 1e-6)
@@ -53,7 +54,7 @@ def _aggregate(x, mask, aggregation):
 
 def clipped_pg_loss(logp, logp_old, advantages, eps=0.2, *, aggregation="sequence_mean", mask=None,
                     logp_ref=None, beta=0.0):
-    """PPO/GRPO clipped surrogate (SPEC §5.2) -> (loss, stats).
+    """PPO/GRPO clipped surrogate (docs/math.md §5.2) -> (loss, stats).
 
     logp, logp_old (and logp_ref): (B,) sequence log-likelihood estimates -> one ratio per sequence, or
     (B, K) per step/token with mask (B, K) -> step/token-level ratios (TraceRL). advantages: (B,).
@@ -88,7 +89,7 @@ def clipped_pg_loss(logp, logp_old, advantages, eps=0.2, *, aggregation="sequenc
 
 
 def dpo_loss(logratio_chosen, logratio_rejected, beta):
-    """DPO loss on trajectory log-ratio estimates D(x, y) = log π_θ − log π_ref (SPEC §5.3) -> (loss, stats).
+    """DPO loss on trajectory log-ratio estimates D(x, y) = log π_θ − log π_ref (docs/math.md §5.3) -> (loss, stats).
 
     D is dTRPO's D̂ (`estimators.dtrpo_logratio`), the exact §4.1 log-ratio, or VRPO's B̂_θ − B̂_ref.
     At θ = ref both D are 0 and the loss is log 2.
@@ -102,13 +103,13 @@ def dpo_loss(logratio_chosen, logratio_rejected, beta):
 
 
 def bgpo_loss_terms(ell, ell_old, advantages, *, n_mc=None, clip_eps=None):
-    """BGPO's per-sample terms (arXiv 2510.11683, SPEC §5.4) -> (terms (B, N), stats).
+    """BGPO's per-sample terms (arXiv 2510.11683, docs/math.md §5.4) -> (terms (B, N), stats).
 
     Σ terms = −(1/B)·Σ_i R̂_lb,i, the loss to minimise.
 
     ell, ell_old: (B, N) ELBO terms of the policy and the old policy on the same masks (`elbo_terms`);
     a subset of the columns may be passed with n_mc = the total number of samples n.
-    Every column depends on one MC sample only, so each can be backpropagated alone (`bgpo_accumulate`).
+    Every column depends on one MC sample only, so each can be backpropagated alone (`rl.bgpo_accumulate`).
     clip_eps: optional PPO-style clip of each sample's ratio surrogate (inert on-policy, where d_j = 0).
     """
     n = ell.shape[1] if n_mc is None else n_mc
@@ -129,30 +130,8 @@ def bgpo_loss_terms(ell, ell_old, advantages, *, n_mc=None, clip_eps=None):
     return terms, stats
 
 
-def bgpo_accumulate(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
-    """BGPO's memory-efficient backward: one MC sample's graph at a time -> (loss value, stats).
-
-    ell_fn(j) -> (B,) the policy's ℓ_θ^{(j)} with its graph (the caller runs the model on masks[:, j:j+1]);
-    ell_old: (B, N) without grad, or None on-policy (θ_old = θ): then ℓ_old^{(j)} = ℓ_θ^{(j)} detached, the
-    same numbers a no-grad pass would give, one pass cheaper; n_mc is then required.
-    Gradients accumulate in .grad; the caller steps the optimizer.
-    """
-    n = ell_old.shape[1] if ell_old is not None else n_mc
-    total, ell_sum, old_sum = 0.0, 0.0, 0.0
-    for j in range(n):
-        ell_j = ell_fn(j)  # (B,) builds the graph of sample j only
-        old_j = ell_j.detach() if ell_old is None else ell_old[:, j]  # (B,)
-        terms, _ = bgpo_loss_terms(ell_j[:, None], old_j[:, None], advantages, n_mc=n, clip_eps=clip_eps)
-        loss_j = terms.sum()
-        loss_j.backward()  # frees sample j's graph before sample j+1 is built: peak memory ∝ one sample
-        total += loss_j.item()
-        ell_sum, old_sum = ell_sum + ell_j.detach(), old_sum + old_j
-    d_mean = ((ell_sum - old_sum) / n).mean().item()
-    return torch.tensor(total, dtype=advantages.dtype), {"bound": -total, "logratio_mean": d_mean}
-
-
 def elbo_ratio_loss(ell, ell_old, advantages):
-    """The exp-of-mean ELBO-ratio objective ("VRPO-OL", BGPO's baseline, SPEC §5.4) -> (loss, stats).
+    """The exp-of-mean ELBO-ratio objective ("VRPO-OL", BGPO's baseline, docs/math.md §5.4) -> (loss, stats).
 
     Its gradient needs the graphs of all N samples at once: peak memory grows with N.
     """

@@ -1,15 +1,15 @@
-"""Offline preference optimisation: pairs sampled once from a frozen reference, then DPO (SPEC §5.3).
+"""Offline preference optimisation: pairs sampled once from a frozen reference, then DPO (docs/math.md §5.3).
 
 `make_pairs`: for each training prompt, G responses with their decoding trajectories from the reference,
 scored by the task; the best and the worst form a pair when their rewards differ. `train_dpo` minimises
     L = −E log σ( β · [ D(x, y_w) − D(x, y_l) ] )
 with one of three estimates of the trajectory log-ratio D = log π_θ(τ) − log π_ref(τ):
-- dtrpo: dTRPO's reduced trajectory (arXiv 2603.18806, SPEC §4.2): one sampled step s_b per block, all
+- dtrpo: dTRPO's reduced trajectory (arXiv 2603.18806, docs/math.md §4.2): one sampled step s_b per block, all
   blocks in one [x ; y ; ỹ] pass, c = T_B (`scale=steps`, unbiased) or 1 (`scale=one`, the paper's form).
   Per response: one policy pass with grad; the reference's term is read from the record (departure 2).
 - full_trajectory: the exact log-ratio of §4.1 (TraceRL, arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924).
 - vrpo: VRPO's ELBO difference B̂_θ − B̂_ref on shared stratified masks (LLaDA 1.5, arXiv 2505.19223).
-The run loop, rollout function and checkpoints are rl.py's.
+The run loop and checkpoints are train.py's.
 
 Departures:
 1. Exact-trajectory DPO never keeps T graphs. The DPO weight is computed first, without grad:
@@ -27,13 +27,11 @@ Departures:
    terms are dropped: they cancel under random remasking (P2), approximately under low confidence.
 4. vrpo defaults to the sequence-level ELBO (elbo_per_token=false: (L/m_j)·Σ), which estimates a
    log-likelihood like the other two estimators, so one β means the same for all three.
-5. Epochs are capped (default 3): offline DPO peaks after a few passes over its pairs and declines after
-   (README: 12 epochs of dTRPO peaked in the 5th and ended 6 points lower); the test reward is logged at
-   every evaluation to see it.
+5. Epochs are capped (default 3): offline DPO on a fixed set of pairs peaks after a few passes and
+   declines after (README, measured results); the test reward is logged at every evaluation to see it.
 6. dtrpo's single pass is used only where it is exact (block layout) by default. A full-layout model was
-   never trained on the [x ; y ; ỹ] layout, and there DPO on the single-pass D̂ did not improve a 55%
-   sudoku model in 360 updates while per-block passes (N_B passes per response and model, still T_B
-   times fewer than the exact trajectory) raised it to 63–70% (README, measured results).
+   never trained on the [x ; y ; ỹ] layout, so there each sampled block state gets its own pass (N_B
+   passes per response, still T_B times fewer than the exact trajectory).
 
 Shapes: B pairs per update, P prompt length, L response length, N MC samples, N_B blocks, T_B steps per block.
 """
@@ -46,13 +44,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import arg, atomic_save, autocast, fail, pick_device
+from .config import arg, atomic_save, autocast, check, fail, pick_device
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms, reduced_recorded_logprob,
                          reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks, trajectory_logprob)
 from .objectives import dpo_loss
-from .rl import Meters, clip_and_step, elapsed, rollout, run_loop
 from .sampling import REMASKING, Trajectory
-from .training import load
+from .train import Meters, RunConfig, clip_and_step, elapsed, load, rollout, run_loop
 
 ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
 
@@ -71,38 +68,48 @@ class PairsConfig:
     device: str = arg("auto", "auto | cpu | cuda | mps")
     out: str = arg("runs/pairs.pt", "output file (torch.load(..., weights_only=True))")
 
+    def __post_init__(self):
+        for name in ("num_prompts", "batch_size"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
+        check(self.num_generations >= 2, "num_generations", self.num_generations,
+              "an int >= 2 (a pair needs two responses)")
+        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
+        check(self.steps_per_block >= 0, "steps_per_block", self.steps_per_block, "an int >= 0")
+
 
 @dataclass
-class DPOConfig:
+class DPOConfig(RunConfig):
     """Offline DPO on saved pairs with a trajectory log-ratio estimator (dTRPO, exact, or VRPO)."""
-    init: str = arg("runs/sft/checkpoint.pt", "the reference model that sampled the pairs (frozen); start of θ")
+    init: str = arg("runs/sft/checkpoint.pt", "the model that sampled the pairs: frozen reference, start of θ")
     pairs: str = arg("runs/pairs.pt", "pairs file written by `pairs`")
     estimator: str = arg("dtrpo", "trajectory log-ratio estimator D (module docstring)", ESTIMATORS)
     beta: float = arg(0.2, "DPO β")
     scale: str = arg("steps", "dtrpo: c = T_B (steps, unbiased) or 1 (one, the paper's)", ("steps", "one"))
-    single_pass: str = arg("auto", "dtrpo: all blocks in one [x ; y ; ỹ] pass; auto = in the block layout, where it "
-                           "is exact, and one pass per block state in the full layout (departure 6)",
+    single_pass: str = arg("auto", "dtrpo: all blocks in one [x ; y ; ỹ] pass; auto = in the block layout, "
+                           "where it is exact, one pass per block state in the full layout (departure 6)",
                            ("auto", "true", "false"))
-    flat_memory: bool = arg(True, "full_trajectory: DPO weight first, then backward step by step (departure 1)")
+    flat_memory: bool = arg(True, "full_trajectory: DPO weight first, then backward step by step (dep. 1)")
     n_mc: int = arg(8, "vrpo: ELBO Monte Carlo samples per response")
     elbo_per_token: bool = arg(False, "vrpo: per-token ELBO (false: sequence-level, departure 4)")
-    elbo_masks: str = arg("auto", "vrpo: ELBO masks uniform (SPEC §4.3) or blockwise (auto: in the full layout; "
-                          "estimators departure 4)", ELBO_MASKS)
+    elbo_masks: str = arg("auto", "vrpo: ELBO masks uniform or blockwise (auto: blockwise in the full "
+                          "layout; docs/math.md §4.3)", ELBO_MASKS)
     batch_size: int = arg(16, "pairs per optimizer step")
     epochs: float = arg(3.0, "passes over the pairs (capped: departure 5)")
     lr: float = arg(1e-4, "AdamW learning rate, constant")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "gradient norm clip (0: off)")
-    seed: int = arg(0, "seed of the pair order and of the estimator draws")
     max_iters: int = arg(100_000, "stop after this many optimizer steps (also capped by epochs)")
-    time_budget: float = arg(0.0, "stop after this many seconds of updates (0: no limit)")
     eval_every: int = arg(20, "evaluate and checkpoint every this many steps (0: only at the end)")
-    eval_every_s: float = arg(0.0, "also evaluate each time this many more training seconds have passed")
-    eval_n: int = arg(500, "fixed test problems per evaluation (greedy decoding)")
-    steps_per_block: int = arg(0, "sampler steps per block T_B at evaluation (0: block_size)")
-    device: str = arg("auto", "auto | cpu | cuda | mps")
     out_dir: str = arg("runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
-    resume: bool = arg(False, "continue the run saved in out_dir")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("n_mc", "batch_size", "max_iters"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
+        for name in ("beta", "weight_decay", "grad_clip"):
+            check(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
+        check(self.epochs > 0, "epochs", self.epochs, "a number > 0")
+        check(self.lr > 0, "lr", self.lr, "a float > 0")
 
 
 def fingerprint(model) -> str:
@@ -232,7 +239,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     gens = {"estimator": torch.Generator(device).manual_seed(cfg.seed)}  # s_b draws and ELBO masks
     print(f"{n_pairs} pairs, {per_epoch} steps per epoch")
 
-    def iteration(it):
+    def iteration(it, train_seconds):
         epoch, b = divmod(it, per_epoch)
         # the order of epoch e is a function of (seed, e) alone: nothing to save for an exact resume
         order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
@@ -246,5 +253,6 @@ def train_dpo(cfg: DPOConfig) -> dict:
                 "update_s": elapsed(t0, device), **meters.summary(responses=len(both.tokens))}
 
     max_iters = min(cfg.max_iters, math.ceil(cfg.epochs * per_epoch))
-    return run_loop(cfg, "dpo", policy=policy, ref=ref, task=task, opt=opt, generators=gens, iteration=iteration,
-                    max_iters=max_iters, device=device, bar_keys=("loss", "reward_accuracy", "margin"))
+    return run_loop(cfg, "dpo", models={"model": policy, "ref_model": ref}, task=task, opt=opt,
+                    generators=gens, iteration=iteration, max_iters=max_iters, device=device,
+                    bar_keys=("loss", "reward_accuracy", "margin"))

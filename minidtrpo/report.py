@@ -1,4 +1,4 @@
-"""Estimator report: bias, noise, gradient direction and cost of every likelihood estimator of SPEC §4.
+"""Estimator report: bias, noise, gradient direction and cost of every likelihood estimator of docs/math.md §4.
 
     python -m minidtrpo estimators --ckpt=runs/sudoku_block/checkpoint.pt   # ~1-2 CPU minutes
 
@@ -60,16 +60,16 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .config import SavedBytes, arg, fail, parse, pick_device, write_json
+from .config import arg, check, pick_device, write_json
 from .estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps, sample_elbo_masks,
                          sample_prompt_mask, trajectory_logprob)
 from .sampling import generate
-from .training import load
+from .train import SavedBytes, load
 
 
 @dataclass
 class ReportConfig:
-    """Bias, noise, gradient cosine and cost of each likelihood estimator on one checkpoint (SPEC §4)."""
+    """Bias, noise, gradient cosine and cost of each likelihood estimator on one checkpoint (docs/math.md §4)."""
     ckpt: str = arg("runs/sudoku_block/checkpoint.pt", "checkpoint: the reference policy (block or full layout)")
     n_prompts: int = arg(64, "trajectories B: test prompts decoded once by the reference")
     temperature: float = arg(1.0, "rollout temperature τ (> 0 for a sampled trajectory)")
@@ -82,6 +82,13 @@ class ReportConfig:
     device: str = arg("auto", "auto | cpu | cuda | mps")
     threads: int = arg(1, "CPU intra-op threads while the report runs (0: torch's default); on a busy shared "
                           "CPU one thread is the fastest and keeps the timings comparable")
+
+    def __post_init__(self):
+        check(self.n_prompts >= 2, "n_prompts", self.n_prompts, "an int >= 2 (correlations need two)")
+        for name in ("draws", "grad_draws"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
+        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
+        check(self.threads >= 0, "threads", self.threads, "an int >= 0")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,8 +350,6 @@ def run_report(cfg: ReportConfig) -> dict:
 
 def _report(cfg: ReportConfig) -> dict:
     start = time.perf_counter()
-    if cfg.n_prompts < 2 or cfg.draws < 1 or cfg.grad_draws < 1 or cfg.temperature < 0:
-        fail("need --n_prompts >= 2 (correlations), --draws >= 1, --grad_draws >= 1 and --temperature >= 0")
     device = pick_device(cfg.device)
     print("config:", json.dumps(asdict(cfg)))
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -389,7 +394,3 @@ def _report(cfg: ReportConfig) -> dict:
     print(f"\nwrote {cfg.out_dir}/estimators.md, .json, .png; {time.perf_counter() - start:.0f} s in all")
     return out
 
-
-def cmd_estimators(argv: list[str]):
-    """`python -m minidtrpo estimators [--option=value ...]`"""
-    return run_report(parse(ReportConfig, argv, "estimators"))

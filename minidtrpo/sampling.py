@@ -1,4 +1,4 @@
-"""LLaDA's semi-autoregressive low-confidence sampler, recording the decoding trajectory (SPEC §3).
+"""LLaDA's semi-autoregressive low-confidence sampler, recording the decoding trajectory (docs/math.md §3).
 
 LLaDA, arXiv 2502.09992, Algorithm 5 (semi-autoregressive remasking). The response is decoded block by
 block, left to right; inside a block, T_B steps each reveal k_s tokens. The returned `Trajectory` records,

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny float64 models on the CPU (tests are numerical proofs, SPEC §6)."""
+"""Shared fixtures: tiny float64 models on the CPU (tests are numerical proofs, docs/math.md §6)."""
 
 import pytest
 import torch

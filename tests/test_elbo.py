@@ -1,4 +1,4 @@
-"""ELBO Monte Carlo (SPEC §4.3, VRPO / BGPO) and d1's one-step estimate (§4.4) against naive references: P11.
+"""ELBO Monte Carlo (docs/math.md §4.3, VRPO / BGPO) and d1's one-step estimate (§4.4) against naive references: P11.
 
 The references are Python loops over masks, blocks and positions with plain forward passes on hand-built
 states; they never call minidtrpo.estimators. The blockwise masks (estimators departure 4) get their own
@@ -34,7 +34,7 @@ def test_sample_elbo_masks_stratified_and_uniform():
 
 def test_blockwise_elbo_masks():
     """Departure 4: each sample keeps earlier blocks clean, masks 1..b positions of one block and every later
-    block; the (block, count) cells are stratified like the counts of SPEC §4.3."""
+    block; the (block, count) cells are stratified like the counts of docs/math.md §4.3."""
     B, L, b, n = 2000, 8, 2, 3
     masks = sample_elbo_masks(B, L, n, torch.Generator().manual_seed(0), block_size=b)
     assert masks.shape == (B, n, L) and masks.dtype == torch.bool

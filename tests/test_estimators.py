@@ -1,4 +1,4 @@
-"""Trajectory estimators (SPEC §4.1, §4.2) against independent naive references: P1–P4, printed gaps.
+"""Trajectory estimators (docs/math.md §4.1, §4.2) against independent naive references: P1–P4, printed gaps.
 
 The references below are Python loops over sequences, steps, blocks and positions, written from the
 formulas with plain forward passes on hand-built states; they never call minidtrpo.estimators.

@@ -1,4 +1,4 @@
-"""The model's layouts and masks (SPEC §1)."""
+"""The model's layouts and masks (docs/math.md §1)."""
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ def test_block_layout_is_causal_across_blocks():
 
 
 def test_layout_mask_by_hand():
-    cfg = ModelConfig(prompt_len=2, response_len=4, block_size=2)
+    cfg = ModelConfig(vocab_size=8, mask_id=7, prompt_len=2, response_len=4, block_size=2)
     m = layout_mask(cfg).int().tolist()
     assert m == [[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0],
                  [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
@@ -61,16 +61,16 @@ def test_explicit_positions_and_mask_reproduce_default():
 
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="layout"):
-        ModelConfig(layout="causal")
+        ModelConfig(vocab_size=8, mask_id=7, prompt_len=2, response_len=4, layout="causal")
     with pytest.raises(ValueError, match="multiple"):
-        ModelConfig(response_len=10, block_size=4)
+        ModelConfig(vocab_size=8, mask_id=7, prompt_len=2, response_len=10, block_size=4)
 
 
 def test_sft_loss_block_layout_matches_naive():
     """The block-layout SFT loss, written out independently: each noisy block k is scored in a plain pass
     over [x ; clean blocks < k ; noisy block k] (the true sampler state), and the loss is the 1/t-weighted
     masked negative log-likelihood. sft_loss's single pass (last clean block dropped) must agree."""
-    from minidtrpo.training import sft_loss
+    from minidtrpo.train import sft_loss
     model = tiny_model("block")
     P, L, b = 6, 8, 4
     prompts, answers = random_prompts(3), torch.randint(0, 11, (3, L), generator=torch.Generator().manual_seed(7))

@@ -1,4 +1,4 @@
-"""Objectives (SPEC §5) against naive loops over sequences and samples: P5–P8, P10.
+"""Objectives (docs/math.md §5) against naive loops over sequences and samples: P5–P8, P10.
 
 Gradients are taken on the tiny float64 model's parameters through the estimators, so each property is
 checked end to end; the references are written straight from the formulas.
@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import perturbed, random_prompts, tiny_model
-from minidtrpo.config import SavedBytes
+from minidtrpo.train import SavedBytes
 from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps,
                                   sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
-from minidtrpo.objectives import (bgpo_accumulate, bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
+from minidtrpo.objectives import (bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
                                   grpo_advantages)
+from minidtrpo.rl import bgpo_accumulate
 from minidtrpo.sampling import generate
 
 pytestmark = pytest.mark.usefixtures("single_thread")

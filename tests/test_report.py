@@ -2,7 +2,7 @@
 
 Beyond "it runs": the exact row must be the anchor (zero bias and noise, gradient cosine 1), and the dTRPO
 estimate with c = T_B, averaged over many draws, must agree with the exact log-ratio within 4 standard
-errors (SPEC P4 on a real checkpoint, through the report's own bookkeeping).
+errors (docs/math.md §6 P4 on a real checkpoint, through the report's own bookkeeping).
 """
 
 import json
@@ -10,18 +10,18 @@ import math
 
 import pytest
 
-from minidtrpo.report import cmd_estimators
-from minidtrpo.training import TrainConfig, train_sft
+from minidtrpo.__main__ import main
+from minidtrpo.train import SFTConfig, train_sft
 
 
 @pytest.fixture(scope="module", params=["block", "full"])
 def report(request, tmp_path_factory, single_thread):
     layout = request.param
     root = tmp_path_factory.mktemp(f"report_{layout}")
-    train_sft(TrainConfig(task="sudoku", layout=layout, d_model=32, n_layers=2, batch_size=16, max_steps=5,
+    train_sft(SFTConfig(task="sudoku", layout=layout, d_model=32, n_layers=2, batch_size=16, max_steps=5,
                           warmup_steps=1, eval_every=0, eval_n=8, device="cpu", out_dir=str(root / "sft")))
     out = root / "estimators"
-    cmd_estimators([f"--ckpt={root / 'sft' / 'checkpoint.pt'}", "--n_prompts=6", "--draws=16", "--grad_draws=2",
+    main(["estimators", f"--ckpt={root / 'sft' / 'checkpoint.pt'}", "--n_prompts=6", "--draws=16", "--grad_draws=2",
                     "--perturb=0.05", "--device=cpu", f"--out_dir={out}"])
     return layout, out, json.loads((out / "estimators.json").read_text())
 

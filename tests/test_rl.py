@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import minidtrpo.rl as rl_module
+import minidtrpo.train as train_module
 from conftest import perturbed, random_prompts, tiny_model
 from minidtrpo.__main__ import main
 from minidtrpo.compare import _reusable
@@ -22,7 +23,7 @@ from minidtrpo.objectives import dpo_loss
 from minidtrpo.preference import dpo_full_trajectory
 from minidtrpo.rl import OBJECTIVES, RLConfig
 from minidtrpo.sampling import Trajectory, generate
-from minidtrpo.training import TrainConfig, load, train_sft
+from minidtrpo.train import SFTConfig, load, train_sft
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TIMING = {"train_seconds", "rollout_s", "update_s", "rss_mb", "cuda_peak_mb"}  # differ between runs
@@ -39,7 +40,7 @@ def made(tmp_path_factory, single_thread):
         if (what, layout) not in cache:
             out = tmp_path_factory.mktemp(f"{what}_{layout}")
             if what == "ckpt":  # a barely trained sudoku model: its rollouts disagree, so groups carry signal
-                train_sft(TrainConfig(task="sudoku", layout=layout, d_model=32, n_layers=2, max_steps=3,
+                train_sft(SFTConfig(task="sudoku", layout=layout, d_model=32, n_layers=2, max_steps=3,
                                       batch_size=16, eval_n=8, device="cpu", out_dir=str(out)))
                 cache[what, layout] = str(out / "checkpoint.pt")
             else:
@@ -80,7 +81,7 @@ def full_pairs(made):
 def no_plots(request, monkeypatch):
     """matplotlib costs ~0.5 s a figure on a busy 2-core machine: only the smoke test of `rl` draws one."""
     if request.node.originalname != "test_rl_runs_every_objective":
-        monkeypatch.setattr(rl_module, "plot_run", lambda *args: None)
+        monkeypatch.setattr(train_module, "plot_run", lambda *args: None)
 
 
 def rows(out_dir):

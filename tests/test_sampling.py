@@ -1,4 +1,4 @@
-"""The trajectory-recording sampler (SPEC §3) and its KV cache (P9)."""
+"""The trajectory-recording sampler (docs/math.md §3) and its KV cache (P9)."""
 
 import pytest
 import torch

@@ -1,19 +1,23 @@
-"""Tests for minidtrpo/tasks.py: formats, reference answers, rewards that never raise, disjoint splits.
+"""Tests for the minidtrpo/tasks/ package: formats, reference answers, rewards that never raise,
+disjoint splits, the registry and the module layout.
 
 Where possible a property is checked against an independent reference: sudoku grids against a brute-force
 enumeration, countdown steps with plain integer arithmetic, star answers against the edge list, the
 token-level reward against the string scorer on the decoded texts.
 """
 import ast
+import importlib
 import inspect
 import itertools
+import pkgutil
 import re
 
 import pytest
 import torch
 
 import minidtrpo.tasks as tasks_module
-from minidtrpo.tasks import CHARS, EOS_ID, MASK_ID, TASKS, Vocab, get_task
+from minidtrpo.tasks import CHARS, EOS_ID, MASK_ID, REGISTRY, TASKS, Vocab, get_task
+from minidtrpo.tasks.sudoku import sudoku_grids
 
 CONFIGS = [
     ("addition", {}),
@@ -189,10 +193,29 @@ def test_countdown_scoring_by_hand():
         assert r1 in (c, d) and sorted([a, b, c + d - r1]) == sorted(map(int, numbers.split(",")))
 
 
-def test_no_python_eval_or_exec_in_the_module():
-    tree = ast.parse(inspect.getsource(tasks_module))
-    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-    assert not called & {"eval", "exec", "compile", "__import__"}
+def task_modules():
+    """The package and every module in it (base, one per task)."""
+    names = [m.name for m in pkgutil.iter_modules(tasks_module.__path__, "minidtrpo.tasks.")]
+    return [tasks_module] + [importlib.import_module(name) for name in names]
+
+
+def test_no_python_eval_or_exec_in_the_package():
+    assert len(task_modules()) == 6  # __init__, base, addition, countdown, star, sudoku
+    for module in task_modules():
+        tree = ast.parse(inspect.getsource(module))
+        called = {n.func.id for n in ast.walk(tree)
+                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert not called & {"eval", "exec", "compile", "__import__"}, module.__name__
+
+
+def test_registry_and_module_layout():
+    assert TASKS == tuple(REGISTRY) == ("addition", "countdown", "sudoku", "star")
+    assert all(REGISTRY[name].name == name for name in TASKS)
+    for module in task_modules()[1:]:  # no import cycle: only public names, only from .base
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.module == "base", module.__name__
+                assert not [a.name for a in node.names if a.name.startswith("_")], module.__name__
 
 
 def test_addition_formats():
@@ -226,7 +249,7 @@ def brute_force_grids():
 def test_sudoku_grids_and_unique_puzzles():
     reference = brute_force_grids()
     assert len(reference) == 288
-    assert {tuple(g) for g in reference.tolist()} == {tuple(g) for g in tasks_module._sudoku_grids().tolist()}
+    assert {tuple(g) for g in reference.tolist()} == {tuple(g) for g in sudoku_grids().tolist()}
     for opts in ({}, {"min_blanks": 8, "max_blanks": 12}):
         task = get_task("sudoku", **opts)
         prompts, answers = task.sample(500, generator=torch.Generator().manual_seed(6))

@@ -8,7 +8,7 @@
 #    layout that trains the block model;
 # 3. the masked-diffusion loss of LLaDA (arXiv 2502.09992, eq. 3–4): why only masked positions count,
 #    and where the 1/t weight comes from;
-# 4. a short supervised run on 4×4 sudoku with the library's `training.train_sft`;
+# 4. a short supervised run on 4×4 sudoku with the library's `train.train_sft`;
 # 5. decoding with `generate`, and the `Trajectory` it records, shown step by step;
 # 6. the KV-cached sampler, checked token for token against the uncached one.
 #
@@ -46,7 +46,7 @@ from minidtrpo import MaskedDiffusionTransformer, ModelConfig, generate, get_tas
 from minidtrpo.model import clean_noisy_mask, layout_mask
 from minidtrpo.sampling import reveal_schedule
 from minidtrpo.tasks import TASKS
-from minidtrpo.training import TrainConfig, evaluate, load, sft_loss, train_sft
+from minidtrpo.train import SFTConfig, evaluate, load, model_config, sft_loss, train_sft
 
 torch.manual_seed(0)  # parameter initialisation of the models built in this file
 print(f"quick mode: {QUICK}; figures go to {OUT}")
@@ -137,8 +137,8 @@ assert ((0 <= r_junk) & (r_junk <= 1)).all()
 # k partly masked". A single forward pass therefore trains, or scores, every block at once.
 
 # %%
-cfg_block = ModelConfig.for_task(task, layout="block", d_model=32, n_layers=2)
-cfg_full = ModelConfig.for_task(task, layout="full", d_model=32, n_layers=2)
+cfg_block = model_config(task, layout="block", d_model=32, n_layers=2)
+cfg_full = model_config(task, layout="full", d_model=32, n_layers=2)
 P, L, b = task.prompt_len, task.response_len, task.block_size
 masks = {"full layout\n[prompt ; response]": layout_mask(cfg_full),
          "block layout\n[prompt ; response]": layout_mask(cfg_block),
@@ -210,7 +210,7 @@ assert gap < 1e-6
 # independently with probability $t$, and the prompt is never masked:
 # $$q_t(y_t \mid y) = \prod_{i=1}^{L} \big[\,t\,\mathbb 1(y_t^i = M) + (1-t)\,\mathbb 1(y_t^i = y^i)\big].$$
 #
-# **Loss** (LLaDA eq. 3–4, SPEC §2), which `training.sft_loss` computes:
+# **Loss** (LLaDA eq. 3–4, docs/math.md §2), which `train.sft_loss` computes:
 # $$\mathcal L_{\mathrm{SFT}}(\theta) = -\,\mathbb E_{t \sim U(\varepsilon, 1)}\;\mathbb E_{y_t \sim q_t}
 #   \Big[\frac{1}{t} \sum_{i:\, y_t^i = M} \log \mu_\theta(y^i \mid x, y_t)\Big] \Big/ L .$$
 #
@@ -281,11 +281,11 @@ assert abs(per_token.item() - math.log(47)) < 0.3
 # %% [markdown]
 # ## 4. Supervised training on sudoku
 #
-# `training.train_sft` trains on freshly generated puzzles at every step, with AdamW, warm-up and cosine
+# `train.train_sft` trains on freshly generated puzzles at every step, with AdamW, warm-up and cosine
 # decay, and an EMA of the weights, which is the model that gets evaluated and saved. It uses the block
 # layout with the [x ; y ; ỹ] trick above. It prints its config, shows a progress bar, and at the end
 # decodes the held-out test puzzles greedily (their solution grids never occur in training). With the
-# default settings this takes about a minute on one CPU thread. (SPEC §2 reports 89% exact after 60 CPU
+# default settings this takes about a minute on one CPU thread. (docs/math.md §2 reports 89% exact after 60 CPU
 # seconds with a bigger, 0.8M-parameter model.)
 
 # %%
@@ -293,7 +293,7 @@ if QUICK:
     SFT = dict(d_model=32, n_layers=1, batch_size=32, max_steps=15, warmup_steps=5, eval_n=16)
 else:
     SFT = dict(d_model=64, n_layers=3, batch_size=64, max_steps=350, warmup_steps=30, eval_n=200)
-sft_cfg = TrainConfig(task="sudoku", layout="block", seed=0, eval_every=0, device="cpu",
+sft_cfg = SFTConfig(task="sudoku", layout="block", seed=0, eval_every=0, device="cpu",
                       out_dir=str(OUT / "01_sft"), **SFT)
 t0 = time.perf_counter()
 metrics = train_sft(sft_cfg)
@@ -372,7 +372,7 @@ assert worst < 1e-5
 # %%
 n_eval = len(test_prompts)
 for T_B in (4, 2, 1):
-    m = evaluate(model, task, test_prompts, test_answers, steps_per_block=T_B)
+    m = evaluate(model, task, test_prompts, steps_per_block=T_B)
     print(f"T_B = {T_B}: {L // b * T_B:2d} forward passes, exact = {m['exact']:.3f}, reward = {m['reward']:.3f} "
           f"({n_eval} test puzzles)")
 

@@ -7,7 +7,7 @@
 # unmasking steps, and many trajectories end at the same y. This tutorial computes and checks, on the toy
 # sudoku model of tutorial 1:
 #
-# 1. the exact log-probability of the recorded trajectory (TraceRL / CJ-GRPO, SPEC §4.1);
+# 1. the exact log-probability of the recorded trajectory (TraceRL / CJ-GRPO, docs/math.md §4.1);
 # 2. why the position-selection term $S_t$ cancels under random remasking, and how much it does not
 #    under low-confidence remasking;
 # 3. dTRPO's two reductions (arXiv 2603.18806): ratio reduction, then state reduction with one step per
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from minidtrpo import MaskedDiffusionTransformer, ModelConfig, Trajectory, generate
 from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, reduced_trajectory_logprob,
                                   sample_block_steps, sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
-from minidtrpo.training import TrainConfig, load, train_sft
+from minidtrpo.train import SFTConfig, load, model_config, train_sft
 
 torch.manual_seed(0)
 print(f"quick mode: {QUICK}; figures go to {OUT}")
@@ -68,7 +68,7 @@ if QUICK:
     SFT = dict(d_model=32, n_layers=1, batch_size=32, max_steps=10, warmup_steps=5, eval_n=8)
 else:
     SFT = dict(d_model=64, n_layers=2, batch_size=64, max_steps=200, warmup_steps=30, eval_n=100)
-metrics = train_sft(TrainConfig(task="sudoku", layout="block", seed=0, eval_every=0, device="cpu",
+metrics = train_sft(SFTConfig(task="sudoku", layout="block", seed=0, eval_every=0, device="cpu",
                                 out_dir=str(OUT / "02_sft"), **SFT))
 ref, task = load(str(OUT / "02_sft" / "checkpoint.pt"))
 ref = ref.double().eval().requires_grad_(False)  # float64: "equal" below means equal to ~1e-10
@@ -93,7 +93,7 @@ def rollout(model, n, steps_per_block, remasking="low_confidence", seed=0):
 # ## 1. The exact trajectory log-probability
 #
 # The sampler of tutorial 1 turns the all-masked state $\tau_0$ into $\tau_T = y$ in $T = N_B T_B$ steps.
-# (The library counts steps forward: `traj.state(t)` is the state *before* step t. SPEC §0 counts the
+# (The library counts steps forward: `traj.state(t)` is the state *before* step t. docs/math.md §0 counts the
 # diffusion way, from $\tau_T$ down to $\tau_0$. The sums are the same.) Step t picks a set $I_t$ of positions
 # of the current block and fills them with tokens drawn from $\mu_\theta$, so
 # $$\log \pi_\theta(\tau \mid x) = \sum_{t=0}^{T-1}\Big[\log S_t(I_t \mid \tau_t)
@@ -101,7 +101,7 @@ def rollout(model, n, steps_per_block, remasking="low_confidence", seed=0):
 # where $S_t$ is the probability that the sampler chose exactly the positions $I_t$. Leave $S_t$ aside for
 # now (§2). The token part needs the model at every state $\tau_t$, which means T forward passes if done
 # naively. Because the sampler recorded $\log\mu_\theta(y_i \mid x, \tau_t)$ as `logp_at_reveal`, the
-# estimator, run on the sampling model, must reproduce $\sum_i$ `logp_at_reveal` exactly (SPEC P1).
+# estimator, run on the sampling model, must reproduce $\sum_i$ `logp_at_reveal` exactly (docs/math.md §6 P1).
 # `estimators.trajectory_logprob` needs only $T_B$ passes of [x ; y ; ỹ] in the block layout, because pass s
 # scores within-block step s of every block at once (see §4).
 
@@ -250,7 +250,7 @@ gap32 = (reduced_trajectory_logprob(ref32, traj_s, steps) -
 print(f"block layout, float32: max |Δ| = {gap32:.1e}")
 assert gap32 < 1e-5
 
-full_model = MaskedDiffusionTransformer(ModelConfig.for_task(task, layout="full", d_model=32, n_layers=2),
+full_model = MaskedDiffusionTransformer(model_config(task, layout="full", d_model=32, n_layers=2),
                                         verbose=False).double()
 with torch.no_grad():
     full_model.head.weight.mul_(20.0)  # an untrained stand-in with confident, non-uniform predictions
@@ -281,7 +281,7 @@ assert full_gap.max() > 1e-6
 # applied to every block at once gives the same mean as all $24^{N_B}$ combinations. The likelihood
 # factorises too: $\log p(y) = \sum_b \log \frac{1}{24}\sum_{\sigma_b} p_{\sigma_b}(y_b)$.
 #
-# VRPO and BGPO estimate the ELBO by Monte Carlo (SPEC §4.3): n masks with stratified sizes $m_j$,
+# VRPO and BGPO estimate the ELBO by Monte Carlo (docs/math.md §4.3): n masks with stratified sizes $m_j$,
 # $\ell^{(j)} = \frac{1}{m_j}\sum_{i\in S_j}\log\mu_\theta(y_i \mid x, y^{(j)})$, and
 # $\hat B = \frac1n\sum_j \ell^{(j)}$. Then $L\hat B$ is an unbiased estimate of the ELBO. Three checks:
 # the exact ELBO, computed by enumerating masks, equals the average over orders; it lies below $\log p$;
@@ -342,7 +342,7 @@ assert ((mc.mean(0) - elbo).abs() < 4 * mc.std(0) / math.sqrt(R)).all()
 
 # %% [markdown]
 # **Which orders the ELBO averages over matters for training.** In the full layout every position sees
-# every other, so SPEC §4.3's uniform masks average over *all* $L!$ orders, including the many in which a
+# every other, so docs/math.md §4.3's uniform masks average over *all* $L!$ orders, including the many in which a
 # later block is half revealed while an earlier one is still masked: states a block-by-block sampler never
 # visits. Passing `block_size=b` to `sample_elbo_masks` and `elbo_terms` keeps the earlier blocks clean
 # and the later ones masked and scores one block per sample: the ELBO of the block-by-block orders (its

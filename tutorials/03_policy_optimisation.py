@@ -46,10 +46,10 @@ from minidtrpo import generate
 from minidtrpo.compare import CompareConfig
 from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, sample_block_steps, sample_elbo_masks,
                                   trajectory_logprob)
-from minidtrpo.objectives import (bgpo_accumulate, bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
+from minidtrpo.objectives import (bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
                                   grpo_advantages)
-from minidtrpo.rl import RLConfig, read_metrics, train_rl
-from minidtrpo.training import TrainConfig, load, train_sft
+from minidtrpo.rl import RLConfig, bgpo_accumulate, train_rl
+from minidtrpo.train import SFTConfig, load, read_metrics, train_sft
 
 torch.manual_seed(0)
 print(f"quick mode: {QUICK}; figures go to {OUT}")
@@ -75,7 +75,7 @@ if QUICK:
 else:
     SFT = dict(d_model=64, n_layers=2, batch_size=64, max_steps=200, warmup_steps=30, eval_n=100)
 SFT_CKPT = OUT / "03_sft" / "checkpoint.pt"
-sft_metrics = train_sft(TrainConfig(task="sudoku", layout="block", seed=0, eval_every=0, device="cpu",
+sft_metrics = train_sft(SFTConfig(task="sudoku", layout="block", seed=0, eval_every=0, device="cpu",
                                     out_dir=str(SFT_CKPT.parent), **SFT))
 model, task = load(str(SFT_CKPT))
 model64 = copy.deepcopy(model).double()
@@ -290,7 +290,7 @@ assert (bound <= exact + 1e-12).all()
 # exp-of-mean objective keeps all n graphs at once.
 
 # %%
-from minidtrpo.config import SavedBytes  # a saved_tensors_hooks pair that counts bytes alive and at peak
+from minidtrpo.train import SavedBytes  # a saved_tensors_hooks pair that counts bytes alive and at peak
 
 
 mem_model = copy.deepcopy(model).requires_grad_(True)  # float32, as in training
