@@ -13,13 +13,14 @@ Everything is measured side by side in one run:
    decoded the same tokens.
 """
 
-import argparse
 import json
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from minidtrpo.config import autocast, pick_device
+from minidtrpo.config import arg, autocast, parse, pick_device
 from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
 from minidtrpo.sampling import generate
 from minidtrpo.tasks import get_task
@@ -97,10 +98,14 @@ def bench_sampler(device, batch_size=256, response_len=64, block_size=8) -> dict
             "tokens_per_s_cached": batch_size * response_len / out["seconds_True"]}
 
 
+@dataclass
+class BenchConfig:
+    """SFT throughput and MFU, and the sampler with and without the KV cache."""
+    device: str = arg("auto", "auto | cpu | cuda | mps")
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    args = parse(BenchConfig, sys.argv[1:], "python bench/bench_foundation.py")
     device = pick_device(args.device)
     rate = matmul_rate(device)
     sft = bench_sft(device)

@@ -21,16 +21,17 @@ Without --ckpt the model is the default sudoku model (`--layout`, full by defaul
 logits spread so that sampling is not uniform: update costs depend on shapes, not on what was learned.
 """
 
-import argparse
 import copy
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from minidtrpo.config import autocast, pick_device
-from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
+from minidtrpo.config import arg, autocast, check, parse, pick_device
+from minidtrpo.model import LAYOUTS, MaskedDiffusionTransformer
 from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
 from minidtrpo.rl import UPDATES, RLConfig
 from minidtrpo.sampling import Trajectory
@@ -100,16 +101,26 @@ def plot(rows, path):
     plt.close(fig)
 
 
+@dataclass
+class BenchConfig:
+    """One update of every objective on the same rollouts: seconds, forward rows, activation memory."""
+    ckpt: str = arg("", "checkpoint whose rollouts to score (default: a fresh model)")
+    layout: str = arg("full", "layout of the fresh model", LAYOUTS)
+    num_prompts: int = arg(16, "prompts per batch (as rl's default)")
+    num_generations: int = arg(8, "rollouts per prompt G (even: the DPO rows pair them up)")
+    repeat: int = arg(3, "timed runs per update (the median is reported)")
+    device: str = arg("auto", "auto | cpu | cuda | mps")
+    out: str = arg("runs/bench_objectives", "folder for the JSON and the figure")
+
+    def __post_init__(self):
+        for name in ("num_prompts", "repeat"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
+        check(self.num_generations >= 2 and self.num_generations % 2 == 0, "num_generations",
+              self.num_generations, "an even int >= 2")
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", default="", help="checkpoint whose rollouts to score (default: a fresh model)")
-    parser.add_argument("--layout", default="full", choices=("full", "block"), help="layout of the fresh model")
-    parser.add_argument("--num_prompts", type=int, default=16, help="prompts per batch (as rl's default)")
-    parser.add_argument("--num_generations", type=int, default=8, help="rollouts per prompt G")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per update (the median is reported)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default="runs/bench_objectives", help="folder for the JSON and the figure")
-    args = parser.parse_args()
+    args = parse(BenchConfig, sys.argv[1:], "python bench/bench_objectives.py")
     device = pick_device(args.device)
     if args.ckpt:
         ref, task = load(args.ckpt, device)

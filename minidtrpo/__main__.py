@@ -65,7 +65,7 @@ def main(argv=None):
         fail(f"unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}")
     config, run, _ = COMMANDS[argv[0]]
     try:
-        run(parse(config, argv[1:], argv[0]))
+        run(parse(config, argv[1:], f"python -m minidtrpo {argv[0]}"))
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -62,7 +62,7 @@ def _converter(name: str, typ, choices):
 
 def build_parser(cls, prog: str) -> argparse.ArgumentParser:
     """One argparse option per dataclass field, with its type, default, help and choices."""
-    parser = _Parser(prog=f"python -m minidtrpo {prog}", description=(cls.__doc__ or "").strip(),
+    parser = _Parser(prog=prog, description=(cls.__doc__ or "").strip(),
                      allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

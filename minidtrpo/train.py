@@ -214,7 +214,35 @@ class Meters:
 
 
 def read_metrics(path) -> list[dict]:
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    """The rows of a metrics.jsonl; a last line cut short by a kill is dropped with a warning."""
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON; the log is damaged") from None
+            print(f"warning: {path}: dropped a damaged last line (a run killed while writing it)")
+    return rows
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def remove_stale_files(out_dir):
+    """Temporary files that a killed process left behind (their names end in .<pid>.tmp)."""
+    for name in os.listdir(out_dir):
+        pid = name.split(".")[-2] if name.endswith(".tmp") and name.count(".") >= 2 else ""
+        if pid.isdigit() and not pid_alive(int(pid)):
+            os.remove(os.path.join(out_dir, name))
 
 
 def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, device, bar_keys=(),
@@ -231,6 +259,7 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
     resume and written again.
     """
     os.makedirs(cfg.out_dir, exist_ok=True)
+    remove_stale_files(cfg.out_dir)
     ckpt_path, metrics_path = (os.path.join(cfg.out_dir, n) for n in ("checkpoint.pt", "metrics.jsonl"))
     run = {"iter": 0, "train_seconds": 0.0, "pending_eval": eval_at_start}  # pending: evaluate first
     if cfg.resume:
