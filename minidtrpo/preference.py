@@ -164,6 +164,9 @@ def dpo_dtrpo(cfg, policy, ref, both, gen):
     c = dtrpo_scale(both, cfg.scale)  # T_B (unbiased) or 1
     # log μ_ref at the sampled states = the recorded logp_at_reveal: the reference decoded the pair (departure 2)
     ref_logp = reduced_recorded_logprob(both, steps)  # (2B,)
+    if single and policy.config.layout == "full":  # forced single pass: the record holds the true states,
+        with torch.no_grad(), autocast(both.tokens.device):  # so score the reference the same way
+            ref_logp = reduced_trajectory_logprob(ref, both, steps, single_pass=True)  # (2B,)
     with autocast(both.tokens.device):
         # D̂ = c · Σ_b Σ_{i∈I_{b,s_b}} [log μ_θ − log μ_ref](y_i | x, y_{<b}, ỹ_b^(s_b))
         d = c * (reduced_trajectory_logprob(policy, both, steps, single_pass=single) - ref_logp)  # (2B,)

@@ -121,7 +121,7 @@ def dtrpo(single_pass=True):
 def elbo(n_mc, blockwise=False):
     def fn(policy, ref, traj, gen):
         B, L = traj.responses.shape
-        blk = traj.block_size if blockwise else None  # blockwise: estimators departure 4
+        blk = traj.block_size if blockwise else None  # blockwise ELBO masks (docs/math.md §4.3)
         masks = sample_elbo_masks(B, L, n_mc, gen, traj.tokens.device, blk)  # (B, N, L) shared by both models
         tau = traj.logp_temperature
         with torch.no_grad():

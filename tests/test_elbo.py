@@ -1,7 +1,7 @@
 """ELBO Monte Carlo (docs/math.md §4.3, VRPO / BGPO) and d1's one-step estimate (§4.4) against naive references: P11.
 
 The references are Python loops over masks, blocks and positions with plain forward passes on hand-built
-states; they never call minidtrpo.estimators. The blockwise masks (estimators departure 4) get their own
+states; they never call minidtrpo.estimators. The blockwise masks (docs/math.md §4.3) get their own
 P11: the ELBO of the block-by-block orders.
 """
 

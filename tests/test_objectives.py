@@ -194,7 +194,7 @@ def test_p5_bgpo_on_policy_equals_exp_of_mean(clip_eps):
                                ell_old, ADV, clip_eps=clip_eps)
     torch.testing.assert_close(total, base.detach(), rtol=1e-8, atol=0)
     assert_grads_close([p.grad for p in model.parameters()], g_base)
-    model.zero_grad()  # on-policy the old values may come from the graph pass, detached (rl departure 7)
+    model.zero_grad()  # on-policy the old values may come from the graph pass, detached (docs/math.md §5.4)
     total, stats = bgpo_accumulate(lambda j: elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0],
                                    None, ADV, n_mc=4, clip_eps=clip_eps)
     torch.testing.assert_close(total, base.detach(), rtol=1e-8, atol=0)

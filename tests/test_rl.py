@@ -141,6 +141,15 @@ def test_pairs_and_dpo_every_estimator(ckpt, pairs, estimator, tmp_path):
     assert abs(iters[0]["loss"] - 0.6931471805599453) < 1e-4
 
 
+def test_dpo_forced_single_pass_in_full_layout_starts_at_log_2(full_ckpt, full_pairs, tmp_path):
+    """Full layout, --single_pass=true: policy and reference are scored by the same approximate pass, so
+    D = 0 at θ = ref and the first loss is log 2 (P10), not biased by the record's true states."""
+    main(["dpo", f"--init={full_ckpt}", f"--pairs={full_pairs}", "--single_pass=true", "--max_iters=1",
+          "--eval_every=0", f"--out_dir={tmp_path}", *TINY_DPO])
+    first = [r for r in rows(tmp_path) if "test_exact" not in r][0]
+    assert abs(first["loss"] - 0.6931471805599453) < 1e-5
+
+
 def test_dpo_rejects_pairs_of_another_model(full_ckpt, full_pairs, tmp_path):
     other = str(tmp_path / "other.pt")
     state = torch.load(full_ckpt, weights_only=True)
@@ -228,7 +237,7 @@ def test_compare_subprocess_trains_its_own_start(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The flat-memory exact-trajectory DPO gradient (preference.py, departure 1) against plain autograd
+# The flat-memory exact-trajectory DPO gradient (docs/math.md §5.3) against plain autograd
 
 
 def test_flat_memory_exact_dpo_equals_autograd(layout):
