@@ -36,7 +36,8 @@ from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
 from minidtrpo.rl import UPDATES, RLConfig
 from minidtrpo.sampling import Trajectory
 from minidtrpo.tasks import get_task
-from minidtrpo.train import Meters, load, model_config, rollout
+from minidtrpo.meters import Meters
+from minidtrpo.train import load, model_config, rollout
 
 
 def sync(device):

@@ -1,4 +1,4 @@
-"""Command line: python -m minidtrpo <command> [--option=value ...]; `python -m minidtrpo <command> --help`."""
+"""Command line: `python -m minidtrpo <command> [--option=value ...]`; `--help` lists options."""
 
 import json
 import sys
@@ -38,7 +38,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     prompts = task.test_set(cfg.n, seed=cfg.seed)[0] if cfg.split == "test" else \
         task.sample(cfg.n, "train", generator=gen)[0]
     m = evaluate(model, task, prompts.to(device), steps_per_block=cfg.steps_per_block,
-                 temperature=cfg.temperature, generator=torch.Generator(device).manual_seed(cfg.seed))
+                 temperature=cfg.temperature,
+                 generator=torch.Generator(device).manual_seed(cfg.seed))
     print(json.dumps(m))
     return m
 
@@ -46,11 +47,11 @@ def run_eval(cfg: EvalConfig) -> dict:
 COMMANDS = {  # name: (options, what runs them, one line of help)
     "sft": (SFTConfig, train_sft, "supervised masked-diffusion training (minidtrpo/train.py)"),
     "eval": (EvalConfig, run_eval, "evaluate a checkpoint (prints one JSON line)"),
-    "rl": (RLConfig, train_rl, "online RL: full_trajectory | bgpo | diffu_grpo | vrpo_ol (minidtrpo/rl.py)"),
-    "pairs": (PairsConfig, make_pairs, "sample (best, worst) pairs with trajectories from a frozen reference"),
-    "dpo": (DPOConfig, train_dpo, "offline DPO on pairs: dtrpo | full_trajectory | vrpo (preference.py)"),
-    "compare": (CompareConfig, compare, "every objective, same start, budget and seeds: table + figure"),
-    "estimators": (ReportConfig, run_report, "bias, noise, gradient cosine and cost of every estimator"),
+    "rl": (RLConfig, train_rl, "online RL: full_trajectory | bgpo | diffu_grpo | vrpo_ol (rl.py)"),
+    "pairs": (PairsConfig, make_pairs, "sample (best, worst) pairs with trajectories"),
+    "dpo": (DPOConfig, train_dpo, "offline DPO: dtrpo | full_trajectory | vrpo (preference.py)"),
+    "compare": (CompareConfig, compare, "every objective, same start and budget: table, figure"),
+    "estimators": (ReportConfig, run_report, "bias, noise, gradient and cost of each estimator"),
 }
 
 

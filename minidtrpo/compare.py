@@ -1,19 +1,19 @@
 """Head-to-head: every objective from one SFT start, under the same wall-clock budget and seeds.
 
-The experiment the dTRPO (arXiv 2603.18806) and BGPO (arXiv 2510.11683) papers report at 7-8B scale, at toy
-scale: the four online objectives of rl.py (full_trajectory, bgpo, diffu_grpo, vrpo_ol) and the three DPO
-estimators of preference.py (dpo_dtrpo, dpo_full_trajectory, dpo_vrpo), each run for `budget` seconds of
-training (rollouts + updates; evaluation and pair sampling excluded) for every seed. Writes compare.md (a
-table, also printed) and compare.png (test exact accuracy and reward against training seconds and against
-iterations: the mean over seeds, and the min–max band).
+The experiment the dTRPO (arXiv 2603.18806) and BGPO (arXiv 2510.11683) papers report at 7-8B
+scale, at toy scale: the four online objectives of rl.py (full_trajectory, bgpo, diffu_grpo,
+vrpo_ol) and the three DPO estimators of preference.py (dpo_dtrpo, dpo_full_trajectory, dpo_vrpo),
+each run for `budget` seconds of training (rollouts + updates; evaluation and pair sampling
+excluded) per seed. Writes compare.md (a table, also printed) and compare.png (test exact accuracy
+and reward against training seconds and iterations: mean over seeds, min–max band).
 
 Choices:
-1. Every score is the FINAL checkpoint's, never the best one seen (picking the best overfits the test set).
-2. Each run is a subprocess by default, so its peak RSS is its own; `subprocess=false` runs in-process
-   (faster to start, for tests; RSS is then the whole process's).
-3. The SFT start is trained once into out_dir/sft and reused; pairs are sampled once per seed from it
-   (out_dir/pairs_seed<s>.pt) and reused; a run whose folder holds a finished run of the same config is
-   reused, an unfinished one is resumed: rerunning the command after an interruption continues it.
+1. Every score is the FINAL checkpoint's, never the best one seen (that would overfit the test set).
+2. Each run is a subprocess by default, so its peak RSS is its own; `subprocess=false` runs
+   in-process (faster to start, for tests; RSS is then the whole process's).
+3. The SFT start (out_dir/sft) and each seed's pairs (out_dir/pairs_seed<s>.pt) are made once and
+   reused; a finished run of the same config is reused, an unfinished one resumed: rerunning the
+   command after an interruption continues it.
 """
 
 import os
@@ -38,23 +38,28 @@ ALL = OBJECTIVES + DPO
 class CompareConfig:
     """Run every objective from the same start, budget and seeds; write a table and figures."""
     task: str = arg("sudoku", "task", TASKS)
-    # The key=value options below pass options through to another command (sft, rl, dpo, pairs), whose own
-    # parser checks them before any run starts; lists are comma-separated.
+    # The key=value options below pass options through to another command (sft, rl, dpo, pairs),
+    # whose own parser checks them before any run starts; lists are comma-separated.
     task_options: str = arg("", "task options as key=value,... (for the SFT start)")
     layout: str = arg("full", "attention layout of the SFT start", LAYOUTS)
-    sft_budget: float = arg(180.0, "seconds of SFT for the start (reused when out_dir/sft/checkpoint.pt exists)")
+    sft_budget: float = arg(
+        180.0, "seconds of SFT for the start (reused when out_dir/sft/checkpoint.pt exists)")
     sft_args: str = arg("", "more sft options for the start, key=value,... (e.g. d_model=64)")
     init: str = arg("", "start from this checkpoint instead of training one")
-    budget: float = arg(240.0, "seconds of training per run (rollout + update; evaluation excluded)")
+    budget: float = arg(
+        240.0, "seconds of training per run (rollout + update; evaluation excluded)")
     objectives: str = arg(",".join(ALL), f"comma-separated subset of {', '.join(ALL)}")
     seeds: str = arg("0,1", "comma-separated seeds; each objective runs once per seed")
-    lr_overrides: str = arg("bgpo=2e-4,vrpo_ol=2e-4,diffu_grpo=1e-5,dpo_full_trajectory=1e-5,dpo_vrpo=1e-5",
-                            "per-objective learning rates, name=lr,...; the others keep their command's default "
-                            "(1e-4); README, 'Objectives head to head', says where each default comes from")
-    rl_args: str = arg("", "more rl options for the online runs, key=value,... (e.g. num_prompts=8)")
+    lr_overrides: str = arg(
+        "bgpo=2e-4,vrpo_ol=2e-4,diffu_grpo=1e-5,dpo_full_trajectory=1e-5,dpo_vrpo=1e-5",
+        "per-objective learning rates, name=lr,...; the others keep their command's default "
+        "(1e-4); README, 'Objectives head to head', says where each default comes from")
+    rl_args: str = arg(
+        "", "more rl options for the online runs, key=value,... (e.g. num_prompts=8)")
     dpo_args: str = arg("", "more dpo options for the DPO runs, key=value,... (e.g. beta=0.1)")
     pairs_args: str = arg("", "more pairs options, key=value,... (e.g. num_prompts=256)")
-    eval_every_s: float = arg(30.0, "evaluate every this many training seconds (and at the start and end)")
+    eval_every_s: float = arg(
+        30.0, "evaluate every this many training seconds (and at the start and end)")
     eval_n: int = arg(500, "fixed test problems per evaluation")
     max_iters: int = arg(100_000, "also stop a run after this many iterations")
     subprocess: bool = arg(True, "one subprocess per run (clean peak memory); false: in-process")
@@ -64,15 +69,18 @@ class CompareConfig:
     def __post_init__(self):
         names = self.objectives.split(",")
         bad = [n for n in names if n not in ALL]
-        check(not bad, "objectives", self.objectives, f"a comma-separated subset of {', '.join(ALL)}")
+        check(not bad, "objectives", self.objectives,
+              f"a comma-separated subset of {', '.join(ALL)}")
         seeds = self.seeds.split(",")
-        check(all(s.strip().isdigit() for s in seeds), "seeds", self.seeds, "comma-separated ints >= 0")
+        check(all(s.strip().isdigit() for s in seeds), "seeds", self.seeds,
+              "comma-separated ints >= 0")
         try:
             lrs = parse_options(self.lr_overrides)
         except ValueError:
             lrs = {"": None}
         check(all(k in ALL and isinstance(v, (int, float)) and v > 0 for k, v in lrs.items()),
-              "lr_overrides", self.lr_overrides, f"name=lr,... with names among {', '.join(ALL)}, lr > 0")
+              "lr_overrides", self.lr_overrides,
+              f"name=lr,... with names among {', '.join(ALL)}, lr > 0")
         check(self.budget > 0, "budget", self.budget, "seconds > 0")
         check(self.sft_budget > 0, "sft_budget", self.sft_budget, "seconds > 0")
         check(self.eval_every_s >= 0, "eval_every_s", self.eval_every_s, "seconds >= 0")
@@ -86,10 +94,8 @@ def _options(text: str) -> list[str]:
 
 
 def _reusable(folder: str, config) -> str:
-    """'done' if folder holds a finished run of this config, 'partial' if an unfinished one, else 'new'.
-
-    An option added after the run was saved counts as its default value.
-    """
+    """'done' if folder holds a finished run of this config, 'partial' if an unfinished one, else
+    'new'. An option added after the run was saved counts as its default value."""
     ckpt = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(ckpt):
         return "new"
@@ -115,10 +121,10 @@ def sft_start(cfg: CompareConfig) -> str:
 
 
 def pairs_file(cfg: CompareConfig, init: str, seed: int) -> str:
-    """Pairs for the DPO runs of one seed, sampled once from the start (not counted in the budget)."""
+    """Pairs for the DPO runs of one seed, sampled once from the start (outside the budget)."""
     path = os.path.join(cfg.out_dir, f"pairs_seed{seed}.pt")
-    pcfg = parse(PairsConfig, [f"--init={init}", f"--seed={seed}", f"--device={cfg.device}", f"--out={path}",
-                               *_options(cfg.pairs_args)], "pairs")
+    pcfg = parse(PairsConfig, [f"--init={init}", f"--seed={seed}", f"--device={cfg.device}",
+                               f"--out={path}", *_options(cfg.pairs_args)], "pairs")
     if not os.path.exists(path) or torch.load(path, weights_only=True)["config"] != asdict(pcfg):
         make_pairs(pcfg)
     return path
@@ -127,17 +133,20 @@ def pairs_file(cfg: CompareConfig, init: str, seed: int) -> str:
 def run_one(cfg: CompareConfig, name: str, seed: int, init: str) -> str:
     """Run (or reuse, or resume) one objective for one seed; returns its folder."""
     folder = os.path.join(cfg.out_dir, name, f"seed{seed}")
-    common = [f"--init={init}", f"--seed={seed}", f"--time_budget={cfg.budget}", f"--max_iters={cfg.max_iters}",
-              "--eval_every=0", f"--eval_every_s={cfg.eval_every_s}", f"--eval_n={cfg.eval_n}",
+    common = [f"--init={init}", f"--seed={seed}", f"--time_budget={cfg.budget}",
+              f"--max_iters={cfg.max_iters}", "--eval_every=0",
+              f"--eval_every_s={cfg.eval_every_s}", f"--eval_n={cfg.eval_n}",
               f"--device={cfg.device}", f"--out_dir={folder}"]
     lr = parse_options(cfg.lr_overrides).get(name)
     common += [f"--lr={lr}"] if lr is not None else []
     if name in OBJECTIVES:
         kind, cls, argv = "rl", RLConfig, [*common, f"--objective={name}", *_options(cfg.rl_args)]
     else:
-        argv = [*common, f"--pairs={pairs_file(cfg, init, seed)}", f"--estimator={name[4:]}", *_options(cfg.dpo_args)]
+        argv = [*common, f"--pairs={pairs_file(cfg, init, seed)}", f"--estimator={name[4:]}",
+                *_options(cfg.dpo_args)]
         kind, cls = "dpo", DPOConfig
-    status = _reusable(folder, parse(cls, argv, kind))  # parse first: a bad option fails before any run
+    # parse first: a bad option fails before any run
+    status = _reusable(folder, parse(cls, argv, kind))
     print(f"\n=== {name}, seed {seed}: {status} run in {folder}")
     if status == "done":
         return folder
@@ -151,42 +160,48 @@ def run_one(cfg: CompareConfig, name: str, seed: int, init: str) -> str:
 
 
 def summarise(folder: str) -> dict:
-    """One run's numbers from its metrics.jsonl: the first and the final evaluation, costs per iteration."""
+    """One run's numbers from its metrics.jsonl: first and final evaluation, costs per iteration."""
     rows = read_metrics(os.path.join(folder, "metrics.jsonl"))
     evals = [r for r in rows if "test_exact" in r]
-    updates = [r for r in rows if "test_exact" not in r and r["update_s"] > 0]  # skipped updates excluded
+    # skipped updates excluded
+    updates = [r for r in rows if "test_exact" not in r and r["update_s"] > 0]
 
     def mean(key):
         values = [r[key] for r in updates if key in r]
         return sum(values) / len(values) if values else float("nan")
 
     return {"start_exact": evals[0]["test_exact"], "final_exact": evals[-1]["test_exact"],
-            "final_reward": evals[-1]["test_reward"], "iters": evals[-1]["iter"], "update_s": mean("update_s"),
-            "rollout_s": mean("rollout_s"), "passes": mean("passes_per_response"),
+            "final_reward": evals[-1]["test_reward"], "iters": evals[-1]["iter"],
+            "update_s": mean("update_s"), "rollout_s": mean("rollout_s"),
+            "passes": mean("passes_per_response"),
             "peak_saved_mb": max([r["peak_saved_mb"] for r in updates] or [float("nan")]),
             "rss_mb": max([r.get("rss_mb", float("nan")) for r in updates] or [float("nan")]),
-            "curve": [(r["train_seconds"], r["iter"], r["test_exact"], r["test_reward"]) for r in evals]}
+            "curve": [(r["train_seconds"], r["iter"], r["test_exact"], r["test_reward"])
+                      for r in evals]}
 
 
 def table(results: dict) -> str:
-    """Markdown table: one row per objective, seeds pooled (mean, and [min–max] of the final accuracy)."""
-    head = ("| objective | start exact | final exact, mean [min–max] | final reward | rollout s/iter | "
-            "update s/iter | passes/response | peak saved MB | peak RSS MB | iterations |")
+    """Markdown table: one row per objective, seeds pooled (mean, [min–max] of the final exact)."""
+    head = ("| objective | start exact | final exact, mean [min–max] | final reward | "
+            "rollout s/iter | update s/iter | passes/response | peak saved MB | peak RSS MB | "
+            "iterations |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, runs in results.items():
         def mean(key, fmt):
             value = sum(r[key] for r in runs) / len(runs)
-            return "—" if value != value else format(value, fmt)  # NaN (e.g. DPO has no rollouts): a dash
+            return "—" if value != value else format(value, fmt)  # NaN (DPO: no rollouts): a dash
         finals = [100 * r["final_exact"] for r in runs]
-        lines.append(f"| {name} | {100 * float(mean('start_exact', '')):.1f}% | {sum(finals) / len(finals):.1f}% "
-                     f"[{min(finals):.1f}–{max(finals):.1f}] | {mean('final_reward', '.3f')} | "
-                     f"{mean('rollout_s', '.2f')} | {mean('update_s', '.2f')} | {mean('passes', '.1f')} | "
-                     f"{mean('peak_saved_mb', '.0f')} | {mean('rss_mb', '.0f')} | {mean('iters', '.0f')} |")
+        lines.append(f"| {name} | {100 * float(mean('start_exact', '')):.1f}% | "
+                     f"{sum(finals) / len(finals):.1f}% [{min(finals):.1f}–{max(finals):.1f}] | "
+                     f"{mean('final_reward', '.3f')} | {mean('rollout_s', '.2f')} | "
+                     f"{mean('update_s', '.2f')} | {mean('passes', '.1f')} | "
+                     f"{mean('peak_saved_mb', '.0f')} | {mean('rss_mb', '.0f')} | "
+                     f"{mean('iters', '.0f')} |")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: str):
-    """Test exact accuracy and reward against training seconds and iterations: mean and min–max over seeds."""
+    """Test exact accuracy and reward vs training seconds and iterations: mean, min–max of seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -197,13 +212,16 @@ def plot(results: dict, path: str):
             for col, (x, xlabel) in enumerate([(0, "training seconds"), (1, "iterations")]):
                 end = min(r["curve"][-1][x] for r in runs)  # the x range every seed reached
                 grid = np.linspace(0, end, 80)
-                ys = np.stack([np.interp(grid, [p[x] for p in r["curve"]], [p[y] for p in r["curve"]]) for r in runs])
+                ys = np.stack([np.interp(grid, [p[x] for p in r["curve"]],
+                                         [p[y] for p in r["curve"]]) for r in runs])
                 ax = axes[row, col]
                 line, = ax.plot(grid, ys.mean(0), label=name, lw=1.4)
-                ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15, lw=0)
+                ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15,
+                                lw=0)
                 ax.set(xlabel=xlabel, ylabel=label)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("final-checkpoint scores on the fixed test set (greedy); band = min–max over seeds")
+    fig.suptitle("final-checkpoint scores on the fixed test set (greedy); "
+                 "band = min–max over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -214,12 +232,15 @@ def compare(cfg: CompareConfig) -> str:
     names, seeds = cfg.objectives.split(","), [int(s) for s in cfg.seeds.split(",")]
     os.makedirs(cfg.out_dir, exist_ok=True)
     init = cfg.init or sft_start(cfg)
-    results = {name: [summarise(run_one(cfg, name, seed, init)) for seed in seeds] for name in names}
+    results = {name: [summarise(run_one(cfg, name, seed, init)) for seed in seeds]
+               for name in names}
     text = table(results)
-    command = "python -m minidtrpo compare " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items())
+    command = ("python -m minidtrpo compare "
+               + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
-        f.write(f"# Head-to-head on {cfg.task}\n\n`{command}`\n\nstart: `{init}`; {cfg.budget:g} training seconds "
-                f"per run; seeds {cfg.seeds}; final checkpoint, greedy decoding of {cfg.eval_n} test problems.\n\n"
+        f.write(f"# Head-to-head on {cfg.task}\n\n`{command}`\n\nstart: `{init}`; "
+                f"{cfg.budget:g} training seconds per run; seeds {cfg.seeds}; final checkpoint, "
+                f"greedy decoding of {cfg.eval_n} test problems.\n\n"
                 f"{text}\n\n![compare](compare.png)\n")
     plot(results, os.path.join(cfg.out_dir, "compare.png"))
     print("\n" + text)

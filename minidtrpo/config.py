@@ -1,10 +1,11 @@
-"""Command-line options built with argparse from config dataclasses; device, precision and file writes.
+"""Command-line options made with argparse from config dataclasses; device, precision, file writes.
 
-Each config is a dataclass whose fields are declared with `arg(default, help, choices)`. `parse(cls, argv)`
-makes one argparse option per field (`--name=value` or `--name value`; a bare boolean flag means true),
-then builds the dataclass, whose `__post_init__` checks the rules between fields. Every bad input (an
-unknown option, a value of the wrong type, a value outside `choices`, a broken cross-field rule) stops the
-program before any work with one line naming the option, the value and what is valid (exit code 2).
+Each config is a dataclass whose fields are declared with `arg(default, help, choices)`.
+`parse(cls, argv)` makes one argparse option per field (`--name=value` or `--name value`; a bare
+boolean flag means true), then builds the dataclass, whose `__post_init__` checks the rules between
+fields. Every bad input (an unknown option, a value of the wrong type or outside `choices`, a broken
+rule) stops the program before any work with one line naming the option, the value and what is
+valid (exit code 2).
 """
 
 import argparse
@@ -46,13 +47,15 @@ def _converter(name: str, typ, choices):
     def convert(text: str):
         if typ is bool:
             if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                raise argparse.ArgumentTypeError(f"--{name}={text!r} is not a boolean; valid: true, false")
+                raise argparse.ArgumentTypeError(
+                    f"--{name}={text!r} is not a boolean; valid: true, false")
             value = text.lower() in ("1", "true", "yes")
         else:
             try:
                 value = typ(text)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"--{name}={text!r} is not a valid {typ.__name__}") from None
+                raise argparse.ArgumentTypeError(
+                    f"--{name}={text!r} is not a valid {typ.__name__}") from None
         if choices and value not in choices:
             raise argparse.ArgumentTypeError(f"--{name}={value!r} is not valid; choose one of "
                                              f"{', '.join(map(str, choices))}")
@@ -91,7 +94,7 @@ def parse(cls, argv: list[str], prog: str):
 
 
 def parse_options(text: str) -> dict:
-    """'digits=4,lsb_first=true' -> {'digits': 4, 'lsb_first': True} (ints, floats, booleans, strings)."""
+    """'digits=4,lsb_first=true' -> {'digits': 4, 'lsb_first': True} (int, float, bool or str)."""
     options = {}
     for item in filter(None, text.split(",")):
         key, eq, value = item.partition("=")
@@ -108,7 +111,7 @@ def parse_options(text: str) -> dict:
     return options
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Device, precision, files
 
 
@@ -134,8 +137,8 @@ def autocast(device: torch.device):
 
 
 def atomic_save(obj, path: str):
-    """torch.save to a temporary file, then rename: an interruption never leaves a half-written file."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: two writers never share a temporary file
+    """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: no two writers share a temporary file
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

@@ -1,29 +1,28 @@
-"""Likelihood estimators of a response under the masked-diffusion policy (docs/math.md §4). They call the model.
+"""Likelihood estimators of a response under the masked-diffusion policy (docs/math.md §4).
 
-What each objective uses to score a sampled response y given its prompt x:
-- `trajectory_logprob`: the exact log-probability of the decoding trajectory (docs/math.md §4.1; TraceRL,
-  arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924), T = N_B·T_B states.
-- `reduced_trajectory_logprob` + `dtrpo_logratio`: dTRPO's reduced trajectory (arXiv 2603.18806, docs/math.md §4.2),
-  one sampled state per block, all scored in one forward pass.
+They call the model. What each objective uses to score a sampled response y given its prompt x:
+- `trajectory_logprob`: the exact log-probability of the decoding trajectory (docs/math.md §4.1;
+  TraceRL, arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924), T = N_B·T_B states.
+- `reduced_trajectory_logprob` + `dtrpo_logratio`: dTRPO's reduced trajectory (arXiv 2603.18806,
+  docs/math.md §4.2), one sampled state per block, all scored in one forward pass.
 - `elbo_terms` + `sample_elbo_masks`: the Monte Carlo ELBO of VRPO (arXiv 2505.19223) / BGPO
   (arXiv 2510.11683), docs/math.md §4.3.
 - `one_step_logprob` + `sample_prompt_mask`: d1 / diffu-GRPO's one-step mean-field estimate
   (arXiv 2504.12216), docs/math.md §4.4.
 
 Conventions and departures:
-1. μ_θ(v | x, s) = softmax(logits_θ(x, s) / τ)[v], τ = the rollout temperature (`traj.logp_temperature`,
-   1 for greedy rollouts): exactly what the sampler records in `logp_at_reveal`. Estimators that take
-   (prompts, responses) take `temperature=1.0`.
-2. Block layout: a noisy block is always scored in one pass of [x ; clean y ; noisy ỹ] (clean and noisy
-   copies share position ids) with `model.clean_noisy_mask`, so each noisy block sees x and the clean
-   earlier blocks: the block-diffusion (BD3-LM, arXiv 2503.09573) conditional the model is trained on.
-   Full layout: plain passes on [x ; state], except dTRPO's optional single pass (an approximation there).
-3. Many states are stacked along the batch and run as a few large forward calls of at most `chunk` rows;
-   there is no Python loop over sequences.
-4. ELBO masks in the full layout (option, `block_size=b`): docs/math.md §4.3's masks are uniform over the whole
-   response, states a block-by-block sampler never visits (later blocks partly revealed). The blockwise
-   masks keep earlier blocks clean, later blocks masked, and score one block: the ELBO of the
-   semi-autoregressive sampler, Σ_k E_m[(b/m)·Σ_{i∈k masked} log μ_θ], with one block per sample.
+1. μ_θ(v | x, s) = softmax(logits_θ(x, s) / τ)[v], τ = the rollout temperature
+   (`traj.logp_temperature`, 1 for greedy rollouts): exactly what the sampler records in
+   `logp_at_reveal`. Estimators that take (prompts, responses) take `temperature=1.0`.
+2. Block layout: a noisy block is always scored in one [x ; clean y ; noisy ỹ] pass (shared
+   position ids, `model.clean_noisy_mask`), seeing x and the clean earlier blocks: the
+   block-diffusion (BD3-LM, arXiv 2503.09573) conditional the model is trained on. Full layout:
+   plain passes on [x ; state], except dTRPO's optional single pass (an approximation there).
+3. Many states are stacked along the batch and run as a few large forward calls of at most `chunk`
+   rows; there is no Python loop over sequences.
+4. ELBO masks in the full layout (option, `block_size=b`): instead of uniform masks over the whole
+   response (states a block-by-block sampler never visits), blockwise masks keep earlier blocks
+   clean, later blocks masked, and score one block: the semi-autoregressive sampler's ELBO (§4.3).
 
 Shapes: B batch, P prompt length, L response length, V vocab, N MC samples, N_B blocks, T steps,
 S forward passes (states scored side by side).
@@ -42,7 +41,7 @@ def _response_logps(model, prompts, states, tau, *, clean=None, block_size=None,
     """log μ_θ(· | x, state) at the L response positions of every row: (n, P), (n, L) -> (n, L, V).
 
     clean=None: a plain pass on [x ; state] with the model's layout mask.
-    clean=(n, L) tokens: one pass on [x ; clean ; state] with clean_noisy_mask (block diffusion trick).
+    clean=(n, L) tokens: one pass on [x ; clean ; state] with clean_noisy_mask (docs/math.md §1).
     """
     n, P = prompts.shape
     L, device = states.shape[1], states.device
@@ -51,76 +50,66 @@ def _response_logps(model, prompts, states, tau, *, clean=None, block_size=None,
     else:
         tokens = torch.cat([prompts, clean, states], 1)  # (n, P+2L)
         # the clean copy and the noisy copy of response token i both sit at position P + i
-        positions = torch.cat([torch.arange(P + L, device=device), torch.arange(P, P + L, device=device)])
+        positions = torch.cat([torch.arange(P + L, device=device),
+                               torch.arange(P, P + L, device=device)])
         attn = clean_noisy_mask(P, L, block_size, device)  # (P+2L, P+2L)
-    logits = torch.cat([model(tokens[i:i + chunk], positions, attn)[:, -L:] for i in range(0, n, chunk)])
+    logits = torch.cat([model(tokens[i:i + chunk], positions, attn)[:, -L:]
+                        for i in range(0, n, chunk)])
     return F.log_softmax(logits / tau, dim=-1)  # (n, L, V)
 
 
 def _check_block_size(model, traj):
     if model.config.layout == "block" and traj.block_size != model.config.block_size:
-        raise ValueError(f"trajectory block_size={traj.block_size} != model block_size={model.config.block_size}")
+        raise ValueError(f"trajectory block_size={traj.block_size} "
+                         f"!= model block_size={model.config.block_size}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# §4.1 Exact full trajectory
-
-
+# §4.1 Exact full trajectory ----------------------------------------------------------------------
 def trajectory_logprob(model, traj, *, position_term=False, per_step=False, chunk=256):
-    """Exact log π_θ(τ | x) of the recorded decoding trajectory (docs/math.md §4.1) -> (B,), or (B, T) per step.
+    """Exact log π_θ(τ | x) of the recorded trajectory -> (B,), or (B, T) per step if per_step.
 
     log π_θ(τ | x) = Σ_t [ log S_t(I_t | τ_t) + Σ_{i∈I_t} log μ_θ(y_i | x, τ_t) ]
-    with τ_t = the response with every token of unmask_step ≥ t masked.
-    Evaluated with the sampling model it reproduces Σ traj.logp_at_reveal (P1). Cost: full layout, T plain
-    passes of length P+L; block layout, T_B passes of length P+2L: within-block step s of every block at
-    once, the noisy copy of block b in its state before step b·T_B+s (exact, the block sees nothing later).
-
-    position_term=True adds log S_t, the probability that the sampler picked exactly the positions I_t:
-    - random remasking: log S_t = −log C(m_t, k_t), m_t masked positions of the block, k_t = |I_t|.
-      It does not depend on θ and cancels in every ratio, which is why practical methods drop it (P2).
-    - low-confidence remasking, τ > 0. Derivation: the sampler draws independent candidates c_j ~ μ_j at
-      all m_t masked positions j of the block and reveals the k_t most confident, μ_j(c_j). The step
-      reveals exactly I_t with tokens y_{I_t} iff c_i = y_i for i ∈ I_t and every other masked j has
-      μ_j(c_j) < c_min = min_{i∈I_t} μ_i(y_i) (ties have probability ~0 and are ignored). The candidates
-      are independent and those at j ∉ I_t are thrown away (re-masked), so they are summed over:
-          P(τ_{t−1} | τ_t) = Π_{i∈I_t} μ_i(y_i) · Π_{j masked, j∉I_t} Σ_{v: μ_j(v) < c_min} μ_j(v)
-      the second factor is S_t; it depends on θ and does not cancel in ratios. The last step of a block has
-      no other masked position: S_t = 1. Checked against brute-force enumeration of the candidates in
-      tests/test_estimators.py.
-    - τ = 0 (greedy): the transition is deterministic, there is no density: ValueError.
-    per_step=True returns (B, T) per-step sums (step-level ratios, TraceRL) instead of their total (B,).
+    τ_t: the response with unmask_step ≥ t masked. Token part only unless position_term=True; with
+    the sampling model it reproduces Σ traj.logp_at_reveal (P1). Passes: full layout, T of length
+    P+L; block layout, T_B of length P+2L (pass s: block b in its state before step b·T_B+s, exact).
+    position_term: log S_t = −log C(m_t, k_t) under random remasking (θ-free, cancels in ratios,
+    P2); under low confidence (τ > 0) a θ-dependent sum over the discarded candidates, checked by
+    enumeration in tests/test_estimators.py; a greedy rollout (τ = 0) raises ValueError.
+    per_step=True: TraceRL's step-level sums. Derivation: docs/math.md §4.1.
     """
     _check_block_size(model, traj)
     if position_term and traj.temperature == 0:
-        raise ValueError("position_term needs a sampled trajectory (temperature > 0): a greedy step is deterministic")
+        raise ValueError("position_term needs a sampled trajectory (temperature > 0): "
+                         "a greedy step is deterministic")
     y, us = traj.responses, traj.unmask_step  # (B, L), (B, L)
     B, L = y.shape
-    T_B, b = traj.steps_per_block, traj.block_size
+    T, T_B, b = traj.num_steps, traj.steps_per_block, traj.block_size
     block_of = torch.arange(L, device=y.device) // b  # (L,) block index of each response position
     if model.config.layout == "block":
-        s = torch.arange(T_B, device=y.device)[:, None, None]  # (T_B, 1, 1) within-block step of each pass
+        s = torch.arange(T_B, device=y.device)[:, None, None]  # (T_B, 1, 1) within-block step
         step_of = block_of * T_B + s  # (T_B, 1, L) the global step at which each position is scored
-        active = torch.ones_like(step_of, dtype=torch.bool)  # every block is the "current" one in its copy
-        states = y.masked_fill(us >= step_of, traj.mask_id)  # (T_B, B, L) each block in its state before step_of
-        # the T_B copies stacked as rows (s b): state-major, one row per (pass, trajectory)
-        logp = _response_logps(model, repeat(traj.prompts, "b p -> (s b) p", s=T_B),
-                               rearrange(states, "s b l -> (s b) l"), traj.logp_temperature,
-                               clean=repeat(y, "b l -> (s b) l", s=T_B), block_size=b, chunk=chunk)
+        active = torch.ones_like(step_of, dtype=torch.bool)  # each block is "current" in its copy
+        states = y.masked_fill(us >= step_of, traj.mask_id)  # (T_B, B, L) states before step_of
+        pass_kw = dict(clean=repeat(y, "b l -> (s b) l", s=T_B), block_size=b)  # [x ; y ; ỹ]
     else:
-        step_of = torch.arange(traj.num_steps, device=y.device)[:, None, None].expand(-1, 1, L)  # (T, 1, L)
+        step_of = torch.arange(T, device=y.device)[:, None, None].expand(-1, 1, L)  # (T, 1, L)
         active = block_of == step_of // T_B  # (T, 1, L) positions of the block decoded at step t
-        states = y.masked_fill(us >= step_of, traj.mask_id)  # (T, B, L) state τ_t: unmask_step ≥ t masked
-        logp = _response_logps(model, repeat(traj.prompts, "b p -> (s b) p", s=len(states)),
-                               rearrange(states, "s b l -> (s b) l"), traj.logp_temperature, chunk=chunk)
+        states = y.masked_fill(us >= step_of, traj.mask_id)  # (T, B, L) τ_t: unmask_step ≥ t masked
+        pass_kw = {}  # plain passes on [x ; τ_t]
     n = len(states)  # S passes
+    # the S states stacked as rows (s b): state-major, one row per (pass, trajectory)
+    logp = _response_logps(model, repeat(traj.prompts, "b p -> (s b) p", s=n),
+                           rearrange(states, "s b l -> (s b) l"), traj.logp_temperature,
+                           chunk=chunk, **pass_kw)
     logp = rearrange(logp, "(s b) l v -> s b l v", s=n)
-    tok = logp.gather(-1, y.expand(n, B, L)[..., None]).squeeze(-1)  # (S, B, L) log μ_θ(y_i | x, state)
+    tok = logp.gather(-1, y.expand(n, B, L)[..., None]).squeeze(-1)  # (S, B, L) log μ_θ(y_i | x, ·)
     revealed = active & (us == step_of)  # (S, B, L): token i is revealed in exactly one pass
     # Σ_{i∈I_t} log μ_θ(y_i | x, τ_t), placed at step t = unmask_step_i
-    logp_reveal = torch.where(revealed, tok, 0.0).sum(0)  # (B, L) == traj.logp_at_reveal for the sampler
-    steps = torch.zeros(B, traj.num_steps, dtype=logp.dtype, device=y.device).scatter_add(1, us, logp_reveal)
+    logp_reveal = torch.where(revealed, tok, 0.0).sum(0)  # (B, L) == logp_at_reveal (sampler)
+    steps = torch.zeros(B, T, dtype=logp.dtype, device=y.device).scatter_add(1, us, logp_reveal)
     if position_term:  # log π_θ(τ_{t−1} | τ_t) = log S_t + Σ_{i∈I_t} log μ_θ(y_i | x, τ_t)
-        steps = steps + _log_selection_prob(traj, logp, tok, revealed, active & (us > step_of), step_of)
+        others = active & (us > step_of)  # (S, B, L) masked in the current block, not revealed
+        steps = steps + _log_selection_prob(traj, logp, tok, revealed, others, step_of)
     return steps if per_step else steps.sum(1)
 
 
@@ -128,50 +117,49 @@ def _log_selection_prob(traj, logp, tok, revealed, others, step_of):
     """log S_t per step (B, T) from the passes' log-probs (S, B, L, V); see `trajectory_logprob`."""
     S, B, L, _ = logp.shape
     n_blocks, b = traj.num_blocks, traj.block_size
-    step_b = step_of.expand(S, B, L).reshape(S, B, n_blocks, b)[..., 0]  # (S, B, N_B) step of each block's copy
-    m = (revealed | others).view(S, B, n_blocks, b).sum(-1)  # (S, B, N_B) masked positions m_t of the block
-    k = revealed.view(S, B, n_blocks, b).sum(-1)  # (S, B, N_B) revealed positions k_t
+    by_block = (S, B, n_blocks, b)  # view of an (S, B, L) tensor block by block
+    step_b = step_of.expand(S, B, L).reshape(by_block)[..., 0]  # (S, B, N_B) step of block's copy
+    m = (revealed | others).view(by_block).sum(-1)  # (S, B, N_B) masked positions m_t of the block
+    k = revealed.view(by_block).sum(-1)  # (S, B, N_B) revealed positions k_t
     if traj.remasking == "random":
-        # log S_t = −log C(m_t, k_t)   (k = m = 0 for a block not decoded in this pass: log C(0,0) = 0)
+        # log S_t = −log C(m_t, k_t)   (a block not decoded in this pass: k = m = 0, log C(0,0) = 0)
         m, k_ = m.to(logp.dtype), k.to(logp.dtype)
-        log_s = -(torch.lgamma(m + 1) - torch.lgamma(k_ + 1) - torch.lgamma(m - k_ + 1))  # (S, B, N_B)
+        log_s = -(torch.lgamma(m + 1) - torch.lgamma(k_ + 1)
+                  - torch.lgamma(m - k_ + 1))  # (S, B, N_B)
     else:
         # c_min = min_{i∈I_t} μ_i(y_i), per block of each pass
-        log_cmin = torch.where(revealed, tok, math.inf).view(S, B, n_blocks, b).amin(-1)  # (S, B, N_B)
-        below = logp < log_cmin.repeat_interleave(b, -1)[..., None]  # (S, B, L, V) candidates v: μ_j(v) < c_min
+        log_cmin = torch.where(revealed, tok, math.inf).view(by_block).amin(-1)  # (S, B, N_B)
+        below = logp < log_cmin.repeat_interleave(b, -1)[..., None]  # (S, B, L, V) μ_j(v) < c_min
         keep = others[..., None] & below  # only masked, not revealed positions j contribute
-        # rows that do not contribute get zeros (not all −inf) so that logsumexp has a finite gradient
+        # rows that do not contribute get zeros (not all −inf): logsumexp then has a finite gradient
         masked_lp = torch.where(keep, logp, -math.inf).where(others[..., None], 0.0)  # (S, B, L, V)
         # log S_t = Σ_{j masked, not revealed at t} log Σ_{v: μ_j(v) < c_min} μ_j(v)
         log_s_pos = torch.where(others, masked_lp.logsumexp(-1), 0.0)  # (S, B, L)
-        log_s = log_s_pos.view(S, B, n_blocks, b).sum(-1)  # (S, B, N_B)
+        log_s = log_s_pos.view(by_block).sum(-1)  # (S, B, N_B)
     log_s = torch.where(k > 0, log_s, 0.0)  # only the block decoded at that step counts
     out = torch.zeros(B, traj.num_steps, dtype=logp.dtype, device=logp.device)
-    return out.scatter_add(1, step_b.permute(1, 0, 2).flatten(1), log_s.permute(1, 0, 2).flatten(1))  # (B, T)
+    return out.scatter_add(1, step_b.permute(1, 0, 2).flatten(1),
+                           log_s.permute(1, 0, 2).flatten(1))  # (B, T)
 
 
-# ----------------------------------------------------------------------------------------------------
-# §4.2 dTRPO: reduced trajectory
-
-
+# §4.2 dTRPO: reduced trajectory ------------------------------------------------------------------
 def sample_block_steps(traj, generator=None) -> torch.Tensor:
     """One within-block step s_b ~ U{0..T_B−1} per block, independently: (B, N_B) long."""
     device = generator.device if generator is not None else traj.tokens.device
     shape = (traj.tokens.shape[0], traj.num_blocks)
-    return torch.randint(0, traj.steps_per_block, shape, generator=generator, device=device).to(traj.tokens.device)
+    steps = torch.randint(0, traj.steps_per_block, shape, generator=generator, device=device)
+    return steps.to(traj.tokens.device)
 
 
 def reduced_trajectory_logprob(model, traj, steps, *, single_pass=True, chunk=256) -> torch.Tensor:
-    """dTRPO's reduced trajectory (arXiv 2603.18806, docs/math.md §4.2): one state per block -> (B,).
+    """dTRPO's reduced trajectory (arXiv 2603.18806): one state per block -> (B,).
 
-    Σ_b Σ_{i∈I_{b,s_b}} log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)}),  I_{b,s} = {i : unmask_step_i = b·T_B + s}
-    ỹ_b^{(s)} is block b re-masked to its state just before step b·T_B + s (unmask_step ≥ b·T_B + s masked).
-    steps: (B, N_B) from `sample_block_steps`; the reference must be scored with the same steps.
-    single_pass=True: one forward of [x ; y ; ỹ] (length P+2L) with clean_noisy_mask. Exact in the block
-      layout (P3). In the full layout it is an approximation: the true state also holds the later blocks,
-      masked, which every position sees, and the earlier blocks see block b; under the block mask later
-      blocks are invisible and earlier blocks are encoded alone (tests print the gap).
-    single_pass=False: one plain pass per block on its true state (exact in both layouts), batched.
+    Σ_b Σ_{i∈I_{b,s_b}} log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)}),  I_{b,s}: unmask_step = b·T_B + s
+    ỹ_b^{(s)}: block b re-masked to its state just before step b·T_B + s. steps: (B, N_B) from
+    `sample_block_steps`; the reference must be scored with the same steps. single_pass=True: one
+    [x ; y ; ỹ] pass (length P+2L, clean_noisy_mask), exact in the block layout (P3), approximate in
+    the full layout (tests print the gap); False: one plain pass per block on its true state, exact
+    in both layouts, batched. Derivation: docs/math.md §4.2, and §1 for the single pass.
     """
     _check_block_size(model, traj)
     y, us = traj.responses, traj.unmask_step  # (B, L)
@@ -179,70 +167,70 @@ def reduced_trajectory_logprob(model, traj, steps, *, single_pass=True, chunk=25
     T_B, b, n_blocks = traj.steps_per_block, traj.block_size, traj.num_blocks
     block_of = torch.arange(L, device=y.device) // b  # (L,)
     if single_pass:
-        t = block_of * T_B + steps[:, block_of]  # (B, L) the sampled step t_b of each position's block
+        t = block_of * T_B + steps[:, block_of]  # (B, L) sampled step t_b of the position's block
         noisy = y.masked_fill(us >= t, traj.mask_id)  # (B, L) every block in its own sampled state
-        logp = _response_logps(model, traj.prompts, noisy, traj.logp_temperature, clean=y, block_size=b, chunk=chunk)
+        logp = _response_logps(model, traj.prompts, noisy, traj.logp_temperature, clean=y,
+                               block_size=b, chunk=chunk)
         scored = us == t  # (B, L) the tokens revealed at the sampled step of their block
     else:
-        t = (torch.arange(n_blocks, device=y.device)[:, None] * T_B + steps.T)[..., None]  # (N_B, B, 1)
+        first = torch.arange(n_blocks, device=y.device)[:, None] * T_B  # (N_B, 1) first step
+        t = (first + steps.T)[..., None]  # (N_B, B, 1) the sampled step t_b of each block
         states = y.masked_fill(us >= t, traj.mask_id)  # (N_B, B, L) the true state before step t_b
         logp = _response_logps(model, repeat(traj.prompts, "b p -> (s b) p", s=n_blocks),
-                               rearrange(states, "s b l -> (s b) l"), traj.logp_temperature, chunk=chunk)
+                               rearrange(states, "s b l -> (s b) l"), traj.logp_temperature,
+                               chunk=chunk)
         logp = rearrange(logp, "(s b) l v -> s b l v", s=n_blocks)  # (N_B, B, L, V)
         # pass b scores block b only: at every position, keep the pass of its own block
         logp = logp[block_of, :, torch.arange(L, device=y.device)].transpose(0, 1)  # (B, L, V)
         scored = us == t[block_of, :, 0].T  # (B, L)
     tok = logp.gather(-1, y[..., None]).squeeze(-1)  # (B, L) log μ_θ(y_i | x, state)
-    # Σ_b Σ_{i∈I_{b,s_b}} log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)})   (tokens revealed at other steps: no term)
+    # Σ_b Σ_{i∈I_{b,s_b}} log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)})   (other tokens: no term)
     return torch.where(scored, tok, 0.0).sum(1)  # (B,)
 
 
 def reduced_recorded_logprob(traj, steps) -> torch.Tensor:
     """The reduced trajectory of the model that sampled traj, read from its record, no pass: (B,).
 
-    Σ_b Σ_{i∈I_{b,s_b}} logp_at_reveal_i == reduced_trajectory_logprob(sampler, traj, steps) (P1, state by state):
-    the reference term of D̂ when the reference decoded the response (offline DPO pairs).
+    Σ_b Σ_{i∈I_{b,s_b}} logp_at_reveal_i == reduced_trajectory_logprob(sampler, traj, steps) (P1,
+    state by state): the reference term of D̂ when the reference decoded the response (DPO pairs).
     """
-    block_of = torch.arange(traj.responses.shape[1], device=traj.tokens.device) // traj.block_size  # (L,)
-    t = block_of * traj.steps_per_block + steps[:, block_of]  # (B, L) the sampled step of each position's block
+    L = traj.responses.shape[1]
+    block_of = torch.arange(L, device=traj.tokens.device) // traj.block_size  # (L,)
+    t = block_of * traj.steps_per_block + steps[:, block_of]  # (B, L) sampled step of its block
     # Σ_b Σ_{i∈I_{b,s_b}} logp_at_reveal_i,  I_{b,s} = {i : unmask_step_i = b·T_B + s}
     return torch.where(traj.unmask_step == t, traj.logp_at_reveal, 0.0).sum(1)  # (B,)
 
 
 def dtrpo_scale(traj, scale: str) -> int:
-    """c of D̂: T_B for scale="steps" (unbiased, P4), 1 for scale="one" (the paper's presentation)."""
+    """c of D̂: T_B for scale="steps" (unbiased, P4), 1 for scale="one" (the paper's form)."""
     return {"steps": traj.steps_per_block, "one": 1}[scale]
 
 
 def dtrpo_logratio(policy, ref, traj, steps, scale="steps", *, single_pass=True) -> torch.Tensor:
-    """dTRPO's trajectory log-ratio estimate D̂(x, y) (docs/math.md §4.2) -> (B,), gradient through the policy only.
+    """dTRPO's trajectory log-ratio estimate D̂(x, y) -> (B,), gradient through the policy only.
 
     D̂ = c · Σ_b Σ_{i∈I_{b,s_b}} [log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)}) − log μ_ref(same)]
-    scale="steps": c = T_B, then E_s[D̂] is the exact trajectory log-ratio (unbiased, P4);
-    scale="one": c = 1, the paper's presentation (the factor is absorbed into β).
-    The log S_t terms are dropped: they cancel exactly under random remasking (P2), approximately under
-    low-confidence remasking (the tests print the gap).
+    c = T_B for scale="steps" (E_s[D̂] = the exact trajectory log-ratio, P4), 1 for "one" (the
+    paper's, absorbed into β). log S_t is dropped: it cancels exactly under random remasking (P2),
+    approximately under low confidence (the tests print the gap). Derivation: docs/math.md §4.2.
     """
     c = dtrpo_scale(traj, scale)
     # the reference sees the same sampled steps and the same re-masked input (coupled estimate)
     with torch.no_grad():
         ref_logp = reduced_trajectory_logprob(ref, traj, steps, single_pass=single_pass)
-    # D̂ = c · (reduced log-lik under θ − under ref); S_t is left out: it cancels in the ratio (random remasking)
+    # D̂ = c · (reduced log-lik under θ − under ref); S_t left out: it cancels (random remasking)
     return c * (reduced_trajectory_logprob(policy, traj, steps, single_pass=single_pass) - ref_logp)
 
 
-# ----------------------------------------------------------------------------------------------------
-# §4.3 ELBO Monte Carlo (VRPO / BGPO)
-
-
-def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None, block_size=None) -> torch.Tensor:
+# §4.3 ELBO Monte Carlo (VRPO / BGPO) -------------------------------------------------------------
+def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None,
+                      block_size=None) -> torch.Tensor:
     """n_mc stratified masks per sequence (docs/math.md §4.3): (B, N, L) bool, True = masked.
 
-    block_size=None (uniform): u ~ U{1..L} per sequence;  m_j = ((u − 1 + round(j·L/n)) mod L) + 1;  sample j
-      masks m_j positions uniformly without replacement. The counts cover 1..L evenly (VRPO's stratification).
-    block_size=b (departure 4, the full layout's semi-autoregressive ELBO): sample j picks one (block k_j,
-      count m_j) of the N_B·b pairs, stratified the same way over c = k·b + m − 1; it masks m_j positions of
-      block k_j uniformly and every later block whole, the states the block-by-block sampler visits.
+    block_size=None (uniform): u ~ U{1..L} per sequence; m_j = ((u − 1 + round(j·L/n)) mod L) + 1;
+      sample j masks m_j positions uniformly without replacement (VRPO's stratification).
+    block_size=b (departure 4): sample j reads a stratified cell c = k·b + m − 1 of the N_B·b as
+      (block k_j, count m_j), masks m_j uniform positions of block k_j and every later block whole.
     """
     gen_device = generator.device if generator is not None else device
     L = response_len
@@ -251,7 +239,8 @@ def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None, bl
     n_cells = L  # stratify over the L counts m, or over the N_B·b = L pairs (block k, count m)
     u = torch.randint(0, n_cells, (batch, 1), generator=generator, device=gen_device)  # (B, 1)
     # round(j·C/n), half to even like Python's round
-    offset = torch.round(torch.arange(n_mc, device=gen_device, dtype=torch.float64) * n_cells / n_mc).long()  # (N,)
+    j = torch.arange(n_mc, device=gen_device, dtype=torch.float64)  # (N,)
+    offset = torch.round(j * n_cells / n_mc).long()  # (N,)
     c = (u + offset) % n_cells  # (B, N) stratified cells 0..C−1
     # a uniformly random subset of size m: the m positions with the smallest random keys
     keys = torch.rand(batch, n_mc, L, generator=generator, device=gen_device)  # (B, N, L)
@@ -259,11 +248,12 @@ def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None, bl
         rank = keys.argsort(-1).argsort(-1)  # (B, N, L) rank of each position among all L
         masks = rank < (c + 1)[..., None]  # m_j = c_j + 1
     else:
-        k, m = c // block_size, c % block_size + 1  # (B, N) block and count of each sample
+        k, m = c[..., None] // block_size, c[..., None] % block_size + 1  # (B, N, 1) block, count
         block_of = torch.arange(L, device=gen_device) // block_size  # (L,)
-        rank = keys.view(batch, n_mc, -1, block_size).argsort(-1).argsort(-1).view(batch, n_mc, L)  # within block
+        rank = keys.view(batch, n_mc, -1, block_size).argsort(-1).argsort(-1)  # rank within block
+        rank = rank.view(batch, n_mc, L)
         # sample j: m_j random positions of block k_j masked, every block after k_j masked whole
-        masks = ((block_of == k[..., None]) & (rank < m[..., None])) | (block_of > k[..., None])  # (B, N, L)
+        masks = ((block_of == k) & (rank < m)) | (block_of > k)  # (B, N, L)
     return masks if device is None else masks.to(device)
 
 
@@ -273,8 +263,8 @@ ELBO_MASKS = ("auto", "uniform", "blockwise")
 def elbo_mask_block(choice, layout, block_size):
     """The block_size argument of `sample_elbo_masks` / `elbo_terms` for an `elbo_masks` choice.
 
-    auto = blockwise in the full layout, where the sampler decodes block by block (departure 4), uniform in
-    the block layout, whose one-pass ELBO is already the block-diffusion one.
+    auto = blockwise in the full layout, where the sampler decodes block by block (departure 4),
+    uniform in the block layout, whose one-pass ELBO is already the block-diffusion one.
     """
     if choice not in ELBO_MASKS:
         raise ValueError(f"elbo_masks={choice!r}; valid: {', '.join(ELBO_MASKS)}")
@@ -283,30 +273,26 @@ def elbo_mask_block(choice, layout, block_size):
     return block_size if choice == "blockwise" else None
 
 
-def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=1.0, block_size=None,
-               chunk=256) -> torch.Tensor:
-    """Per-sample ELBO terms ℓ^{(j)} (docs/math.md §4.3) -> (B, N).
+def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=1.0,
+               block_size=None, chunk=256) -> torch.Tensor:
+    """Per-sample ELBO terms ℓ^{(j)} -> (B, N); derivation: docs/math.md §4.3.
 
     ℓ^{(j)} = (1/m_j) · Σ_{i masked in sample j} log μ_θ(y_i | x, y^{(j)}),  m_j = |mask j|
-    normalize=True (default, the BGPO code): per masked token. normalize=False multiplies by L: the LLaDA
-    per-sequence ELBO estimate (L/m_j)·Σ, whose mean over m ~ U{1..L} lower-bounds log p(y) (P11).
-    Only masked positions count: a visible token is in the input and carries no prediction.
-    Block layout: one [x ; y ; y^{(j)}] pass, each block's masked tokens conditioned on the clean earlier
-    blocks. Because Σ_m C(b,k)·C(L−b,m−k) / (C(L,m)·m) = 1/k, the expectation of (L/m_j)·Σ over the shared
-    count m_j equals the sum of per-block ELBOs: the block-diffusion ELBO (BD3-LM) the model is trained on.
-    Full layout: a plain pass on [x ; y^{(j)}].
-    masks: (B, N, L) from `sample_elbo_masks`; old policy and reference use the same masks. BGPO scores
-    one sample at a time: pass masks[:, j:j+1].
-    block_size=b (full layout, with the masks drawn with the same b; departure 4): only the first block that
-    holds a masked position is scored, the later blocks are masked context. E over (k, m) of L·ℓ is then the
-    semi-autoregressive ELBO: N_B·(b/m)·Σ = (L/m)·Σ.
+    masks: (B, N, L) from `sample_elbo_masks`, shared by policy, old policy and reference; BGPO
+    passes one sample at a time, masks[:, j:j+1]. normalize=True (default, the BGPO code): per
+    masked token; False: × L, LLaDA's per-sequence (L/m_j)·Σ, whose mean ≤ log p(y) (P11).
+    Block layout: one [x ; y ; y^{(j)}] pass, the clean earlier blocks as context (mean: BD3-LM's
+    per-block ELBO, the training bound); full layout: a plain pass on [x ; y^{(j)}]. block_size=b
+    (full layout, masks drawn with the same b; departure 4): only the first block holding a masked
+    position is scored, later blocks are masked context.
     """
     B, n, L = masks.shape
-    # the N samples of a response stacked as rows (b n): response-major, one row per (response, sample)
-    noisy = rearrange(responses[:, None].masked_fill(masks, model.config.mask_id), "b n l -> (b n) l")
+    # the N samples of a response stacked as rows (b n): response-major, one per (response, sample)
+    noisy = responses[:, None].masked_fill(masks, model.config.mask_id)  # (B, N, L)
+    noisy = rearrange(noisy, "b n l -> (b n) l")
     clean = repeat(responses, "b l -> (b n) l", n=n) if model.config.layout == "block" else None
-    logp = _response_logps(model, repeat(prompts, "b p -> (b n) p", n=n), noisy, temperature, clean=clean,
-                           block_size=model.config.block_size, chunk=chunk)
+    logp = _response_logps(model, repeat(prompts, "b p -> (b n) p", n=n), noisy, temperature,
+                           clean=clean, block_size=model.config.block_size, chunk=chunk)
     logp = rearrange(logp, "(b n) l v -> b n l v", n=n)
     tok = logp.gather(-1, responses[:, None, :, None].expand(B, n, L, 1)).squeeze(-1)  # (B, N, L)
     scored = masks
@@ -314,17 +300,14 @@ def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=
         block_of = torch.arange(L, device=masks.device) // block_size  # (L,)
         first = torch.where(masks, block_of, L).amin(-1, keepdim=True)  # (B, N, 1)
         scored = masks & (block_of == first)  # (B, N, L)
-    # ℓ^{(j)} = (1/m_j) · Σ_{i masked} log μ_θ(y_i | x, y^{(j)})   (a visible token is its own input: no term)
+    # ℓ^{(j)} = (1/m_j) · Σ_{i masked} log μ_θ(y_i | x, y^{(j)})   (a visible token: no term)
     ell = torch.where(scored, tok, 0.0).sum(-1) / scored.sum(-1)  # (B, N)
     return ell if normalize else L * ell
 
 
-# ----------------------------------------------------------------------------------------------------
-# §4.4 One-step mean-field (d1 / diffu-GRPO)
-
-
+# §4.4 One-step mean-field (d1 / diffu-GRPO) ------------------------------------------------------
 def sample_prompt_mask(prompts, p=0.15, generator=None) -> torch.Tensor:
-    """Each prompt token masked independently with probability p (d1's prompt masking): (B, P) bool."""
+    """Each prompt token masked independently with probability p, as in d1: (B, P) bool."""
     device = generator.device if generator is not None else prompts.device
     return (torch.rand(prompts.shape, generator=generator, device=device) < p).to(prompts.device)
 
@@ -332,9 +315,9 @@ def sample_prompt_mask(prompts, p=0.15, generator=None) -> torch.Tensor:
 def one_step_logprob(model, prompts, responses, prompt_mask, *, temperature=1.0) -> torch.Tensor:
     """d1's one-step mean-field log-likelihood (arXiv 2504.12216, docs/math.md §4.4) -> (B,).
 
-    log π_θ(y | x) ≈ Σ_i log μ_θ(y_i | x', M…M),  x' = x with the prompt_mask positions replaced by M
-    The old policy and the reference must use the same prompt_mask. Departure: in the block layout the
-    all-masked response is scored with the plain layout mask (block k sees x' and the masked blocks ≤ k).
+    log π_θ(y | x) ≈ Σ_i log μ_θ(y_i | x', M…M),  x' = x with its prompt_mask positions set to M
+    Old policy and reference must use the same prompt_mask. Departure: in the block layout the
+    all-masked response is scored with the plain layout mask (block k sees x', masked blocks ≤ k).
     """
     x_masked = prompts.masked_fill(prompt_mask, model.config.mask_id)  # (B, P) x'
     all_masked = torch.full_like(responses, model.config.mask_id)  # (B, L) M…M

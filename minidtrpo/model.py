@@ -1,18 +1,18 @@
 """The toy masked-diffusion language model (docs/math.md §1): one file, read top to bottom.
 
-A pre-norm bidirectional transformer over [prompt ; response] with RoPE and SDPA attention, no time
-conditioning: the fraction of MASK tokens in the input tells the model how noisy the sequence is, as in
-LLaDA (arXiv 2502.09992) and RADD. The output head predicts, at every position, the clean token.
+A pre-norm bidirectional transformer over [prompt ; response] with RoPE and SDPA attention, no
+time conditioning: the fraction of MASK tokens in the input tells the model how noisy the sequence
+is, as in LLaDA (arXiv 2502.09992) and RADD. The output head predicts the clean token everywhere.
 
 Two attention layouts (`ModelConfig.layout`):
 - "block" (default, block diffusion / BD3-LM, arXiv 2503.09573): the prompt is block 0; a response
-  position in block k sees the prompt and response blocks <= k (bidirectional inside a block, causal across
-  blocks). Nothing looks at later blocks, so (a) dTRPO's [prompt ; clean ; re-masked] single pass is exact
-  and (b) keys/values of finished blocks never change and the sampler can cache them.
+  position in block k sees the prompt and response blocks <= k (bidirectional inside a block,
+  causal across blocks). Nothing looks at later blocks, so (a) dTRPO's [prompt ; clean ; re-masked]
+  single pass is exact and (b) keys/values of finished blocks never change: the sampler caches them.
 - "full" (LLaDA): every position sees every position.
 
-Shapes: B batch, N sequence length, P prompt length, L response length, V vocab, H heads, D head dim.
-Attention masks are boolean with True = "may attend", shape (N_query, N_key) or (B, N_query, N_key).
+Shapes: B batch, N sequence length, P prompt length, L response length, V vocab, H heads, D head
+dim. Attention masks are boolean, True = "may attend", (N_query, N_key) or (B, N_query, N_key).
 """
 
 import math
@@ -46,21 +46,20 @@ class ModelConfig:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout={self.layout!r} is not one of {LAYOUTS}")
         if self.response_len % self.block_size:
-            raise ValueError(f"response_len={self.response_len} is not a multiple of block_size={self.block_size}")
+            raise ValueError(f"response_len={self.response_len} "
+                             f"is not a multiple of block_size={self.block_size}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
+            raise ValueError(f"d_model={self.d_model} "
+                             f"must split into n_heads={self.n_heads} heads of even size")
 
     @property
     def num_blocks(self) -> int:
         return self.response_len // self.block_size
 
 
-# ----------------------------------------------------------------------------------------------------
-# Attention masks. Block ids: prompt = 0, response block k = k + 1 (k = 0..N_B-1).
-
-
+# Attention masks. Block ids: prompt = 0, response block k = k + 1 (k = 0..N_B-1). ----------------
 def block_ids(prompt_len: int, response_len: int, block_size: int, device=None) -> torch.Tensor:
-    """Block index of every position of [prompt ; response]: 0 for the prompt, 1 + k for response block k."""
+    """Block id of every position of [prompt ; response]: 0 for the prompt, 1 + k for block k."""
     resp = torch.arange(response_len, device=device) // block_size + 1
     return torch.cat([torch.zeros(prompt_len, dtype=torch.long, device=device), resp])  # (P+L,)
 
@@ -75,18 +74,19 @@ def layout_mask(config: ModelConfig, device=None) -> torch.Tensor:
     return ids[None, :] <= ids[:, None]  # (P+L, P+L)
 
 
-def clean_noisy_mask(prompt_len: int, response_len: int, block_size: int, device=None) -> torch.Tensor:
-    """(P+2L, P+2L) mask over [prompt ; clean y ; noisy ỹ] (BD3-LM's single-pass trick, docs/math.md §4.2).
+def clean_noisy_mask(prompt_len: int, response_len: int, block_size: int,
+                     device=None) -> torch.Tensor:
+    """(P+2L, P+2L) mask over [prompt ; clean y ; noisy ỹ] (BD3-LM's single-pass trick).
 
     prompt -> prompt;  clean block k -> prompt + clean blocks <= k;
     noisy block k -> prompt + clean blocks < k + noisy block k.
-    Each noisy block then sees exactly what it would see in the true state "earlier blocks decoded, block k
-    partly masked", so one pass scores every block at once. Nothing looks at the noisy copy except itself.
+    Each noisy block sees what it sees in its true state, so one pass scores every block at once
+    (exact in the block layout, docs/math.md §1, used in §4.2–§4.3).
     """
     ids = block_ids(prompt_len, response_len, block_size, device)  # (P+L,)
     resp = ids[prompt_len:]  # (L,) block ids 1..N_B of the response
     q = torch.cat([ids, resp])  # (P+2L,) block id of each query
-    is_noisy = torch.cat([torch.zeros_like(ids, dtype=torch.bool), torch.ones_like(resp, dtype=torch.bool)])
+    is_noisy = torch.arange(len(q), device=device) >= len(ids)  # (P+2L,) True on the noisy copy
     k, k_noisy = q[None, :], is_noisy[None, :]
     q, q_noisy = q[:, None], is_noisy[:, None]
     clean_to_clean = ~q_noisy & ~k_noisy & (k <= q)
@@ -95,23 +95,21 @@ def clean_noisy_mask(prompt_len: int, response_len: int, block_size: int, device
     return clean_to_clean | noisy_to_clean | noisy_to_self  # (P+2L, P+2L)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Modules
-
-
-def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE's rotation angles at integer positions (B, N), each (B, 1, N, D), computed once
-    per forward and shared by every layer. Frequencies θ_f = base^(−2f/D) for f < D/2, repeated for both
-    halves of the head ("rotate half" convention)."""
+# Modules ------------------------------------------------------------------------------------------
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float,
+                dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's angles at integer positions (B, N), each (B, 1, N, D), computed once
+    per forward for all layers; θ_f = base^(−2f/D), f < D/2, used by both halves (rotate half)."""
     fdtype = torch.float64 if dtype == torch.float64 else torch.float32  # angles in at least fp32
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=fdtype) / head_dim)  # (D/2,)
+    two_f = torch.arange(0, head_dim, 2, device=positions.device, dtype=fdtype)  # (D/2,) 2f
+    inv_freq = base ** (-two_f / head_dim)  # (D/2,) θ_f
     angles = positions[:, None, :, None].to(fdtype) * inv_freq  # (B, 1, N, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, 1, N, D)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x_f, x_{f+D/2}) of x (..., N, D) by its position's angle: x·cos + rotate_half(x)·sin."""
+    """x (..., N, D) with each pair (x_f, x_{f+D/2}) rotated: x·cos + rotate_half(x)·sin."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -142,7 +140,8 @@ class TransformerBlock(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(config.d_model), nn.LayerNorm(config.d_model)
         self.attn = Attention(config)
         hidden = config.mlp_ratio * config.d_model
-        self.mlp = nn.Sequential(nn.Linear(config.d_model, hidden), nn.GELU(), nn.Linear(hidden, config.d_model))
+        self.mlp = nn.Sequential(nn.Linear(config.d_model, hidden), nn.GELU(),
+                                 nn.Linear(hidden, config.d_model))
 
     def forward(self, x, rotation, attn_mask, past=None):
         a, new_kv = self.attn(self.ln1(x), rotation, attn_mask, past)  # pre-norm residual branches
@@ -163,13 +162,15 @@ class MaskedDiffusionTransformer(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2 style: shrink residual projections with depth
+        for name, p in self.named_parameters():  # GPT-2: shrink residual projections with depth
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layers))
         self.register_buffer("default_mask", layout_mask(config), persistent=False)
-        self.register_buffer("is_mask_token", torch.arange(config.vocab_size) == config.mask_id, persistent=False)
+        is_mask = torch.arange(config.vocab_size) == config.mask_id  # (V,)
+        self.register_buffer("is_mask_token", is_mask, persistent=False)
         if verbose:
-            print(f"MaskedDiffusionTransformer: {self.num_params() / 1e6:.2f}M parameters, layout={config.layout}")
+            print(f"MaskedDiffusionTransformer: {self.num_params() / 1e6:.2f}M parameters, "
+                  f"layout={config.layout}")
 
     @staticmethod
     def _init_weights(m):
@@ -184,11 +185,11 @@ class MaskedDiffusionTransformer(nn.Module):
     def forward(self, tokens, positions=None, attn_mask=None, past=None, return_kv=False):
         """tokens (B, N) -> logits (B, N, V).
 
-        positions: (B, N) or (N,) integer position ids; default 0..N-1 (or S..S+N-1 after a cache of S).
+        positions: (B, N) or (N,) integer position ids; default 0..N-1 (S..S+N-1 after S cached).
         attn_mask: (N, S+N) or (B, N, S+N) bool; default the layout's mask over [prompt ; response].
-        past: optional list (one per layer) of cached (keys, values), each (B, H, S, D), that every query
-            may look at as allowed by attn_mask's first S columns. return_kv=True also returns the new
-            tokens' (keys, values) per layer so the caller can extend its cache.
+        past: optional list (one per layer) of cached (keys, values), each (B, H, S, D), that every
+            query may look at as allowed by attn_mask's first S columns. return_kv=True also returns
+            the new tokens' (keys, values) per layer so the caller can extend its cache.
         """
         B, N = tokens.shape
         S = 0 if past is None else past[0][0].shape[2]
@@ -198,11 +199,13 @@ class MaskedDiffusionTransformer(nn.Module):
             positions = positions.expand(B, N)
         if attn_mask is None:
             if S + N != self.default_mask.shape[0]:
-                raise ValueError(f"no attn_mask given and length {S + N} != prompt_len + response_len "
-                                 f"= {self.default_mask.shape[0]}; pass attn_mask explicitly")
+                raise ValueError(f"no attn_mask given and length {S + N} != prompt_len + "
+                                 f"response_len = {self.default_mask.shape[0]}; "
+                                 "pass attn_mask explicitly")
             attn_mask = self.default_mask[S:]
         x = self.embed(tokens)  # (B, N, C)
-        rotation = rope_angles(positions, x.shape[-1] // self.config.n_heads, self.config.rope_base, x.dtype)
+        head_dim = x.shape[-1] // self.config.n_heads  # D
+        rotation = rope_angles(positions, head_dim, self.config.rope_base, x.dtype)
         new_kvs = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, rotation, attn_mask, None if past is None else past[i])

@@ -1,20 +1,21 @@
-"""RL objectives as pure functions: tensors in, (loss, stats) out (docs/math.md §5). No model calls here.
+"""RL objectives as pure functions: tensors in, (loss, stats) out (docs/math.md §5). No model calls.
 
 The log-likelihood estimates fed in come from `estimators.py`. Papers:
 - GRPO advantages and the clipped surrogate: DeepSeekMath (arXiv 2402.03300), d1 / diffu-GRPO
   (arXiv 2504.12216); token/step-level ratios: TraceRL (arXiv 2509.06949).
-- DPO form of dTRPO (arXiv 2603.18806), the exact trajectory counterpart, and VRPO (arXiv 2505.19223).
-- BGPO (arXiv 2510.11683): a linear lower bound of the ELBO-ratio objective that backpropagates one Monte
-  Carlo sample at a time.
+- DPO form of dTRPO (arXiv 2603.18806), the exact trajectory counterpart, and VRPO
+  (arXiv 2505.19223).
+- BGPO (arXiv 2510.11683): a linear lower bound of the ELBO-ratio objective that backpropagates one
+  Monte Carlo sample at a time.
 
 Departures:
-1. GRPO's group std is the unbiased (Bessel-corrected) std, as torch.std and the TRL / d1 code; a group of
-   size 1 or with all-equal rewards gets A = 0.
-2. BGPO's per-sample terms are returned as a (B, N) table, one column per MC sample, so the caller can
-   backpropagate them one sample at a time (`rl.bgpo_accumulate`): no function here runs the model.
-3. BGPO's optional PPO-style clip (`clip_eps`) acts per MC sample on 1 + d_j (A ≥ 0) or exp(d_j) (A < 0);
-   on-policy every d_j = 0 and the clip is inert.
-A policy-gradient loss value is not a progress signal (it is ≈ 0 on-policy by construction): watch reward.
+1. GRPO's group std is the unbiased (Bessel-corrected) std, as torch.std and the TRL / d1 code; a
+   group of size 1 or with all-equal rewards gets A = 0.
+2. BGPO's per-sample terms are returned as a (B, N) table, one column per MC sample, so the caller
+   can backpropagate them one sample at a time (`rl.bgpo_accumulate`): nothing here runs the model.
+3. BGPO's optional PPO-style clip (`clip_eps`) acts per MC sample on 1 + d_j (A ≥ 0) or exp(d_j)
+   (A < 0); on-policy every d_j = 0 and the clip is inert.
+A policy-gradient loss value is not a progress signal (≈ 0 on-policy by construction): watch reward.
 
 Shapes: B batch, G group size, K steps or tokens per sequence, N MC samples.
 """
@@ -25,18 +26,19 @@ from einops import rearrange
 
 
 def grpo_advantages(rewards, group_size, scale_std=True):
-    """GRPO group-relative advantages (docs/math.md §5.1). rewards (B,) in contiguous groups of G -> ((B,), stats).
+    """GRPO group-relative advantages (docs/math.md §5.1) -> ((B,), stats).
 
-    scale_std=False: no std division (as in d1 / Dr. GRPO).
+    rewards: (B,), in contiguous groups of G. scale_std=False: no std division (d1 / Dr. GRPO).
     """
     r = rearrange(rewards, "(p g) -> p g", g=group_size)  # (B/G, G): each row one prompt's group
     mean = r.mean(1, keepdim=True)
-    std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)  # unbiased (divides by G − 1)
+    std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)  # divides by G − 1
     # A_i = (r_i − mean_group(r)) / (std_group(r) + 1e-6)
     adv = (r - mean) / (std + 1e-6) if scale_std else r - mean
     flat = (r == r[:, :1]).all(1, keepdim=True)  # (B/G, 1) groups with all-equal rewards: no signal
     adv = adv.masked_fill(flat, 0.0)  # exactly 0, not a rounding error of r − mean
-    stats = {"zero_adv_frac": flat.float().mean().item(), "reward_mean": rewards.float().mean().item(),
+    stats = {"zero_adv_frac": flat.float().mean().item(),
+             "reward_mean": rewards.float().mean().item(),
              "reward_std": rewards.float().std().item() if rewards.numel() > 1 else 0.0}
     return adv.flatten(), stats
 
@@ -49,19 +51,18 @@ def _aggregate(x, mask, aggregation):
         return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     if aggregation == "constant":  # Σ_{i,k} m_ik·x_ik / (B·K)   (Dr. GRPO's constant normaliser)
         return (x * mask).sum() / x.numel()
-    raise ValueError(f"aggregation={aggregation!r} is not one of token_mean, sequence_mean, constant")
+    raise ValueError(f"aggregation={aggregation!r} "
+                     "is not one of token_mean, sequence_mean, constant")
 
 
 def clipped_pg_loss(logp, logp_old, advantages, eps=0.2, *, aggregation="sequence_mean", mask=None,
                     logp_ref=None, beta=0.0):
     """PPO/GRPO clipped surrogate (docs/math.md §5.2) -> (loss, stats).
 
-    logp, logp_old (and logp_ref): (B,) sequence log-likelihood estimates -> one ratio per sequence, or
-    (B, K) per step/token with mask (B, K) -> step/token-level ratios (TraceRL). advantages: (B,).
-    aggregation over the per-element loss x_ik (for (B,) inputs all three are the mean over B):
-      "token_mean":    Σ_{i,k} m_ik·x_ik / Σ_{i,k} m_ik
-      "sequence_mean": (1/B) Σ_i Σ_k m_ik·x_ik / Σ_k m_ik   (default)
-      "constant":      Σ_{i,k} m_ik·x_ik / (B·K)
+    logp, logp_old (and logp_ref): (B,) sequence log-likelihood estimates -> one ratio per sequence,
+    or (B, K) per step/token with mask (B, K) -> step/token-level ratios (TraceRL); advantages (B,).
+    aggregation of the per-element loss: "token_mean", "sequence_mean" (default) or "constant" (see
+    `_aggregate`; for (B,) inputs all three are the mean over B).
     beta > 0 adds β·KL_k3 to the reference, aggregated the same way.
     """
     if logp.dim() == 1:  # one ratio per sequence: a (B, 1) table with K = 1
@@ -69,18 +70,18 @@ def clipped_pg_loss(logp, logp_old, advantages, eps=0.2, *, aggregation="sequenc
         logp_ref = None if logp_ref is None else logp_ref[:, None]
     mask = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)  # (B, K)
     adv = advantages[:, None].to(logp.dtype)  # (B, 1)
-    # ρ = exp(log π̂_θ − log π̂_old); ≡ 1 on-policy (first step after sampling), yet its gradient is ρ·∇log π̂
+    # ρ = exp(log π̂_θ − log π̂_old); ≡ 1 on-policy (first step after sampling), yet ∇ρ = ρ·∇log π̂
     ratio = torch.exp(logp - logp_old.detach())  # (B, K)
     clipped = ratio.clamp(1 - eps, 1 + eps)
-    # L = −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A): A > 0 caps ρ at 1+ε, A < 0 floors it at 1−ε (no gradient beyond)
+    # L = −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A): no gradient once ρ > 1+ε (A > 0) or ρ < 1−ε (A < 0)
     per_elem = -torch.min(ratio * adv, clipped * adv)  # (B, K)
     loss = _aggregate(per_elem, mask, aggregation)
-    is_clipped = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))  # the min took the clip
+    is_clipped = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))  # clip active
     stats = {"clip_frac": _aggregate(is_clipped.to(logp.dtype), mask, "token_mean").item(),
              "ratio_mean": _aggregate(ratio.detach(), mask, "token_mean").item()}
     if logp_ref is not None:
         delta = logp_ref.detach() - logp  # log π_ref − log π_θ
-        # KL_k3 = exp(ref − logp) − (ref − logp) − 1   (≥ 0; unbiased for KL(π_θ ‖ π_ref) on samples of π_θ)
+        # KL_k3 = e^δ − δ − 1   (≥ 0; unbiased for KL(π_θ ‖ π_ref) on samples of π_θ)
         kl = torch.exp(delta) - delta - 1  # (B, K)
         kl_mean = _aggregate(kl, mask, aggregation)
         loss = loss + beta * kl_mean
@@ -89,28 +90,28 @@ def clipped_pg_loss(logp, logp_old, advantages, eps=0.2, *, aggregation="sequenc
 
 
 def dpo_loss(logratio_chosen, logratio_rejected, beta):
-    """DPO loss on trajectory log-ratio estimates D(x, y) = log π_θ − log π_ref (docs/math.md §5.3) -> (loss, stats).
+    """DPO loss on trajectory log-ratio estimates D(x, y) = log π_θ − log π_ref -> (loss, stats).
 
-    D is dTRPO's D̂ (`estimators.dtrpo_logratio`), the exact §4.1 log-ratio, or VRPO's B̂_θ − B̂_ref.
-    At θ = ref both D are 0 and the loss is log 2.
+    D: dTRPO's D̂ (`estimators.dtrpo_logratio`), the exact §4.1 log-ratio, or VRPO's B̂_θ − B̂_ref.
+    At θ = ref both D are 0 and the loss is log 2 (docs/math.md §5.3).
     """
     margin = beta * (logratio_chosen - logratio_rejected)  # (B,)
     # L = −E log σ(β·[D(x, y_w) − D(x, y_l)])
     loss = -F.logsigmoid(margin).mean()
     stats = {"reward_accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(),
-             "chosen_logratio": logratio_chosen.mean().item(), "rejected_logratio": logratio_rejected.mean().item()}
+             "chosen_logratio": logratio_chosen.mean().item(),
+             "rejected_logratio": logratio_rejected.mean().item()}
     return loss, stats
 
 
 def bgpo_loss_terms(ell, ell_old, advantages, *, n_mc=None, clip_eps=None):
     """BGPO's per-sample terms (arXiv 2510.11683, docs/math.md §5.4) -> (terms (B, N), stats).
 
-    Σ terms = −(1/B)·Σ_i R̂_lb,i, the loss to minimise.
-
-    ell, ell_old: (B, N) ELBO terms of the policy and the old policy on the same masks (`elbo_terms`);
-    a subset of the columns may be passed with n_mc = the total number of samples n.
-    Every column depends on one MC sample only, so each can be backpropagated alone (`rl.bgpo_accumulate`).
-    clip_eps: optional PPO-style clip of each sample's ratio surrogate (inert on-policy, where d_j = 0).
+    Σ terms = −(1/B)·Σ_i R̂_lb,i, the loss to minimise. ell, ell_old: (B, N) ELBO terms of the
+    policy and the old policy on the same masks (`elbo_terms`); a subset of the columns may be
+    passed with n_mc = the total number of samples n. Every column depends on one MC sample only, so
+    each can be backpropagated alone (`rl.bgpo_accumulate`). clip_eps: optional PPO-style clip of
+    each sample's ratio surrogate (inert on-policy, where d_j = 0).
     """
     n = ell.shape[1] if n_mc is None else n_mc
     adv = advantages[:, None].to(ell.dtype)  # (B, 1)
@@ -118,12 +119,12 @@ def bgpo_loss_terms(ell, ell_old, advantages, *, n_mc=None, clip_eps=None):
     pos = adv >= 0
     # A ≥ 0: tangent line e^δ ≥ 1 + δ (computed as 1 + d, never exp(log(1 + d)))
     lin = 1 + d
-    # A < 0: Jensen e^{mean d} ≤ mean e^{d}; exp(0) on the A ≥ 0 side, so a large d there cannot overflow
+    # A < 0: Jensen e^{mean d} ≤ mean e^{d}; exp(0) where A ≥ 0, so a large d there cannot overflow
     expd = torch.exp(torch.where(pos, 0.0, d))
-    surrogate = torch.where(pos, lin, expd)  # (B, N) the per-sample stand-in for the ratio exp(mean d)
+    surrogate = torch.where(pos, lin, expd)  # (B, N) per-sample stand-in for the ratio exp(mean d)
     # g_j = A·(1 + d_j)/n if A ≥ 0,  g_j = A·exp(d_j)/n if A < 0
     g = adv * surrogate / n  # (B, N)
-    if clip_eps is not None:  # PPO: min(s·A, clip(s, 1−ε, 1+ε)·A) per sample; s = 1 on-policy, so inert there
+    if clip_eps is not None:  # PPO: min(s·A, clip(s, 1−ε, 1+ε)·A) per sample; s = 1 on-policy
         g = torch.min(g, adv * surrogate.clamp(1 - clip_eps, 1 + clip_eps) / n)
     terms = -g / ell.shape[0]  # (B, N), so that Σ terms = −(1/B) Σ_i Σ_j g_ij
     stats = {"bound": g.sum(1).mean().item(), "logratio_mean": d.mean().item()}
@@ -131,9 +132,9 @@ def bgpo_loss_terms(ell, ell_old, advantages, *, n_mc=None, clip_eps=None):
 
 
 def elbo_ratio_loss(ell, ell_old, advantages):
-    """The exp-of-mean ELBO-ratio objective ("VRPO-OL", BGPO's baseline, docs/math.md §5.4) -> (loss, stats).
+    """The exp-of-mean ELBO-ratio objective ("VRPO-OL", BGPO's baseline) -> (loss, stats).
 
-    Its gradient needs the graphs of all N samples at once: peak memory grows with N.
+    Its gradient needs all N samples' graphs at once: peak memory grows with N (docs/math.md §5.4).
     """
     d = ell - ell_old.detach()  # (B, N)
     # R̂ = A · exp((1/n) Σ_j d_j);  L = −(1/B) Σ_i R̂_i

@@ -1,39 +1,36 @@
-"""Offline preference optimisation: pairs sampled once from a frozen reference, then DPO (docs/math.md §5.3).
+"""Offline preference optimisation: DPO on pairs sampled once from a frozen reference.
 
-`make_pairs`: for each training prompt, G responses with their decoding trajectories from the reference,
-scored by the task; the best and the worst form a pair when their rewards differ. `train_dpo` minimises
+docs/math.md §5.3. `make_pairs`: for each training prompt, G responses with their decoding
+trajectories from the reference, scored by the task; the best and the worst form a pair when their
+rewards differ. `train_dpo` minimises
     L = −E log σ( β · [ D(x, y_w) − D(x, y_l) ] )
 with one of three estimates of the trajectory log-ratio D = log π_θ(τ) − log π_ref(τ):
-- dtrpo: dTRPO's reduced trajectory (arXiv 2603.18806, docs/math.md §4.2): one sampled step s_b per block, all
-  blocks in one [x ; y ; ỹ] pass, c = T_B (`scale=steps`, unbiased) or 1 (`scale=one`, the paper's form).
-  Per response: one policy pass with grad; the reference's term is read from the record (departure 2).
-- full_trajectory: the exact log-ratio of §4.1 (TraceRL, arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924).
-- vrpo: VRPO's ELBO difference B̂_θ − B̂_ref on shared stratified masks (LLaDA 1.5, arXiv 2505.19223).
+- dtrpo: dTRPO's reduced trajectory (arXiv 2603.18806, docs/math.md §4.2): one sampled step s_b
+  per block, all blocks in one [x ; y ; ỹ] pass, c = T_B (`scale=steps`, unbiased) or 1
+  (`scale=one`, the paper's form); per response one policy pass with grad, none for the reference.
+- full_trajectory: the exact log-ratio, §4.1 (TraceRL, arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924).
+- vrpo: VRPO's ELBO difference B̂_θ − B̂_ref, shared stratified masks (LLaDA 1.5, arXiv 2505.19223).
 The run loop and checkpoints are train.py's.
 
 Departures:
-1. Exact-trajectory DPO never keeps T graphs. The DPO weight is computed first, without grad:
-   ∂L/∂D_w = −(β/B)·σ(−β·[D_w − D_l]) = −∂L/∂D_l; then log π_θ(τ) is backpropagated one within-block step s
-   at a time, using log π_θ(τ) = Σ_s Σ_b Σ_{i∈I_{b,s}} log μ_θ(y_i | state before step b·T_B + s): the
-   dTRPO reduced log-prob with every block at the same s, summed over s (exact; tested). Peak memory is
-   N_B states instead of T, at the price of one extra no-grad pass over all T states. `flat_memory=false`
-   keeps every graph (plain autograd) for comparison.
-2. The reference costs no pass: it sampled the pair, so its log-probs at every state are the recorded
-   logp_at_reveal (P1). Exact-trajectory DPO takes log π_ref(τ) = Σ logp_at_reveal; dTRPO takes the same
-   record at its sampled steps (`estimators.reduced_recorded_logprob`; in the block layout the sampler's KV
-   cache and the [x ; y ; ỹ] pass agree to ~1e-5 in float32). `dpo` checks that --init is the model that
-   sampled the pairs (a hash of its weights).
-3. dTRPO draws a fresh s_b per block, per response, per visit; VRPO fresh masks per visit. The log S_t
+1. Exact-trajectory DPO at flat memory (docs/math.md §5.3): the DPO weight ∂L/∂D first, without
+   grad, then log π_θ(τ) backpropagated one within-block step at a time: N_B states alive instead
+   of T, for one extra no-grad pass (exact, tested). `flat_memory=false`: plain autograd.
+2. The reference costs no pass: it sampled the pair, so its log-probs at every state are the
+   recorded logp_at_reveal (P1; dTRPO reads them at its sampled steps, docs/math.md §4.2). `dpo`
+   checks that --init is the model that sampled the pairs (a hash of its weights).
+3. dTRPO draws a fresh s_b per block, response and visit; VRPO fresh masks per visit. The log S_t
    terms are dropped: they cancel under random remasking (P2), approximately under low confidence.
 4. vrpo defaults to the sequence-level ELBO (elbo_per_token=false: (L/m_j)·Σ), which estimates a
    log-likelihood like the other two estimators, so one β means the same for all three.
 5. Epochs are capped (default 3): offline DPO on a fixed set of pairs peaks after a few passes and
-   declines after (README, measured results); the test reward is logged at every evaluation to see it.
-6. dtrpo's single pass is used only where it is exact (block layout) by default. A full-layout model was
-   never trained on the [x ; y ; ỹ] layout, so there each sampled block state gets its own pass (N_B
-   passes per response, still T_B times fewer than the exact trajectory).
+   declines after (README, measured results); the test reward is logged at every evaluation.
+6. dtrpo's single pass is used by default only where it is exact (block layout). A full-layout
+   model was never trained on the [x ; y ; ỹ] layout, so there each sampled block state gets its
+   own pass (N_B passes per response, still T_B times fewer than the exact trajectory).
 
-Shapes: B pairs per update, P prompt length, L response length, N MC samples, N_B blocks, T_B steps per block.
+Shapes: B pairs per update, P prompt length, L response length, N MC samples, N_B blocks,
+T_B steps per block.
 """
 
 import hashlib
@@ -45,11 +42,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import arg, atomic_save, autocast, check, fail, pick_device
-from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms, reduced_recorded_logprob,
-                         reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks, trajectory_logprob)
+from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms,
+                         reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
+                         sample_elbo_masks, trajectory_logprob)
+from .meters import Meters, elapsed
 from .objectives import dpo_loss
 from .sampling import REMASKING, Trajectory
-from .train import Meters, RunConfig, clip_and_step, elapsed, load, rollout, run_loop
+from .train import RunConfig, clip_and_step, load, rollout, run_loop
 
 ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
 
@@ -80,19 +79,22 @@ class PairsConfig:
 @dataclass
 class DPOConfig(RunConfig):
     """Offline DPO on saved pairs with a trajectory log-ratio estimator (dTRPO, exact, or VRPO)."""
-    init: str = arg("runs/sft/checkpoint.pt", "the model that sampled the pairs: frozen reference, start of θ")
+    init: str = arg("runs/sft/checkpoint.pt",
+                    "the model that sampled the pairs: frozen reference, start of θ")
     pairs: str = arg("runs/pairs.pt", "pairs file written by `pairs`")
     estimator: str = arg("dtrpo", "trajectory log-ratio estimator D (module docstring)", ESTIMATORS)
     beta: float = arg(0.2, "DPO β")
-    scale: str = arg("steps", "dtrpo: c = T_B (steps, unbiased) or 1 (one, the paper's)", ("steps", "one"))
-    single_pass: str = arg("auto", "dtrpo: all blocks in one [x ; y ; ỹ] pass; auto = in the block layout, "
-                           "where it is exact, one pass per block state in the full layout (departure 6)",
-                           ("auto", "true", "false"))
-    flat_memory: bool = arg(True, "full_trajectory: DPO weight first, then backward step by step (dep. 1)")
+    scale: str = arg("steps", "dtrpo: c = T_B (steps, unbiased) or 1 (one, the paper's)",
+                     ("steps", "one"))
+    single_pass: str = arg("auto", "dtrpo: all blocks in one [x ; y ; ỹ] pass; auto = in the block "
+                           "layout, where it is exact, one pass per block state in the full layout "
+                           "(departure 6)", ("auto", "true", "false"))
+    flat_memory: bool = arg(
+        True, "full_trajectory: DPO weight first, then backward step by step (dep. 1)")
     n_mc: int = arg(8, "vrpo: ELBO Monte Carlo samples per response")
     elbo_per_token: bool = arg(False, "vrpo: per-token ELBO (false: sequence-level, departure 4)")
-    elbo_masks: str = arg("auto", "vrpo: ELBO masks uniform or blockwise (auto: blockwise in the full "
-                          "layout; docs/math.md §4.3)", ELBO_MASKS)
+    elbo_masks: str = arg("auto", "vrpo: ELBO masks uniform or blockwise (auto: blockwise in the "
+                          "full layout; docs/math.md §4.3)", ELBO_MASKS)
     batch_size: int = arg(16, "pairs per optimizer step")
     epochs: float = arg(3.0, "passes over the pairs (capped: departure 5)")
     lr: float = arg(1e-4, "AdamW learning rate, constant")
@@ -100,7 +102,8 @@ class DPOConfig(RunConfig):
     grad_clip: float = arg(1.0, "gradient norm clip (0: off)")
     max_iters: int = arg(100_000, "stop after this many optimizer steps (also capped by epochs)")
     eval_every: int = arg(20, "evaluate and checkpoint every this many steps (0: only at the end)")
-    out_dir: str = arg("runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
+    out_dir: str = arg(
+        "runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,51 +128,60 @@ def make_pairs(cfg: PairsConfig) -> dict:
     """Sample, score and save the pairs; returns a summary (also printed as one JSON line)."""
     device = pick_device(cfg.device)
     ref, task = load(cfg.init, device)
-    data_gen, sample_gen = torch.Generator().manual_seed(cfg.seed), torch.Generator(device).manual_seed(cfg.seed + 1)
+    data_gen, sample_gen = (torch.Generator().manual_seed(cfg.seed),
+                            torch.Generator(device).manual_seed(cfg.seed + 1))
     G, t0, chosen, rejected, rewards = cfg.num_generations, time.perf_counter(), [], [], []
     for start in range(0, cfg.num_prompts, cfg.batch_size):
         n = min(cfg.batch_size, cfg.num_prompts - start)
         prompts, _ = task.sample(n, "train", generator=data_gen)
-        traj, r, _ = rollout(ref, task, prompts.repeat_interleave(G, 0).to(device), temperature=cfg.temperature,
-                             remasking=cfg.remasking, steps_per_block=cfg.steps_per_block, generator=sample_gen)
+        traj, r, _ = rollout(ref, task, prompts.repeat_interleave(G, 0).to(device),
+                             temperature=cfg.temperature, remasking=cfg.remasking,
+                             steps_per_block=cfg.steps_per_block, generator=sample_gen)
         r = r.view(n, G)  # (n, G)
         differ = r.amax(1) > r.amin(1)  # groups whose rewards differ: the only informative pairs
         first = torch.arange(n, device=device) * G  # row of each group's first response
         chosen.append(traj.index((first + r.argmax(1))[differ]))  # y_w: the best of the group
         rejected.append(traj.index((first + r.argmin(1))[differ]))  # y_l: the worst
         rewards.append(torch.stack([r.amax(1), r.amin(1), r.mean(1)], 1)[differ])
-    chosen, rejected, rewards = Trajectory.cat(chosen).to("cpu"), Trajectory.cat(rejected).to("cpu"), torch.cat(rewards)
+    chosen, rejected, rewards = (Trajectory.cat(chosen).to("cpu"),
+                                 Trajectory.cat(rejected).to("cpu"), torch.cat(rewards))
     if len(chosen.tokens) == 0:
-        fail(f"no pair: all {cfg.num_prompts} groups had equal rewards (raise temperature or num_generations)")
+        fail(f"no pair: all {cfg.num_prompts} groups had equal rewards "
+             "(raise temperature or num_generations)")
     n_pairs = len(chosen.tokens)
     summary = {"pairs": n_pairs, "prompts": cfg.num_prompts, "pair_frac": n_pairs / cfg.num_prompts,
-               "chosen_reward": rewards[:, 0].mean().item(), "rejected_reward": rewards[:, 1].mean().item(),
+               "chosen_reward": rewards[:, 0].mean().item(),
+               "rejected_reward": rewards[:, 1].mean().item(),
                "seconds": round(time.perf_counter() - t0, 2)}
-    atomic_save({"chosen": chosen.to_dict(), "rejected": rejected.to_dict(), "rewards": rewards.cpu(),
-                 "task": task.name, "task_options": dict(task.options), "ref_fingerprint": fingerprint(ref),
-                 "config": asdict(cfg), "summary": summary}, cfg.out)
+    atomic_save({"chosen": chosen.to_dict(), "rejected": rejected.to_dict(),
+                 "rewards": rewards.cpu(), "task": task.name, "task_options": dict(task.options),
+                 "ref_fingerprint": fingerprint(ref), "config": asdict(cfg), "summary": summary},
+                cfg.out)
     print(json.dumps(summary))
     return summary
 
 
-# ----------------------------------------------------------------------------------------------------
-# The three estimators of D inside the DPO loss. `both` = chosen trajectories then rejected ones (2B rows).
-# Each backpropagates the loss of one optimizer step and returns its stats.
+# --------------------------------------------------------------------------------------------------
+# The three estimators of D inside the DPO loss. `both` = chosen trajectories then rejected ones
+# (2B rows). Each backpropagates the loss of one optimizer step and returns its stats.
 
 
 def dpo_dtrpo(cfg, policy, ref, both, gen):
     B = len(both.tokens) // 2
-    steps = sample_block_steps(both, gen)  # (2B, N_B) a fresh s_b ~ U{0..T_B−1} per block and response
-    single = cfg.single_pass == "true" or (cfg.single_pass == "auto" and policy.config.layout == "block")
+    steps = sample_block_steps(both, gen)  # (2B, N_B) a fresh s_b ~ U{0..T_B−1} per block, response
+    single = cfg.single_pass == "true" or (cfg.single_pass == "auto"
+                                           and policy.config.layout == "block")
     c = dtrpo_scale(both, cfg.scale)  # T_B (unbiased) or 1
-    # log μ_ref at the sampled states = the recorded logp_at_reveal: the reference decoded the pair (departure 2)
+    # log μ_ref at the sampled states = recorded logp_at_reveal: the reference decoded it (dep. 2)
     ref_logp = reduced_recorded_logprob(both, steps)  # (2B,)
-    if single and policy.config.layout == "full":  # forced single pass: the record holds the true states,
-        with torch.no_grad(), autocast(both.tokens.device):  # so score the reference the same way
+    if single and policy.config.layout == "full":
+        # forced single pass: the record holds the true states, so score the reference the same way
+        with torch.no_grad(), autocast(both.tokens.device):
             ref_logp = reduced_trajectory_logprob(ref, both, steps, single_pass=True)  # (2B,)
     with autocast(both.tokens.device):
         # D̂ = c · Σ_b Σ_{i∈I_{b,s_b}} [log μ_θ − log μ_ref](y_i | x, y_{<b}, ỹ_b^(s_b))
-        d = c * (reduced_trajectory_logprob(policy, both, steps, single_pass=single) - ref_logp)  # (2B,)
+        d = c * (reduced_trajectory_logprob(policy, both, steps, single_pass=single)
+                 - ref_logp)  # (2B,)
     loss, stats = dpo_loss(d[:B], d[B:], cfg.beta)
     loss.backward()
     return {"loss": loss.item(), **stats}
@@ -177,7 +189,7 @@ def dpo_dtrpo(cfg, policy, ref, both, gen):
 
 def dpo_full_trajectory(cfg, policy, ref, both, gen):
     B, device = len(both.tokens) // 2, both.tokens.device
-    # log π_ref(τ) = Σ_i logp_at_reveal_i: recorded when the reference sampled the pair (P1, departure 2)
+    # log π_ref(τ) = Σ_i logp_at_reveal_i: recorded when the reference sampled the pair (P1, dep. 2)
     logp_ref = both.logp_at_reveal.sum(1)  # (2B,)
     if not cfg.flat_memory:  # plain autograd: the graphs of all T states stay alive until backward
         with autocast(device):
@@ -186,17 +198,18 @@ def dpo_full_trajectory(cfg, policy, ref, both, gen):
         loss.backward()
         return {"loss": loss.item(), **stats}
     with torch.no_grad(), autocast(device):
-        d = trajectory_logprob(policy, both) - logp_ref  # (2B,) D = log π_θ(τ) − log π_ref(τ), exact
+        d = trajectory_logprob(policy, both) - logp_ref  # (2B,) exact D = log π_θ(τ) − log π_ref(τ)
     loss, stats = dpo_loss(d[:B], d[B:], cfg.beta)
-    # ∂L/∂D_w = −(β/B)·σ(−β·[D_w − D_l]) = −∂L/∂D_l   (the DPO weight, fixed before any graph exists)
+    # ∂L/∂D_w = −(β/B)·σ(−β·[D_w − D_l]) = −∂L/∂D_l (the DPO weight, fixed before any graph exists)
     w = -cfg.beta / B * torch.sigmoid(-cfg.beta * (d[:B] - d[B:]))  # (B,)
     dL_dD = torch.cat([w, -w])  # (2B,)
-    exact_states = policy.config.layout == "block"  # the [x ; y ; ỹ] pass is the true state there (P3)
+    exact_states = policy.config.layout == "block"  # the [x ; y ; ỹ] pass is the true state (P3)
     for s in range(both.steps_per_block):
-        steps = torch.full((2 * B, both.num_blocks), s, device=device)  # every block at within-block step s
-        with autocast(device):
-            # Σ_b Σ_{i∈I_{b,s}} log μ_θ(y_i | state before step b·T_B + s): step s's share of log π_θ(τ)
-            logp_s = reduced_trajectory_logprob(policy, both, steps, single_pass=exact_states)  # (2B,)
+        steps = torch.full((2 * B, both.num_blocks), s, device=device)  # every block at step s
+        with autocast(device):  # step s's share of log π_θ(τ):
+            # Σ_b Σ_{i∈I_{b,s}} log μ_θ(y_i | state before step b·T_B + s)
+            logp_s = reduced_trajectory_logprob(policy, both, steps,
+                                                single_pass=exact_states)  # (2B,)
         # ∇L = Σ_s Σ_r (∂L/∂D_r) · ∇logp_s,r: backward now frees step s's graph (N_B states, not T)
         (dL_dD * logp_s).sum().backward()
     return {"loss": loss.item(), **stats}
@@ -204,17 +217,19 @@ def dpo_full_trajectory(cfg, policy, ref, both, gen):
 
 def dpo_vrpo(cfg, policy, ref, both, gen):
     B2, L = both.responses.shape
-    blk = elbo_mask_block(cfg.elbo_masks, policy.config.layout, both.block_size)  # None: uniform masks
-    masks = sample_elbo_masks(B2, L, cfg.n_mc, gen, both.tokens.device, blk)  # (2B, N, L) shared by θ and ref
+    blk = elbo_mask_block(cfg.elbo_masks, policy.config.layout, both.block_size)  # None: uniform
+    # (2B, N, L) shared by θ and ref
+    masks = sample_elbo_masks(B2, L, cfg.n_mc, gen, both.tokens.device, blk)
 
     def elbo(model):
         with autocast(both.tokens.device):
-            return elbo_terms(model, both.prompts, both.responses, masks, normalize=cfg.elbo_per_token,
-                              temperature=both.logp_temperature, block_size=blk)  # (2B, N)
+            return elbo_terms(model, both.prompts, both.responses, masks,
+                              normalize=cfg.elbo_per_token, temperature=both.logp_temperature,
+                              block_size=blk)  # (2B, N)
 
     with torch.no_grad():
         ell_ref = elbo(ref)
-    # D = B̂_θ − B̂_ref = (1/n) Σ_j (ℓ_θ^(j) − ℓ_ref^(j)), on the same masks (VRPO's coupled sampling)
+    # D = B̂_θ − B̂_ref = (1/n) Σ_j (ℓ_θ^(j) − ℓ_ref^(j)) on the same masks (VRPO's coupling)
     d = (elbo(policy) - ell_ref).mean(1)  # (2B,)
     loss, stats = dpo_loss(d[:B2 // 2], d[B2 // 2:], cfg.beta)
     loss.backward()
@@ -225,16 +240,18 @@ DPO_ESTIMATORS = {"dtrpo": dpo_dtrpo, "full_trajectory": dpo_full_trajectory, "v
 
 
 def train_dpo(cfg: DPOConfig) -> dict:
-    """Run offline DPO as configured; returns the final test metrics. Ctrl-C saves a checkpoint first."""
+    """Run offline DPO as configured; returns the final test metrics. Ctrl-C saves a checkpoint."""
     device = pick_device(cfg.device)
     policy, task = load(cfg.init, device)
     ref, _ = load(cfg.init, device)  # frozen
     ref.requires_grad_(False)
     data = torch.load(cfg.pairs, map_location=device, weights_only=True)
     if (data["task"], data["task_options"]) != (task.name, dict(task.options)):
-        fail(f"{cfg.pairs} holds {data['task']} {data['task_options']} pairs; --init is a {task!r} model")
+        fail(f"{cfg.pairs} holds {data['task']} {data['task_options']} pairs; "
+             f"--init is a {task!r} model")
     if data["ref_fingerprint"] != fingerprint(ref):
-        fail(f"{cfg.pairs} was sampled by another model than --init={cfg.init}: DPO needs that model as reference")
+        fail(f"{cfg.pairs} was sampled by another model than --init={cfg.init}: "
+             "DPO needs that model as reference")
     chosen, rejected = Trajectory(**data["chosen"]), Trajectory(**data["rejected"])
     n_pairs = len(chosen.tokens)
     per_epoch = math.ceil(n_pairs / cfg.batch_size)
@@ -245,9 +262,10 @@ def train_dpo(cfg: DPOConfig) -> dict:
     def iteration(it, train_seconds):
         epoch, b = divmod(it, per_epoch)
         # the order of epoch e is a function of (seed, e) alone: nothing to save for an exact resume
-        order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        order = torch.randperm(n_pairs,
+                               generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device)
-        both = Trajectory.cat([chosen.index(idx), rejected.index(idx)])  # (2B rows) chosen then rejected
+        both = Trajectory.cat([chosen.index(idx), rejected.index(idx)])  # (2B rows) chosen first
         t0 = time.perf_counter()
         with Meters(device, policy, ref) as meters:
             stats = DPO_ESTIMATORS[cfg.estimator](cfg, policy, ref, both, gens["estimator"])

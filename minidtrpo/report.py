@@ -1,39 +1,25 @@
-"""Estimator report: bias, noise, gradient direction and cost of every likelihood estimator of docs/math.md §4.
+"""Estimator report: bias, noise, gradient direction and cost of every likelihood estimator of
+docs/math.md §4 on one checkpoint and a batch of its own trajectories, against the exact answer
+(an RL or DPO objective for a diffusion LM only ever sees such an estimate of the log-ratio).
 
-    python -m minidtrpo estimators --ckpt=runs/sudoku_block/checkpoint.pt   # ~1-2 CPU minutes
-
-An RL or DPO objective for a diffusion LM never sees log π_θ(τ|x) − log π_ref(τ|x) itself: it sees an
-estimate of it. This report puts the estimators side by side on one trained checkpoint and one batch of
-its own trajectories, against the exact answer.
+    python -m minidtrpo estimators --ckpt=runs/sudoku_block/checkpoint.pt  # slow, K draws: README
 
 Setup:
 - reference π_ref = the checkpoint; policy π_θ = the checkpoint with seeded Gaussian noise on every
-  weight, p ← p + σ·rms(p)·ε, ε ~ N(0, 1), σ = `perturb` (1e-2): two nearby policies, as in one RL step.
+  weight, p ← p + σ·rms(p)·ε, ε ~ N(0, 1), σ = `perturb`: two nearby policies, as in one RL step.
 - trajectories τ_i: the reference decodes `n_prompts` test prompts (temperature τ, low-confidence
   remasking, one token per step: T_B = b).
-- target Δ_i = log π_θ(τ_i|x_i) − log π_ref(τ_i|x_i) from `estimators.trajectory_logprob` (token terms
-  only, as every practical method), and its gradient g* = ∇_θ mean_i Δ_i.
-
-What each estimator targets (so what its "bias" means):
-- exact trajectory (§4.1): Δ itself, T passes; zero bias and noise by construction, the anchor.
-- exact + log S_t: the true probability of the decoded trajectory under low-confidence remasking, whose
-  position-selection term S_t depends on θ; its distance to Δ is what dropping S_t costs.
-- dTRPO reduced, c = T_B (§4.2): the probability of the trajectory actually decoded; one sampled step
-  per block, E_s[D̂] = Δ (unbiased) in one pass. Full layout: the single pass is an approximation (its
-  bias is real error), the per-block variant (N_B passes) is exact.
-- ELBO, n MC samples (§4.3, VRPO / BGPO): L·(B̂_θ − B̂_ref) on shared masks, B̂ per-token normalised: a
-  bound on the order-marginal likelihood log p(y|x) = log Σ_orders π(τ|x), not on the decoded τ. Full
-  layout, blockwise masks (estimators departure 4): the bound for orders that decode block by block.
-- one-step mean-field (§4.4, d1): a mean-field proxy of log p(y|x) from one all-masked pass.
-The "bias" of the last two against Δ is partly a different target, not only an error: it is reported
-anyway, because Δ is what the sampler actually did and what a trust region should bound.
+- target Δ_i = log π_θ(τ_i|x_i) − log π_ref(τ_i|x_i) from `estimators.trajectory_logprob` (token
+  terms only, as every practical method), and its gradient g* = ∇_θ mean_i Δ_i.
+Targets (docs/math.md §4.1–§4.4): the exact and dTRPO rows estimate the decoded τ; the ELBO and
+one-step rows log p(y|x), so their "bias" against Δ is partly a different target (reported anyway:
+Δ is what the sampler did, and what a trust region bounds).
 
 Metrics (draws = independent re-draws of an estimator's randomness: s_b, ELBO masks, prompt mask):
-  bias     = mean_i (mean_draws[estimate_i] − Δ_i), ± its standard error sqrt(Σ_i var_i / K) / B
-  std      = mean_i std_draws[estimate_i]                  (the estimator's own noise per trajectory)
-  corr     = Pearson correlation of one draw's estimates with Δ across trajectories, averaged over draws
-  corr K-mean = the same for the mean over the K draws: → 1 for an estimator of Δ as K grows, → the
-             correlation of its own target with Δ for the ELBO and one-step estimators
+  bias     = mean_i (mean_draws[estimate_i] − Δ_i) ± its standard error sqrt(Σ_i var_i / K) / B
+  std      = mean_i std_draws[estimate_i]              (the estimator's own noise per trajectory)
+  corr     = Pearson correlation of one draw's estimates with Δ across trajectories, mean over draws
+  corr K-mean = the same for the K-draw mean: → 1 for an estimator of Δ, → corr(own target, Δ) else
   grad cos = cos(∇_θ mean_i estimate_i of one draw, g*), averaged over `grad_draws` draws
   passes   = forward rows per response per model × tokens per row (counted by a forward hook)
   fwd ms / fwd+bwd ms = median wall time of one draw on the batch (policy and reference; + backward)
@@ -42,9 +28,9 @@ Metrics (draws = independent re-draws of an estimator's randomness: s_b, ELBO ma
 Departures / choices:
 1. The perturbation is random noise, not an RL step: the report is about estimators, not about a
    particular update direction.
-2. Estimates are taken at the rollout temperature (`traj.logp_temperature`), as the sampler records them.
-3. Deterministic estimators (the exact rows) are evaluated 3 times, not K: equal values show their std is 0,
-   and the median time is steadier; their gradient is taken once.
+2. Estimates are taken at the rollout temperature (`traj.logp_temperature`), as the sampler records.
+3. Deterministic estimators (the exact rows) are evaluated 3 times, not K: equal values show their
+   std is 0, and the median time is steadier; their gradient is taken once.
 
 Shapes: B trajectories, K draws, L response length.
 """
@@ -61,37 +47,43 @@ import torch
 from tqdm import tqdm
 
 from .config import arg, check, pick_device, write_json
-from .estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps, sample_elbo_masks,
-                         sample_prompt_mask, trajectory_logprob)
+from .estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps,
+                         sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
+from .meters import SavedBytes
 from .sampling import generate
-from .train import SavedBytes, load
+from .train import load
 
 
 @dataclass
 class ReportConfig:
-    """Bias, noise, gradient cosine and cost of each likelihood estimator on one checkpoint (docs/math.md §4)."""
-    ckpt: str = arg("runs/sudoku_block/checkpoint.pt", "checkpoint: the reference policy (block or full layout)")
+    """Bias, noise, gradient cosine and cost of each likelihood estimator of docs/math.md §4."""
+    ckpt: str = arg("runs/sudoku_block/checkpoint.pt",
+                    "checkpoint: the reference policy (block or full layout)")
     n_prompts: int = arg(64, "trajectories B: test prompts decoded once by the reference")
     temperature: float = arg(1.0, "rollout temperature τ (> 0 for a sampled trajectory)")
     draws: int = arg(8, "K: independent draws of each random estimator (for bias and std)")
     grad_draws: int = arg(2, "draws whose gradient is compared with the exact one")
     perturb: float = arg(1e-2, "σ: policy = reference + σ·rms(p)·N(0, 1) on every weight tensor p")
-    prompt_mask_p: float = arg(0.15, "one-step estimator: probability of masking each prompt token (d1)")
+    prompt_mask_p: float = arg(
+        0.15, "one-step estimator: probability of masking each prompt token (d1)")
     seed: int = arg(0, "seed of prompts, rollouts, perturbation and estimator draws")
-    out_dir: str = arg("runs/estimators", "folder for estimators.md, estimators.json and estimators.png")
+    out_dir: str = arg(
+        "runs/estimators", "folder for estimators.md, estimators.json and estimators.png")
     device: str = arg("auto", "auto | cpu | cuda | mps")
-    threads: int = arg(1, "CPU intra-op threads while the report runs (0: torch's default); on a busy shared "
-                          "CPU one thread is the fastest and keeps the timings comparable")
+    threads: int = arg(1, "CPU intra-op threads while the report runs (0: torch's default); on a "
+                          "busy shared CPU one thread is the fastest and keeps the timings "
+                          "comparable")
 
     def __post_init__(self):
-        check(self.n_prompts >= 2, "n_prompts", self.n_prompts, "an int >= 2 (correlations need two)")
+        check(self.n_prompts >= 2, "n_prompts", self.n_prompts,
+              "an int >= 2 (correlations need two)")
         for name in ("draws", "grad_draws"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
         check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
         check(self.threads >= 0, "threads", self.threads, "an int >= 0")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The estimators, each as a log-ratio estimate (B,) with the gradient through the policy only
 
 
@@ -114,19 +106,23 @@ def exact(position_term=False):
 
 def dtrpo(single_pass=True):
     # D̂ = T_B · Σ_b [log μ_θ − log μ_ref] at one sampled step s_b per block; E_s[D̂] = Δ
-    return lambda policy, ref, traj, gen: dtrpo_logratio(policy, ref, traj, sample_block_steps(traj, gen),
-                                                         "steps", single_pass=single_pass)
+    return lambda policy, ref, traj, gen: dtrpo_logratio(policy, ref, traj,
+                                                         sample_block_steps(traj, gen), "steps",
+                                                         single_pass=single_pass)
 
 
 def elbo(n_mc, blockwise=False):
     def fn(policy, ref, traj, gen):
         B, L = traj.responses.shape
         blk = traj.block_size if blockwise else None  # blockwise ELBO masks (docs/math.md §4.3)
-        masks = sample_elbo_masks(B, L, n_mc, gen, traj.tokens.device, blk)  # (B, N, L) shared by both models
+        # (B, N, L) shared by both models
+        masks = sample_elbo_masks(B, L, n_mc, gen, traj.tokens.device, blk)
         tau = traj.logp_temperature
         with torch.no_grad():
-            ell_ref = elbo_terms(ref, traj.prompts, traj.responses, masks, temperature=tau, block_size=blk)  # (B, N)
-        ell = elbo_terms(policy, traj.prompts, traj.responses, masks, temperature=tau, block_size=blk)  # (B, N)
+            ell_ref = elbo_terms(ref, traj.prompts, traj.responses, masks, temperature=tau,
+                                 block_size=blk)  # (B, N)
+        ell = elbo_terms(policy, traj.prompts, traj.responses, masks, temperature=tau,
+                         block_size=blk)  # (B, N)
         # L·(B̂_θ − B̂_ref), B̂ = (1/n) Σ_j ℓ^{(j)} per token: the per-sequence ELBO log-ratio
         return L * (ell - ell_ref).mean(1)
     return fn
@@ -137,29 +133,34 @@ def one_step(p):
         prompt_mask = sample_prompt_mask(traj.prompts, p, gen)  # (B, P) the same x' for both models
         tau = traj.logp_temperature
         with torch.no_grad():
-            ref_logp = one_step_logprob(ref, traj.prompts, traj.responses, prompt_mask, temperature=tau)
+            ref_logp = one_step_logprob(ref, traj.prompts, traj.responses, prompt_mask,
+                                        temperature=tau)
         # Σ_i [log μ_θ(y_i | x', M…M) − log μ_ref(y_i | x', M…M)]
-        return one_step_logprob(policy, traj.prompts, traj.responses, prompt_mask, temperature=tau) - ref_logp
+        return one_step_logprob(policy, traj.prompts, traj.responses, prompt_mask,
+                                temperature=tau) - ref_logp
     return fn
 
 
 def estimators_for(layout: str, temperature: float, prompt_mask_p: float) -> list[Estimator]:
     rows = [Estimator("exact trajectory", "decoded τ", exact(), False)]
     if temperature > 0:  # S_t is a probability only for a sampled rollout
-        rows.append(Estimator("exact + log S_t", "decoded τ with S_t", exact(position_term=True), False))
+        rows.append(Estimator("exact + log S_t", "decoded τ with S_t",
+                              exact(position_term=True), False))
     if layout == "block":  # single pass == per-block passes here (P3): one row
         rows.append(Estimator("dTRPO c=T_B", "decoded τ", dtrpo(), True))
     else:
         rows.append(Estimator("dTRPO c=T_B, 1 pass", "decoded τ (approx.)", dtrpo(True), True))
         rows.append(Estimator("dTRPO c=T_B, N_B passes", "decoded τ", dtrpo(False), True))
     rows += [Estimator(f"ELBO n={n}", "log p(y|x) bound", elbo(n), True) for n in (1, 4, 16)]
-    if layout == "full":  # the ELBO of the block-by-block sampler (block layout: the rows above already are)
-        rows.append(Estimator("ELBO n=16, blockwise", "semi-AR log p(y|x) bound", elbo(16, blockwise=True), True))
-    rows.append(Estimator(f"one-step p={prompt_mask_p:g}", "log p(y|x) mean-field", one_step(prompt_mask_p), True))
+    if layout == "full":  # the block-by-block sampler's ELBO (block layout: the rows above are)
+        rows.append(Estimator("ELBO n=16, blockwise", "semi-AR log p(y|x) bound",
+                              elbo(16, blockwise=True), True))
+    rows.append(Estimator(f"one-step p={prompt_mask_p:g}", "log p(y|x) mean-field",
+                          one_step(prompt_mask_p), True))
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Measurement plumbing
 
 
@@ -172,7 +173,8 @@ def flat_grad(value, model) -> torch.Tensor:
     """∇_θ value as one flat vector over the model's parameters (zeros where unused)."""
     params = list(model.parameters())
     grads = torch.autograd.grad(value, params, allow_unused=True)
-    flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                      for p, g in zip(params, grads)])
     return flat.double()  # cosines over ~1M entries: accumulate in float64
 
 
@@ -187,10 +189,10 @@ def perturbed(model, sigma: float, generator) -> torch.nn.Module:
 
 
 def measure(est: Estimator, policy, ref, traj, delta, g_star, cfg, gen, bar) -> dict:
-    """Draw the estimator K times (values) and grad_draws times (gradient, memory, passes) -> summary."""
+    """Draw the estimator K times (values) and grad_draws times (gradient, memory, passes)."""
     device = traj.tokens.device
     B = len(delta)
-    # a deterministic estimator is still run a few times: equal values prove it, the median time is steadier
+    # a deterministic estimator still runs a few times: equal values prove it, steadier median
     K, G = (cfg.draws, cfg.grad_draws) if est.random else (min(3, cfg.draws), 1)
     values, fwd_s = [], []
     for _ in range(K):
@@ -210,7 +212,8 @@ def measure(est: Estimator, policy, ref, traj, delta, g_star, cfg, gen, bar) -> 
         _sync(device)
         t0 = time.perf_counter()
         with SavedBytes() as meter:
-            grad = flat_grad(est.fn(policy, ref, traj, gen).mean(), policy)  # ∇_θ mean_i estimate_i
+            # ∇_θ mean_i estimate_i
+            grad = flat_grad(est.fn(policy, ref, traj, gen).mean(), policy)
         _sync(device)
         step_s.append(time.perf_counter() - t0)
         peak = max(peak, meter.peak)
@@ -226,74 +229,78 @@ def measure(est: Estimator, policy, ref, traj, delta, g_star, cfg, gen, bar) -> 
     corr = [torch.corrcoef(torch.stack([v, delta]))[0, 1].item() for v in values]
     return {
         "name": est.name, "targets": est.targets, "draws": K,
-        "bias": (mean_i - delta).mean().item(),
-        "bias_se": (var_i.sum() / K).sqrt().item() / B,
-        "max_abs_err": (mean_i - delta).abs().max().item(),
-        "std": var_i.sqrt().mean().item(),
+        "bias": (mean_i - delta).mean().item(), "bias_se": (var_i.sum() / K).sqrt().item() / B,
+        "max_abs_err": (mean_i - delta).abs().max().item(), "std": var_i.sqrt().mean().item(),
         "corr": statistics.fmean(corr),
-        "corr_of_mean": torch.corrcoef(torch.stack([mean_i, delta]))[0, 1].item(),  # noise averaged out
+        "corr_of_mean": torch.corrcoef(torch.stack([mean_i, delta]))[0, 1].item(),  # corr K-mean
         "grad_cos": statistics.fmean(cosines), "grad_cos_draws": cosines,
         "passes_per_response": sum(r[0] for r in rows) / B, "tokens_per_pass": rows[0][1],
         "fwd_ms": 1e3 * statistics.median(fwd_s), "fwd_bwd_ms": 1e3 * statistics.median(step_s),
         "saved_mb": peak / 2**20,
-        "per_trajectory": {"mean": mean_i.tolist(), "std": var_i.sqrt().tolist(), "first_draw": values[0].tolist()},
+        "per_trajectory": {"mean": mean_i.tolist(), "std": var_i.sqrt().tolist(),
+                           "first_draw": values[0].tolist()},
     }
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Output: markdown table, JSON, figure
 
 
 def markdown(results: list[dict], setup: dict) -> str:
-    lines = ["| estimator | targets | bias ± se | std | corr | corr K-mean | grad cos | passes × tokens | fwd ms "
-             "| fwd+bwd ms | saved MB |", "|---" * 11 + "|"]
+    lines = ["| estimator | targets | bias ± se | std | corr | corr K-mean | grad cos | "
+             "passes × tokens | fwd ms | fwd+bwd ms | saved MB |", "|---" * 11 + "|"]
     for r in results:
         targets = r["targets"].replace("|", "\\|")  # a literal | would end the markdown cell
-        lines.append(f"| {r['name']} | {targets} | {r['bias']:+.4f} ± {r['bias_se']:.4f} | {r['std']:.4f} | "
-                     f"{r['corr']:.3f} | {r['corr_of_mean']:.3f} | {r['grad_cos']:.3f} | "
-                     f"{r['passes_per_response']:g} × {r['tokens_per_pass']} | {r['fwd_ms']:.0f} | "
-                     f"{r['fwd_bwd_ms']:.0f} | {r['saved_mb']:.1f} |")
+        lines.append(f"| {r['name']} | {targets} | {r['bias']:+.4f} ± {r['bias_se']:.4f} | "
+                     f"{r['std']:.4f} | {r['corr']:.3f} | {r['corr_of_mean']:.3f} | "
+                     f"{r['grad_cos']:.3f} | {r['passes_per_response']:g} × "
+                     f"{r['tokens_per_pass']} | {r['fwd_ms']:.0f} | {r['fwd_bwd_ms']:.0f} | "
+                     f"{r['saved_mb']:.1f} |")
     s = setup
     lines += [
         "",
-        f"Setup: `{s['ckpt']}` ({s['layout']} layout, {s['params'] / 1e6:.2f}M params), B = {s['n_prompts']} test "
-        f"prompts decoded by the reference at τ = {s['temperature']:g}, low-confidence remasking, T_B = b = "
-        f"{s['block_size']} (T = {s['num_steps']} steps), batch reward {s['reward']:.3f}. Policy = reference + "
-        f"{s['perturb']:g}·rms·N(0,1) noise per weight tensor (seed {s['seed']}). Exact log-ratio Δ over the batch: "
+        f"Setup: `{s['ckpt']}` ({s['layout']} layout, {s['params'] / 1e6:.2f}M params), "
+        f"B = {s['n_prompts']} test prompts decoded by the reference at τ = {s['temperature']:g}, "
+        f"low-confidence remasking, T_B = b = {s['block_size']} (T = {s['num_steps']} steps), "
+        f"batch reward {s['reward']:.3f}. Policy = reference + {s['perturb']:g}·rms·N(0,1) noise "
+        f"per weight tensor (seed {s['seed']}). Exact log-ratio Δ over the batch: "
         f"mean {s['delta_mean']:+.4f}, std {s['delta_std']:.4f}, mean |Δ| {s['delta_abs']:.4f}. "
-        f"K = {s['draws']} draws per random estimator ({min(3, s['draws'])} for the deterministic exact rows), "
-        f"{s['grad_draws']} gradient draws; {s['device']}, {s['threads']} thread(s), {s['seconds']:.0f} s to measure.",
+        f"K = {s['draws']} draws per random estimator ({min(3, s['draws'])} for the deterministic "
+        f"exact rows), {s['grad_draws']} gradient draws; {s['device']}, {s['threads']} thread(s), "
+        f"{s['seconds']:.0f} s to measure.",
         "",
         "Notes:",
-        "- Targets. *decoded τ*: the probability of the trajectory actually decoded (token terms; log S_t dropped). "
-        "The exact estimator is Δ itself (bias, std 0 and grad cos 1 by construction). dTRPO with c = T_B is "
-        "unbiased for it (E over the sampled step per block). *log p(y|x)*: the ELBO is a bound on, and one-step a "
-        "mean-field proxy of, the order-marginal likelihood of the response; their 'bias' against Δ is partly this "
+        "- Targets. *decoded τ*: the probability of the trajectory actually decoded (token terms; "
+        "log S_t dropped). The exact estimator is Δ itself (bias, std 0 and grad cos 1 by "
+        "construction). dTRPO with c = T_B is unbiased for it (E over the sampled step per block). "
+        "*log p(y|x)*: the ELBO is a bound on, and one-step a mean-field proxy of, the "
+        "order-marginal likelihood of the response; their 'bias' against Δ is partly this "
         "different target, not only an error.",
         "- dTRPO single pass: exact in the block layout (== one pass per block state, P3)."
         if s["layout"] == "block" else
-        "- dTRPO in the full layout: the single [x ; y ; ỹ] pass hides the later, masked blocks that the true state "
-        "shows, so its bias is a real error; the N_B-pass variant scores the true states and is unbiased.",
-        "- bias = mean_i(mean over draws − Δ_i) ± standard error; std = mean_i of the per-trajectory std over "
-        "draws; corr = correlation of one draw with Δ across trajectories, corr K-mean = the same for the mean of "
-        "the K draws (noise averaged out: it tends to 1 for an estimator of Δ, to the correlation of its own "
-        "target with Δ otherwise); grad cos = cosine of one draw's ∇_θ mean_i estimate_i with ∇_θ mean_i Δ_i, "
-        "averaged over draws.",
-        *[f"- *exact + log S_t* adds the θ-dependent position-selection term log S_t of low-confidence remasking, "
-          f"which every other row (and every practical method) drops: here it moves the log-ratio by "
-          f"{r['bias']:+.3f} on average and by up to {r['max_abs_err']:.2f} nats on one trajectory "
-          f"(max |Δ| = {s['delta_absmax']:.3f})."
+        "- dTRPO in the full layout: the single [x ; y ; ỹ] pass hides the later, masked blocks "
+        "that the true state shows, so its bias is a real error; the N_B-pass variant scores the "
+        "true states and is unbiased.",
+        "- bias = mean_i(mean over draws − Δ_i) ± standard error; std = mean_i of the "
+        "per-trajectory std over draws; corr = correlation of one draw with Δ across trajectories, "
+        "corr K-mean = the same for the mean of the K draws (noise averaged out: it tends to 1 for "
+        "an estimator of Δ, to the correlation of its own target with Δ otherwise); grad cos = "
+        "cosine of one draw's ∇_θ mean_i estimate_i with ∇_θ mean_i Δ_i, averaged over draws.",
+        *[f"- *exact + log S_t* adds the θ-dependent position-selection term log S_t of "
+          f"low-confidence remasking, which every other row (and every practical method) drops: "
+          f"here it moves the log-ratio by {r['bias']:+.3f} on average and by up to "
+          f"{r['max_abs_err']:.2f} nats on one trajectory (max |Δ| = {s['delta_absmax']:.3f})."
           for r in results if r["name"] == "exact + log S_t"],
-        "- passes × tokens: forward rows per response per model (the reference costs the same again, without "
-        "backward) × sequence length of each row; ms are per batch of B; saved MB = peak bytes autograd keeps "
-        "for backward during one gradient draw.",
+        "- passes × tokens: forward rows per response per model (the reference costs the same "
+        "again, without backward) × sequence length of each row; ms are per batch of B; saved MB "
+        "= peak bytes autograd keeps for backward during one gradient draw.",
     ]
     return "\n".join(lines)
 
 
 def plot(results, delta, path):
-    """Top: one scatter per estimator, one draw per trajectory against Δ (dashed: y = x, each panel on its own
-    scale). Bottom: noise (std over draws) and gradient cosine per estimator."""
+    """Top: one scatter per estimator, one draw per trajectory against Δ (dashed: y = x, each panel
+    on its own scale). Bottom: noise (std over draws) and gradient cosine per estimator."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -314,28 +321,26 @@ def plot(results, delta, path):
     names, ypos = [r["name"] for r in results], list(range(n))
     b = fig.add_subplot(grid[1, :n])
     stds = [r["std"] for r in results]
-    floor = min([x for x in stds if x > 0], default=1.0) / 10  # deterministic rows: drawn at a floor, labelled 0
+    # deterministic rows: drawn at a floor, labelled 0
+    floor = min([x for x in stds if x > 0], default=1.0) / 10
     b.barh(ypos, [max(x, floor) for x in stds], color=[f"C{k}" for k in ypos])
     for k, x in enumerate(stds):
         b.text(max(x, floor), k, f" {x:.3g}", va="center", fontsize=7)
-    b.set(yticks=ypos, yticklabels=names, xscale="log", xlabel="std over draws per trajectory (log)",
-          title="estimator noise")
+    b.set(yticks=ypos, yticklabels=names, xscale="log",
+          xlabel="std over draws per trajectory (log)", title="estimator noise")
     b.invert_yaxis()
     c = fig.add_subplot(grid[1, n:])
     cos = [r["grad_cos"] for r in results]
     c.barh(ypos, cos, color=[f"C{k}" for k in ypos])
     for k, x in enumerate(cos):
         c.text(max(x, 0), k, f" {x:.2f}", va="center", fontsize=7)
-    c.set(yticks=ypos, yticklabels=[], xlim=(min(0, *cos), 1.1), xlabel="cos(∇ estimate, ∇ Δ), one draw",
-          title="gradient direction")
+    c.set(yticks=ypos, yticklabels=[], xlim=(min(0, *cos), 1.1),
+          xlabel="cos(∇ estimate, ∇ Δ), one draw", title="gradient direction")
     c.axvline(0, color="k", lw=0.5)
     c.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------
 
 
 def run_report(cfg: ReportConfig) -> dict:
@@ -355,11 +360,13 @@ def _report(cfg: ReportConfig) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     ref, task = load(cfg.ckpt, device)
     ref.eval().requires_grad_(False)
-    policy = perturbed(ref, cfg.perturb, torch.Generator(device).manual_seed(cfg.seed + 1)).requires_grad_(True)
+    policy = perturbed(ref, cfg.perturb,
+                       torch.Generator(device).manual_seed(cfg.seed + 1)).requires_grad_(True)
 
     # one batch of the reference's own trajectories
     prompts, _ = task.test_set(cfg.n_prompts, seed=cfg.seed)
-    traj = generate(ref, prompts.to(device), temperature=cfg.temperature, remasking="low_confidence",
+    traj = generate(ref, prompts.to(device), temperature=cfg.temperature,
+                    remasking="low_confidence",
                     generator=torch.Generator(device).manual_seed(cfg.seed))
     reward = task.reward(traj.prompts.cpu(), traj.responses.cpu()).float().mean().item()
 
@@ -379,10 +386,10 @@ def _report(cfg: ReportConfig) -> dict:
             results.append(measure(est, policy, ref, traj, delta, g_star, cfg, gen, bar))
 
     d = delta.double().cpu()
-    setup = {**asdict(cfg), "layout": ref.config.layout, "params": ref.num_params(), "device": str(device),
-             "block_size": traj.block_size, "num_steps": traj.num_steps, "reward": reward,
-             "delta_mean": d.mean().item(), "delta_std": d.std().item(), "delta_abs": d.abs().mean().item(),
-             "delta_absmax": d.abs().max().item()}
+    setup = {**asdict(cfg), "layout": ref.config.layout, "params": ref.num_params(),
+             "device": str(device), "block_size": traj.block_size, "num_steps": traj.num_steps,
+             "reward": reward, "delta_mean": d.mean().item(), "delta_std": d.std().item(),
+             "delta_abs": d.abs().mean().item(), "delta_absmax": d.abs().max().item()}
     setup["seconds"] = time.perf_counter() - start  # measurement time; the figure and files follow
     table = markdown(results, setup)
     print("\n" + table)
@@ -391,6 +398,6 @@ def _report(cfg: ReportConfig) -> dict:
     plot(results, d.tolist(), os.path.join(cfg.out_dir, "estimators.png"))
     out = {"setup": setup, "delta": d.tolist(), "estimators": results}
     write_json(out, os.path.join(cfg.out_dir, "estimators.json"))
-    print(f"\nwrote {cfg.out_dir}/estimators.md, .json, .png; {time.perf_counter() - start:.0f} s in all")
+    print(f"\nwrote {cfg.out_dir}/estimators.md, .json, .png; "
+          f"{time.perf_counter() - start:.0f} s in all")
     return out
-

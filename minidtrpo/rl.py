@@ -1,40 +1,34 @@
 """Online RL of the masked-diffusion policy with four objectives (docs/math.md §5.1, §5.2, §5.4).
 
-One iteration: sample prompts, G rollouts per prompt from the current policy (LLaDA's sampler, trajectories
-recorded), score them, GRPO advantages, then `num_iterations` optimizer steps (1 = on-policy). The
+One iteration: G rollouts per sampled prompt from the current policy (LLaDA's sampler, trajectories
+recorded), rewards, GRPO advantages, then `num_iterations` optimizer steps (1 = on-policy). The
 objectives differ only in how they score a response:
-- full_trajectory: exact trajectory log-prob (§4.1) in the clipped surrogate: TraceRL, arXiv 2509.06949;
-  CJ-GRPO, arXiv 2509.23924. Sequence-level ratio by default, step-level (TraceRL) as an option.
+- full_trajectory: exact trajectory log-prob (§4.1) in the clipped surrogate (TraceRL,
+  arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924); sequence-level ratio, or step-level (TraceRL).
 - diffu_grpo: d1's one-step mean-field log-prob with a random prompt mask (arXiv 2504.12216, §4.4).
-- bgpo: BGPO's linear lower bound of the ELBO-ratio objective, backpropagated one Monte Carlo sample at
-  a time so memory does not grow with n_mc (arXiv 2510.11683, §5.4; `bgpo_accumulate`).
-- vrpo_ol: the exp-of-mean ELBO-ratio objective BGPO bounds, all n_mc graphs alive (BGPO's baseline,
-  with VRPO's stratified coupled masks, arXiv 2505.19223).
-The run loop (log, evaluate, checkpoint, resume) is train.run_loop.
+- bgpo: BGPO's linear lower bound of the ELBO-ratio objective, backpropagated one MC sample at a
+  time so memory does not grow with n_mc (arXiv 2510.11683, §5.4; `bgpo_accumulate`).
+- vrpo_ol: the exp-of-mean ELBO-ratio objective BGPO bounds, all n_mc graphs alive (BGPO's
+  baseline, with VRPO's stratified coupled masks, arXiv 2505.19223).
+The run loop (log, evaluate, checkpoint, resume) is train.run_loop; logged metrics: `METRICS`.
 
 Departures:
-1. full_trajectory's old values are Σ logp_at_reveal recorded by the sampler: the old policy *is* the
-   sampling policy and §4.1 reproduces those numbers exactly (P1), so the old policy costs no pass, for
-   any num_iterations. (Block layout: the sampler's KV cache and the estimator's [x ; y ; ỹ] pass agree to
-   ~1e-5; ρ differs from 1 by that much on-policy.)
-2. Estimators score at the rollout temperature τ (μ_θ = softmax(logits/τ)), the distribution that sampled.
-3. diffu_grpo draws one prompt mask per optimizer step, all up front, so old, new and reference share it
-   (as d1); bgpo and vrpo_ol draw one set of ELBO masks per rollout batch, shared by all steps. With
-   num_iterations > 1 each pays one no-grad pass of its estimator for the old values up front (see 7
-   for the on-policy case). d1's per-token ratio is replaced by a sequence ratio.
-4. The k3 KL penalty (β) exists where the objective takes it, clipped_pg_loss (full_trajectory,
-   diffu_grpo); bgpo and vrpo_ol refuse β > 0 (BGPO trains without KL).
-5. Groups whose rewards are all equal (A = 0) are dropped before the update; if none is left the update
-   is skipped. A constant learning rate (no schedule), AdamW, gradient clipping.
-6. `nll_revealed` = −mean log μ_θ of the revealed tokens at reveal time, a cheap stand-in for entropy (it
-   needs no extra pass); low-confidence decoding reveals the surest tokens first, so it is below the
-   mean entropy of the predictions. `kl_ref` = mean of log π_θ(τ) − log π_init(τ) (k1, token part of
-   §4.1) on the first `kl_rollouts` rollouts, an untimed diagnostic.
-7. On-policy (num_iterations = 1) diffu_grpo, bgpo and vrpo_ol take the old values from the graph pass,
-   detached: θ_old = θ, so they are the numbers a separate no-grad pass would give (tests check this),
-   and the update costs one estimator pass less per response.
-Logged metrics are defined in `METRICS`. A policy-gradient loss value is not a progress signal: ρ ≡ 1
-on-policy makes it ≈ 0 by construction; watch reward and test accuracy.
+1. full_trajectory's old values are the sampler's Σ logp_at_reveal (P1): no old-policy pass, for
+   any num_iterations (block layout: ρ − 1 ≈ float32 rounding on-policy).
+2. Estimators score at the rollout temperature τ (μ_θ = softmax(logits/τ)), the one that sampled.
+3. diffu_grpo: one prompt mask per optimizer step, drawn up front and shared by old, new and
+   reference (as d1); a sequence ratio, not d1's per-token one. bgpo, vrpo_ol: one set of ELBO
+   masks per rollout batch. With num_iterations > 1 the old values cost one no-grad pass.
+4. The k3 KL penalty (β) is clipped_pg_loss's (full_trajectory, diffu_grpo); bgpo and vrpo_ol
+   refuse β > 0 (BGPO trains without KL).
+5. Groups with all-equal rewards (A = 0) are dropped; if none is left the update is skipped.
+   A constant learning rate, AdamW, gradient clipping.
+6. `nll_revealed`, an entropy stand-in at no extra pass, is below the mean entropy (low confidence
+   reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
+7. On-policy, diffu_grpo, bgpo and vrpo_ol take the old values from the graph pass, detached
+   (θ_old = θ: what a no-grad pass gives, tested), one pass cheaper.
+A policy-gradient loss value is not a progress signal: ρ ≡ 1 on-policy makes it ≈ 0 by construction
+(docs/math.md §5.2); watch reward and test accuracy.
 
 Shapes: B responses in the update (prompts × G), G group size, P prompt length, L response length,
 N MC samples, T decoding steps, N_B blocks.
@@ -47,11 +41,12 @@ import torch
 from einops import rearrange, repeat
 
 from .config import arg, autocast, check, pick_device
-from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_terms, one_step_logprob, sample_elbo_masks,
-                         sample_prompt_mask, trajectory_logprob)
+from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_terms, one_step_logprob,
+                         sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
+from .meters import Meters, elapsed
 from .objectives import bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
 from .sampling import REMASKING
-from .train import Meters, RunConfig, clip_and_step, elapsed, load, rollout, run_loop
+from .train import RunConfig, clip_and_step, load, rollout, run_loop
 
 OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol")
 METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
@@ -63,9 +58,9 @@ METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluatio
     "kl_ref": "k1 estimate of KL(π_θ ‖ π_init) on trajectories (departure 6)",
     "nll_revealed": "−mean log μ_θ of revealed tokens at reveal, an entropy stand-in (departure 6)",
     "rollout_s / update_s": "seconds of sampling + scoring / of old values + optimizer steps",
-    "passes_per_response": "model rows run forward in the update (policy, old, reference) per response",
-    "peak_saved_mb": "peak MB that autograd saved for backward during the update (activation memory, P7)",
-    "rss_mb / cuda_peak_mb": "peak resident memory of the process (monotone) / peak CUDA allocation",
+    "passes_per_response": "model rows run forward in the update per response (policy, old, ref)",
+    "peak_saved_mb": "peak MB autograd saved for backward in the update (activation memory, P7)",
+    "rss_mb / cuda_peak_mb": "peak process resident memory (monotone) / peak CUDA allocation",
     "test_exact / test_reward": "greedy (temperature 0) decoding of the fixed test set",
 }
 
@@ -74,7 +69,8 @@ METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluatio
 class RLConfig(RunConfig):
     """Online RL from a supervised checkpoint with one of four objectives."""
     init: str = arg("runs/sft/checkpoint.pt", "checkpoint to start from; also the frozen reference")
-    objective: str = arg("full_trajectory", "how a response is scored (module docstring)", OBJECTIVES)
+    objective: str = arg(
+        "full_trajectory", "how a response is scored (module docstring)", OBJECTIVES)
     num_prompts: int = arg(16, "training prompts per iteration")
     num_generations: int = arg(8, "rollouts per prompt G (the GRPO group)")
     temperature: float = arg(1.0, "rollout temperature τ; 0 = greedy (every group would be flat)")
@@ -87,19 +83,21 @@ class RLConfig(RunConfig):
     clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; inert on-policy)")
     beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, diffu_grpo only)")
     scale_std: bool = arg(True, "divide advantages by the group std (false: d1 / Dr. GRPO)")
-    ratio_level: str = arg("sequence", "full_trajectory: one ratio per sequence, or per step (TraceRL)",
-                           ("sequence", "step"))
+    ratio_level: str = arg("sequence", "full_trajectory: one ratio per sequence, or per step "
+                           "(TraceRL)", ("sequence", "step"))
     aggregation: str = arg("sequence_mean", "loss aggregation (objectives.clipped_pg_loss)",
                            ("token_mean", "sequence_mean", "constant"))
     n_mc: int = arg(16, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol)")
     elbo_per_token: bool = arg(True, "ℓ^(j) per masked token as in BGPO's code (false: × L)")
-    elbo_masks: str = arg("auto", "bgpo, vrpo_ol: ELBO masks uniform over the response, or blockwise "
-                          "(earlier blocks clean, later masked; auto: blockwise in the full layout; "
-                          "docs/math.md §4.3)", ELBO_MASKS)
+    elbo_masks: str = arg("auto", "bgpo, vrpo_ol: ELBO masks uniform over the response, or "
+                          "blockwise (earlier blocks clean, later masked; auto: blockwise in the "
+                          "full layout; docs/math.md §4.3)", ELBO_MASKS)
     prompt_mask_p: float = arg(0.15, "diffu_grpo: probability of masking each prompt token")
-    kl_rollouts: int = arg(16, "rollouts per iteration scored by the initial model for kl_ref (0: off)")
+    kl_rollouts: int = arg(
+        16, "rollouts per iteration scored by the initial model for kl_ref (0: off)")
     max_iters: int = arg(1000, "stop after this many iterations")
-    out_dir: str = arg("runs/rl", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
+    out_dir: str = arg(
+        "runs/rl", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,30 +108,33 @@ class RLConfig(RunConfig):
         for name in ("temperature", "clip_eps", "beta", "weight_decay", "grad_clip", "kl_rollouts"):
             check(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
         check(self.lr > 0, "lr", self.lr, "a float > 0")
-        check(0 <= self.prompt_mask_p <= 1, "prompt_mask_p", self.prompt_mask_p, "a probability in [0, 1]")
+        check(0 <= self.prompt_mask_p <= 1, "prompt_mask_p", self.prompt_mask_p,
+              "a probability in [0, 1]")
         check(self.beta == 0 or self.objective not in ("bgpo", "vrpo_ol"), "beta", self.beta,
-              "0 for bgpo and vrpo_ol (the KL penalty exists for full_trajectory and diffu_grpo only)")
+              "0 for bgpo and vrpo_ol "
+              "(the KL penalty exists for full_trajectory and diffu_grpo only)")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The four objectives. Each computes its old-policy (and reference) values without grad, then takes
 # cfg.num_iterations optimizer steps: loss, backward, `step()`. Returns the last step's stats.
 
 
 def update_full_trajectory(cfg, policy, ref, traj, adv, gen, step):
     per_step = cfg.ratio_level == "step"
-    # log π_old(τ) = Σ_i logp_at_reveal_i: recorded by the sampler (P1), no pass needed (departure 1)
+    # log π_old(τ) = Σ_i logp_at_reveal_i: recorded by the sampler (P1), no pass (departure 1)
     logp_old = traj.logp_at_reveal.sum(1)  # (B,)
-    if per_step:  # log π_old(τ_{t−1} | τ_t) = Σ_{i∈I_t} logp_at_reveal_i, placed at step t = unmask_step_i
+    if per_step:
+        # log π_old(τ_{t−1} | τ_t) = Σ_{i∈I_t} logp_at_reveal_i, placed at step t = unmask_step_i
         logp_old = torch.zeros(len(adv), traj.num_steps, device=adv.device).scatter_add(
             1, traj.unmask_step, traj.logp_at_reveal)  # (B, T)
     with torch.no_grad(), autocast(adv.device):
         logp_ref = trajectory_logprob(ref, traj, per_step=per_step) if cfg.beta > 0 else None
     for _ in range(cfg.num_iterations):
-        with autocast(adv.device):  # T passes (full layout) or T_B passes of [x ; y ; ỹ] (block layout)
+        with autocast(adv.device):  # T passes (full layout), T_B [x ; y ; ỹ] passes (block)
             logp = trajectory_logprob(policy, traj, per_step=per_step)  # (B,) or (B, T)
-        loss, stats = clipped_pg_loss(logp, logp_old, adv, cfg.clip_eps, aggregation=cfg.aggregation,
-                                      logp_ref=logp_ref, beta=cfg.beta)
+        loss, stats = clipped_pg_loss(logp, logp_old, adv, cfg.clip_eps,
+                                      aggregation=cfg.aggregation, logp_ref=logp_ref, beta=cfg.beta)
         loss.backward()
         step()
     return stats
@@ -141,14 +142,17 @@ def update_full_trajectory(cfg, policy, ref, traj, adv, gen, step):
 
 def update_diffu_grpo(cfg, policy, ref, traj, adv, gen, step):
     x, y, tau = traj.prompts, traj.responses, traj.logp_temperature
-    # one fresh prompt mask per optimizer step, drawn up front so old, new and reference share it (d1)
-    prompt_masks = [sample_prompt_mask(x, cfg.prompt_mask_p, gen) for _ in range(cfg.num_iterations)]
+    # one fresh prompt mask per optimizer step, drawn up front so old, new and reference share it
+    prompt_masks = [sample_prompt_mask(x, cfg.prompt_mask_p, gen)
+                    for _ in range(cfg.num_iterations)]
     with torch.no_grad(), autocast(adv.device):
-        logp_old = [one_step_logprob(policy, x, y, m, temperature=tau) if cfg.num_iterations > 1 else None
-                    for m in prompt_masks]  # (B,) each; on-policy: from the graph pass (departure 7)
-        logp_ref = [one_step_logprob(ref, x, y, m, temperature=tau) if cfg.beta > 0 else None for m in prompt_masks]
+        # (B,) each; on-policy: from the graph pass (departure 7)
+        logp_old = [one_step_logprob(policy, x, y, m, temperature=tau)
+                    if cfg.num_iterations > 1 else None for m in prompt_masks]
+        logp_ref = [one_step_logprob(ref, x, y, m, temperature=tau) if cfg.beta > 0 else None
+                    for m in prompt_masks]
     for k, m in enumerate(prompt_masks):
-        with autocast(adv.device):  # one pass: every response token predicted from x' and an all-masked y
+        with autocast(adv.device):  # one pass: each y_i predicted from x' and an all-masked y
             logp = one_step_logprob(policy, x, y, m, temperature=tau)  # (B,)
         old = logp.detach() if logp_old[k] is None else logp_old[k]
         loss, stats = clipped_pg_loss(logp, old, adv, cfg.clip_eps, aggregation=cfg.aggregation,
@@ -159,29 +163,30 @@ def update_diffu_grpo(cfg, policy, ref, traj, adv, gen, step):
 
 
 def _elbo(cfg, model, traj, masks):
-    """ℓ^(j) of every response on masks (B, N, L) -> (B, N) (docs/math.md §4.3), at the rollout temperature."""
+    """ℓ^(j) of every response on masks (B, N, L) -> (B, N) at the rollout τ (docs/math.md §4.3)."""
     with autocast(traj.tokens.device):
-        return elbo_terms(model, traj.prompts, traj.responses, masks, normalize=cfg.elbo_per_token,
-                          temperature=traj.logp_temperature, block_size=_elbo_block(cfg, model, traj))
+        return elbo_terms(model, traj.prompts, traj.responses, masks,
+                          normalize=cfg.elbo_per_token, temperature=traj.logp_temperature,
+                          block_size=_elbo_block(cfg, model, traj))
 
 
 def _elbo_block(cfg, model, traj):
-    """block_size of the ELBO masks: None (uniform, docs/math.md §4.3) or the trajectory's block (blockwise)."""
+    """ELBO masks' block_size: None (uniform) or the trajectory's (blockwise; docs/math.md §4.3)."""
     return elbo_mask_block(cfg.elbo_masks, model.config.layout, traj.block_size)
 
 
 def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
     B, L = traj.responses.shape
     blk = _elbo_block(cfg, policy, traj)  # None: uniform masks; b: blockwise
-    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, blk)  # (B, N, L) stratified, shared by all steps
-    ell_old = None  # on-policy: ℓ_old^(j) = ℓ_θ^(j) detached, taken from the graph pass (departure 7)
+    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, blk)  # (B, N, L) for all steps
+    ell_old = None  # on-policy: ℓ_old^(j) = ℓ_θ^(j) detached, taken from the graph pass (dep. 7)
     if cfg.num_iterations > 1:
         with torch.no_grad():
             ell_old = _elbo(cfg, policy, traj, masks)  # (B, N) ℓ_old^(j) on the same masks
     for _ in range(cfg.num_iterations):
-        # R̂_lb = Σ_j g_j: sample j's graph is built, backpropagated and freed before sample j+1 (memory of one)
-        _, stats = bgpo_accumulate(lambda j: _elbo(cfg, policy, traj, masks[:, j:j + 1])[:, 0], ell_old, adv,
-                                   n_mc=cfg.n_mc, clip_eps=cfg.clip_eps)
+        # R̂_lb = Σ_j g_j: sample j's graph is built, backpropagated and freed before sample j+1
+        _, stats = bgpo_accumulate(lambda j: _elbo(cfg, policy, traj, masks[:, j:j + 1])[:, 0],
+                                   ell_old, adv, n_mc=cfg.n_mc, clip_eps=cfg.clip_eps)
         step()
     return stats
 
@@ -195,7 +200,7 @@ def update_vrpo_ol(cfg, policy, ref, traj, adv, gen, step):
         with torch.no_grad():
             ell_old = _elbo(cfg, policy, traj, masks)  # (B, N)
     for _ in range(cfg.num_iterations):
-        ell = _elbo(cfg, policy, traj, masks)  # (B, N): all n graphs alive until backward (memory ∝ n)
+        ell = _elbo(cfg, policy, traj, masks)  # (B, N): all n graphs alive until backward (∝ n)
         # R̂ = A · exp((1/n) Σ_j (ℓ_θ^(j) − ℓ_old^(j)))
         loss, stats = elbo_ratio_loss(ell, ell.detach() if ell_old is None else ell_old, adv)
         loss.backward()
@@ -206,20 +211,22 @@ def update_vrpo_ol(cfg, policy, ref, traj, adv, gen, step):
 def bgpo_accumulate(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
     """BGPO's memory-efficient backward: one MC sample's graph at a time -> (loss value, stats).
 
-    ell_fn(j) -> (B,) the policy's ℓ_θ^{(j)} with its graph (the caller runs the model on masks[:, j:j+1]);
-    ell_old: (B, N) without grad, or None on-policy (θ_old = θ): then ℓ_old^{(j)} = ℓ_θ^{(j)} detached, the
-    same numbers a no-grad pass would give, one pass cheaper; n_mc is then required.
-    Gradients accumulate in .grad; the caller steps the optimizer. Each term of `bgpo_loss_terms` depends
-    on one sample only, which is what makes this sum of separate backwards equal the bound's gradient (P6).
+    ell_fn(j) -> (B,) the policy's ℓ_θ^{(j)} with its graph (the caller runs the model on
+    masks[:, j:j+1]); ell_old: (B, N) without grad, or None on-policy (θ_old = θ): then
+    ℓ_old^{(j)} = ℓ_θ^{(j)} detached, one pass cheaper; n_mc is then required.
+    Gradients accumulate in .grad; the caller steps the optimizer. Each term of `bgpo_loss_terms`
+    depends on one sample only, so these separate backwards sum to the bound's gradient
+    (docs/math.md §5.4, P6).
     """
     n = ell_old.shape[1] if ell_old is not None else n_mc
     total, ell_sum, old_sum = 0.0, 0.0, 0.0
     for j in range(n):
         ell_j = ell_fn(j)  # (B,) builds the graph of sample j only
         old_j = ell_j.detach() if ell_old is None else ell_old[:, j]  # (B,)
-        terms, _ = bgpo_loss_terms(ell_j[:, None], old_j[:, None], advantages, n_mc=n, clip_eps=clip_eps)
+        terms, _ = bgpo_loss_terms(ell_j[:, None], old_j[:, None], advantages, n_mc=n,
+                                   clip_eps=clip_eps)
         loss_j = terms.sum()
-        loss_j.backward()  # frees sample j's graph before sample j+1 is built: peak memory ∝ one sample
+        loss_j.backward()  # frees sample j's graph before sample j+1 is built: memory ∝ one sample
         total += loss_j.item()
         ell_sum, old_sum = ell_sum + ell_j.detach(), old_sum + old_j
     d_mean = ((ell_sum - old_sum) / n).mean().item()
@@ -231,22 +238,22 @@ UPDATES = {"full_trajectory": update_full_trajectory, "diffu_grpo": update_diffu
 
 
 def train_rl(cfg: RLConfig) -> dict:
-    """Run online RL as configured; returns the final test metrics. Ctrl-C saves a checkpoint first."""
+    """Run online RL as configured; returns the final test metrics. Ctrl-C saves a checkpoint."""
     device = pick_device(cfg.device)
     policy, task = load(cfg.init, device)
     ref, _ = load(cfg.init, device)  # the initial model, frozen: reference of the KL and of kl_ref
     ref.requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gens = {"prompts": torch.Generator().manual_seed(cfg.seed),  # task.sample draws on the CPU
-            "rollout": torch.Generator(device).manual_seed(cfg.seed + 1),  # candidates, random remasking
-            "estimator": torch.Generator(device).manual_seed(cfg.seed + 2)}  # ELBO and prompt masks
+            "rollout": torch.Generator(device).manual_seed(cfg.seed + 1),  # the sampler's draws
+            "estimator": torch.Generator(device).manual_seed(cfg.seed + 2)}  # ELBO, prompt masks
     G = cfg.num_generations
 
     def iteration(it, train_seconds):
         # ---- rollouts: G responses per prompt from the current policy, scored by the task
         t0 = time.perf_counter()
         prompts, _ = task.sample(cfg.num_prompts, "train", generator=gens["prompts"])
-        prompts = repeat(prompts, "p l -> (p g) l", g=G).to(device)  # (B, P), groups of G contiguous
+        prompts = repeat(prompts, "p l -> (p g) l", g=G).to(device)  # (B, P), groups contiguous
         traj, rewards, exact = rollout(policy, task, prompts, temperature=cfg.temperature,
                                        remasking=cfg.remasking, steps_per_block=cfg.steps_per_block,
                                        generator=gens["rollout"])
@@ -254,11 +261,14 @@ def train_rl(cfg: RLConfig) -> dict:
         signal = rearrange(adv, "(p g) -> p g", g=G).ne(0).any(1)  # (B/G,) groups with a signal
         keep = repeat(signal, "p -> (p g)", g=G)  # (B,)
         row = {**adv_stats, "exact": exact.float().mean().item(), "kept": int(keep.sum()),
-               "nll_revealed": -traj.logp_at_reveal.mean().item(), "rollout_s": elapsed(t0, device)}
-        if cfg.kl_rollouts > 0:  # untimed diagnostic: k1 = log π_θ(τ) − log π_init(τ) on π_θ's trajectories
+               "nll_revealed": -traj.logp_at_reveal.mean().item(),
+               "rollout_s": elapsed(t0, device)}
+        if cfg.kl_rollouts > 0:  # untimed diagnostic on π_θ's trajectories
             with torch.no_grad(), autocast(device):
                 few = traj.index(slice(0, cfg.kl_rollouts))
-                row["kl_ref"] = (few.logp_at_reveal.sum(1) - trajectory_logprob(ref, few)).mean().item()
+                # k1 = log π_θ(τ) − log π_init(τ)
+                row["kl_ref"] = (few.logp_at_reveal.sum(1)
+                                 - trajectory_logprob(ref, few)).mean().item()
         # ---- update on the groups with signal
         if not keep.any():
             return {**row, "update_s": 0.0, "skipped": 1}
@@ -268,8 +278,8 @@ def train_rl(cfg: RLConfig) -> dict:
             grad_norms.append(clip_and_step(policy, opt, cfg.grad_clip))
 
         with Meters(device, policy, ref) as meters:
-            stats = UPDATES[cfg.objective](cfg, policy, ref, traj.index(keep), adv[keep], gens["estimator"],
-                                           step)
+            stats = UPDATES[cfg.objective](cfg, policy, ref, traj.index(keep), adv[keep],
+                                           gens["estimator"], step)
         return {**row, **stats, "grad_norm": grad_norms[-1], "update_s": elapsed(t0, device),
                 **meters.summary(responses=int(keep.sum()))}
 

@@ -1,15 +1,15 @@
-"""LLaDA's semi-autoregressive low-confidence sampler, recording the decoding trajectory (docs/math.md §3).
+"""LLaDA's semi-autoregressive sampler, recording the decoding trajectory (docs/math.md §3).
 
-LLaDA, arXiv 2502.09992, Algorithm 5 (semi-autoregressive remasking). The response is decoded block by
-block, left to right; inside a block, T_B steps each reveal k_s tokens. The returned `Trajectory` records,
-for every response token, the global step at which it was revealed and its log-probability then, which is
-all the likelihood estimators need: state τ_t is "every token with unmask_step >= t still masked".
+LLaDA, arXiv 2502.09992, Algorithm 5 (semi-autoregressive low-confidence remasking): blocks left to
+right, T_B steps per block, step s revealing k_s tokens. The returned `Trajectory` records, for
+every response token, the global step at which it was revealed and its log-probability then: all
+the likelihood estimators need (state τ_t: every token with unmask_step >= t still masked).
 
 Departures from the LLaDA reference code:
 1. Candidates are drawn from μ_θ = softmax(logits / τ) by Gumbel-max in float64 with an explicit
-   generator (τ = 0: argmax); LLaDA adds Gumbel noise to the logits in float64, which is the same thing.
+   generator (τ = 0: argmax); LLaDA adds Gumbel noise to the logits in float64, the same thing.
 2. Low-confidence remasking ranks positions by μ_θ(candidate) at temperature τ (τ = 1 when greedy).
-3. Every sequence in the batch follows the same schedule k_s, so a batch needs no Python loop over B.
+3. Every sequence in the batch follows the same schedule k_s: no Python loop over the batch.
 
 Shapes: B batch, P prompt length, L response length, b block size, V vocab, S cached key length.
 """
@@ -25,7 +25,7 @@ REMASKING = ("low_confidence", "random")
 @dataclass
 class Trajectory:
     tokens: torch.Tensor  # (B, P+L) prompt followed by the decoded response
-    unmask_step: torch.Tensor  # (B, L) global step t (0..T-1) at which each response token was revealed
+    unmask_step: torch.Tensor  # (B, L) global step t (0..T-1) at which each token was revealed
     logp_at_reveal: torch.Tensor  # (B, L) log μ_θ(y_i | x, τ_t) when it was revealed
     prompt_len: int  # P
     block_size: int  # b
@@ -52,13 +52,11 @@ class Trajectory:
 
     @property
     def logp_temperature(self) -> float:
-        """The τ of μ_θ = softmax(logits / τ) used for log-probs: the rollout's, or 1 for a greedy rollout."""
+        """τ of μ_θ = softmax(logits / τ) in log-probs: the rollout's, 1 for a greedy rollout."""
         return self.temperature if self.temperature > 0 else 1.0
 
     def state(self, t) -> torch.Tensor:
-        """Tokens of state τ_t (just before step t): response tokens with unmask_step >= t are masked.
-
-        t: an int or a (B,) tensor of steps. Returns (B, P+L)."""
+        """Tokens (B, P+L) of τ_t, before step t (int or (B,) tensor): unmask_step >= t masked."""
         t = torch.as_tensor(t, device=self.tokens.device).reshape(-1, 1)  # (B or 1, 1)
         masked = self.unmask_step >= t  # (B, L)
         response = self.responses.masked_fill(masked, self.mask_id)
@@ -66,12 +64,12 @@ class Trajectory:
 
     def index(self, idx) -> "Trajectory":
         """The sub-batch of trajectories idx (a slice, index list or bool mask)."""
-        return Trajectory(**{f.name: getattr(self, f.name)[idx] if isinstance(getattr(self, f.name), torch.Tensor)
-                             else getattr(self, f.name) for f in fields(self)})
+        return Trajectory(**{k: v[idx] if isinstance(v, torch.Tensor) else v
+                             for k, v in self.to_dict().items()})
 
     def to(self, device) -> "Trajectory":
-        return Trajectory(**{f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor)
-                             else getattr(self, f.name) for f in fields(self)})
+        return Trajectory(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                             for k, v in self.to_dict().items()})
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -80,12 +78,12 @@ class Trajectory:
     def cat(cls, trajs) -> "Trajectory":
         """Concatenate trajectories decoded with the same settings along the batch."""
         first = trajs[0].to_dict()
-        return cls(**{k: torch.cat([t.to_dict()[k] for t in trajs]) if isinstance(v, torch.Tensor) else v
-                      for k, v in first.items()})
+        return cls(**{k: torch.cat([t.to_dict()[k] for t in trajs]) if isinstance(v, torch.Tensor)
+                      else v for k, v in first.items()})
 
 
 def reveal_schedule(block_size: int, steps_per_block: int) -> list[int]:
-    """k_s tokens revealed at within-block step s: ⌊b/T_B⌋, plus one for the first (b mod T_B) steps."""
+    """k_s tokens revealed at within-block step s: ⌊b/T_B⌋, +1 in the first (b mod T_B) steps."""
     if not 1 <= steps_per_block <= block_size:
         raise ValueError(f"steps_per_block={steps_per_block} must be in 1..block_size={block_size}")
     base, extra = divmod(block_size, steps_per_block)
@@ -93,13 +91,13 @@ def reveal_schedule(block_size: int, steps_per_block: int) -> list[int]:
 
 
 def sample_candidates(logp: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
-    """A token per position from μ_θ (logp = its log-probs, (..., V)); argmax when temperature == 0."""
+    """A token per position from μ_θ, logp (..., V) its log-probs; argmax when temperature == 0."""
     if temperature == 0:
         return logp.argmax(dim=-1)
-    # Gumbel-max: argmax_v (log μ(v) + G_v), G = −log(−log U), is an exact draw from μ; float64 avoids ties
+    # Gumbel-max, exact draw from μ: argmax_v (log μ(v) + G_v), G = −log(−log U); float64: no ties
     u = torch.rand(logp.shape, generator=generator, dtype=torch.float64,
-                   device=generator.device if generator is not None else logp.device).to(logp.device)
-    return (logp.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+                   device=generator.device if generator is not None else logp.device)
+    return (logp.double() - torch.log(-torch.log(u.to(logp.device)))).argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -107,9 +105,9 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
              remasking="low_confidence", generator=None, kv_cache=True) -> Trajectory:
     """Decode a response for each prompt (B, P) and return its full `Trajectory`.
 
-    block_size defaults to the model's; steps_per_block (T_B) defaults to block_size (one token per step).
-    kv_cache=True caches keys/values of the prompt and finished blocks, which is exact (and used) only in
-    the block layout, where nothing attends to later blocks; in the full layout every step recomputes all.
+    block_size defaults to the model's; steps_per_block (T_B) to block_size (one token per step).
+    kv_cache=True caches keys/values of the prompt and finished blocks: exact, and used, only in
+    the block layout, where nothing attends to later blocks; the full layout recomputes all.
     generator: a torch.Generator for the candidate draws and random remasking (None: global RNG).
     """
     cfg = model.config
@@ -120,29 +118,31 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0")
     if cfg.layout == "block" and block_size != cfg.block_size:
-        raise ValueError(f"block layout: block_size={block_size} must equal the model's {cfg.block_size}")
+        raise ValueError(f"block layout: block_size={block_size} "
+                         f"must equal the model's {cfg.block_size}")
     B, P = prompts.shape
     L = cfg.response_len
     if P != cfg.prompt_len:
         raise ValueError(f"prompts have length {P}, the model expects prompt_len={cfg.prompt_len}")
     schedule = reveal_schedule(block_size, steps_per_block)
-    tau = temperature if temperature > 0 else 1.0  # log-probs are recorded at the rollout temperature
+    tau = temperature if temperature > 0 else 1.0  # log-probs recorded at the rollout temperature
     device = prompts.device
+    gen_device = generator.device if generator is not None else device
     use_cache = kv_cache and cfg.layout == "block"
 
-    x = torch.cat([prompts, torch.full((B, L), cfg.mask_id, dtype=prompts.dtype, device=device)], dim=1)  # (B, P+L)
+    x = torch.cat([prompts, prompts.new_full((B, L), cfg.mask_id)], dim=1)  # (B, P+L)
     unmask_step = torch.full((B, L), -1, dtype=torch.long, device=device)
     logp_at_reveal = torch.zeros(B, L, device=device, dtype=model.embed.weight.dtype)
     if use_cache:  # the prompt (block 0) only sees itself: its keys/values are final from the start
-        _, past = model(prompts, attn_mask=torch.ones(P, P, dtype=torch.bool, device=device), return_kv=True)
+        _, past = model(prompts, attn_mask=prompts.new_ones(P, P, dtype=torch.bool), return_kv=True)
 
     for blk in range(L // block_size):
-        lo, hi = P + blk * block_size, P + (blk + 1) * block_size  # this block's columns in x
+        lo, hi = P + blk * block_size, P + (blk + 1) * block_size  # the block's columns in x
         positions = torch.arange(lo, hi, device=device)
         for s, k in enumerate(schedule):
             t = blk * steps_per_block + s  # global step index
             if use_cache:  # the block sees the cached prompt + finished blocks, and itself
-                see_all = torch.ones(block_size, hi, dtype=torch.bool, device=device)  # (b, S+b), S = lo
+                see_all = torch.ones(block_size, hi, dtype=torch.bool, device=device)  # (b, lo+b)
                 logits = model(x[:, lo:hi], positions, see_all, past)  # (B, b, V)
             else:  # recompute the whole sequence; keep this block's logits
                 logits = model(x)[:, lo:hi]  # (B, b, V)
@@ -153,9 +153,8 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
             if remasking == "low_confidence":  # reveal the k most probable candidates
                 score = cand_logp.clone()
             else:  # reveal k positions uniformly at random among the masked ones
-                score = torch.rand(B, block_size, generator=generator,
-                                   device=generator.device if generator is not None else device).to(device)
-            score = score.masked_fill(~still_masked, float("-inf"))  # revealed tokens stay as they are
+                score = torch.rand(B, block_size, generator=generator, device=gen_device).to(device)
+            score = score.masked_fill(~still_masked, float("-inf"))  # revealed tokens stay
             chosen = score.topk(k, dim=-1).indices  # (B, k)
             reveal = torch.zeros_like(still_masked).scatter_(1, chosen, True)  # (B, b)
             x[:, lo:hi] = torch.where(reveal, cand, x[:, lo:hi])
@@ -164,8 +163,9 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
             logp_at_reveal[:, r] = torch.where(reveal, cand_logp, logp_at_reveal[:, r])
         if use_cache:  # the finished block's keys/values are final now: append them to the cache
             _, kv = model(x[:, lo:hi], positions, see_all, past, return_kv=True)
-            past = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(past, kv)]
+            past = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+                    for (pk, pv), (k, v) in zip(past, kv)]
 
-    return Trajectory(tokens=x, unmask_step=unmask_step, logp_at_reveal=logp_at_reveal, prompt_len=P,
-                      block_size=block_size, steps_per_block=steps_per_block, temperature=float(temperature),
-                      remasking=remasking, mask_id=cfg.mask_id)
+    return Trajectory(tokens=x, unmask_step=unmask_step, logp_at_reveal=logp_at_reveal,
+                      prompt_len=P, block_size=block_size, steps_per_block=steps_per_block,
+                      temperature=float(temperature), remasking=remasking, mask_id=cfg.mask_id)

@@ -1,19 +1,18 @@
-"""The one run loop every kind of run uses (sft, rl, dpo), and supervised masked-diffusion training.
+"""The one run loop of every kind of run (sft, rl, dpo), and supervised masked-diffusion training.
 
-The loop (`run_loop`) calls an algorithm's `iteration(it, train_seconds)` until a step or time budget is
-spent, and does the rest the same way for every kind of run: the metrics log, periodic greedy evaluation,
-atomic checkpoints, exact resume, Ctrl-C, the progress bar and the figure. An algorithm module (rl.py,
-preference.py, and SFT below) only says what one iteration is.
+`run_loop` calls an algorithm's `iteration(it, train_seconds)` until a step or time budget is
+spent and does the rest the same way for every kind of run: the metrics log, periodic greedy
+evaluation, atomic checkpoints, exact resume, Ctrl-C, the progress bar and the figure. An
+algorithm module (rl.py, preference.py, and SFT below) only says what one iteration is.
 
 SFT (docs/math.md §2; LLaDA, arXiv 2502.09992, eq. 3–4): t ~ U(ε, 1), mask each response token
-independently with probability t, predict the masked tokens, weight by 1/t. The loss upper-bounds the
-negative log-likelihood per token. Departures:
+independently with probability t, predict the masked tokens, weight by 1/t. Departures:
 1. Only the response is ever masked (the prompt is the condition), as in LLaDA's SFT.
-2. Block layout: the input is [x ; y ; y_t] with the block-diffusion mask (BD3-LM, arXiv 2503.09573), so
-   noisy block k is predicted from the clean blocks < k, exactly the state the sampler shows it. One t per
-   sequence is shared by all its blocks.
+2. Block layout: the input is [x ; y ; y_t] with the block-diffusion mask (BD3-LM, arXiv
+   2503.09573), so noisy block k is predicted from the clean blocks < k, the state the sampler
+   shows it. One t per sequence is shared by all its blocks.
 3. Fresh task examples every step (an infinite stream), AdamW, warm-up then cosine decay, gradient
-   clipping, and an exponential moving average (EMA) of the weights, which is what gets evaluated and saved.
+   clipping, and an exponential moving average (EMA) of the weights: what is evaluated and saved.
 
 Shapes: B batch, P prompt length, L response length, V vocab.
 """
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import arg, atomic_save, autocast, check, parse_options, pick_device, write_json
+from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .sampling import Trajectory, generate
 from .tasks import TASKS, get_task
@@ -39,13 +39,14 @@ from .tasks import TASKS, get_task
 class RunConfig:
     """What every kind of run (sft, rl, dpo) shares."""
     seed: int = arg(0, "seed of every generator of the run (one per purpose)")
-    time_budget: float = arg(0.0, "stop after this many training seconds, evaluation excluded (0: no limit)")
-    eval_every: int = arg(10, "evaluate and checkpoint every this many iterations (0: only at the end)")
-    eval_every_s: float = arg(0.0, "also evaluate each time this many more training seconds have passed")
+    time_budget: float = arg(0.0, "stop after this many training seconds, evaluation excluded "
+                                  "(0: no limit)")
+    eval_every: int = arg(10, "evaluate and checkpoint every this many iterations (0: at the end)")
+    eval_every_s: float = arg(0.0, "also evaluate each time this many more training seconds passed")
     eval_n: int = arg(500, "fixed test problems per evaluation (greedy decoding)")
     steps_per_block: int = arg(0, "sampler steps per block T_B at evaluation (0: block_size)")
     device: str = arg("auto", "auto | cpu | cuda | mps")
-    out_dir: str = arg("runs/run", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
+    out_dir: str = arg("runs/run", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves")
     resume: bool = arg(False, "continue the run saved in out_dir")
 
     def __post_init__(self):
@@ -54,8 +55,8 @@ class RunConfig:
         check(self.eval_every_s >= 0, "eval_every_s", self.eval_every_s, "seconds >= 0")
         check(self.eval_n >= 1, "eval_n", self.eval_n, "an int >= 1")
         check(self.steps_per_block >= 0, "steps_per_block", self.steps_per_block, "an int >= 0")
-        check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), "device",
-              self.device, "auto, cpu, cuda, cuda:N, mps")
+        check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+              "device", self.device, "auto, cpu, cuda, cuda:N, mps")
 
 
 @dataclass
@@ -69,7 +70,7 @@ class SFTConfig(RunConfig):
     n_layers: int = arg(4, "transformer blocks")
     n_heads: int = arg(4, "attention heads")
     block_size: int = arg(0, "response tokens per block b (0: the task's default)")
-    init: str = arg("", "start from this checkpoint's weights (e.g. a curriculum stage); same architecture")
+    init: str = arg("", "start from this checkpoint's weights (same architecture)")
     batch_size: int = arg(128, "sequences per step")
     lr: float = arg(2e-3, "peak AdamW learning rate")
     min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of lr (cosine decay)")
@@ -79,7 +80,7 @@ class SFTConfig(RunConfig):
     ema: float = arg(0.99, "EMA decay of the evaluated weights (0: no EMA)")
     max_steps: int = arg(100_000, "stop after this many optimizer steps")
     eval_every: int = arg(100, "evaluate and checkpoint every this many steps (0: only at the end)")
-    out_dir: str = arg("runs/sft", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
+    out_dir: str = arg("runs/sft", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves")
     compile: bool = arg(False, "torch.compile the model (opt-in)")
 
     def __post_init__(self):
@@ -90,15 +91,16 @@ class SFTConfig(RunConfig):
         check(0 <= self.ema < 1, "ema", self.ema, "a float in [0, 1)")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints, decoding and evaluation
 
 
 def load(path: str, device="cpu"):
-    """Reload a checkpoint written by any minidtrpo run -> (model, task). Weights only, never pickled code."""
+    """Reload a checkpoint of any minidtrpo run -> (model, task). Weights only, no pickled code."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
     task = get_task(ckpt["task"], **ckpt["task_options"])
-    model = MaskedDiffusionTransformer(ModelConfig(**ckpt["model_config"]), verbose=False).to(device)
+    model = MaskedDiffusionTransformer(ModelConfig(**ckpt["model_config"]), verbose=False)
+    model.to(device)
     model.load_state_dict(ckpt["model"])
     return model, task
 
@@ -106,28 +108,31 @@ def load(path: str, device="cpu"):
 @torch.no_grad()
 def rollout(model, task, prompts, *, temperature=0.0, remasking="low_confidence", steps_per_block=0,
             generator=None, chunk=1024):
-    """Decode one response per prompt row (B, P) -> (Trajectory, rewards (B,), exact (B,)) on prompts' device."""
+    """Decode one response per prompt (B, P), recording the trajectory, and score it with the task.
+
+    Returns (Trajectory, rewards (B,), exact (B,)) on the prompts' device."""
     with autocast(prompts.device):
-        traj = Trajectory.cat([generate(model, prompts[i:i + chunk], steps_per_block=steps_per_block or None,
-                                        temperature=temperature, remasking=remasking, generator=generator)
-                               for i in range(0, len(prompts), chunk)])
+        traj = Trajectory.cat([
+            generate(model, prompts[i:i + chunk], temperature=temperature, remasking=remasking,
+                     steps_per_block=steps_per_block or None, generator=generator)
+            for i in range(0, len(prompts), chunk)])
     p, r = traj.prompts.cpu(), traj.responses.cpu()
     return traj, task.reward(p, r).to(prompts.device), task.exact(p, r).to(prompts.device)
 
 
 def evaluate(model, task, prompts, *, steps_per_block=0, temperature=0.0, generator=None) -> dict:
-    """Decode every prompt and score it: {"exact": fraction fully correct, "reward": mean reward, "n": count}."""
-    _, reward, exact = rollout(model, task, prompts, temperature=temperature, steps_per_block=steps_per_block,
-                               generator=generator, chunk=500)
+    """Decode and score every prompt: {"exact": share fully correct, "reward": mean, "n": count}."""
+    _, reward, exact = rollout(model, task, prompts, temperature=temperature, generator=generator,
+                               steps_per_block=steps_per_block, chunk=500)
     return {"exact": exact.float().mean().item(), "reward": reward.mean().item(), "n": len(prompts)}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Cost meters and the optimizer step
+# --------------------------------------------------------------------------------------------------
+# The optimizer step and the run loop
 
 
 def clip_and_step(model, opt, grad_clip) -> float:
-    """Clip the gradient norm (0: off), step, zero the gradients; returns the norm before clipping."""
+    """Clip the gradient norm (0: off), step, zero the gradients; return the unclipped norm."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     opt.step()
@@ -135,86 +140,8 @@ def clip_and_step(model, opt, grad_clip) -> float:
     return norm.item()
 
 
-def elapsed(t0, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
-    return time.perf_counter() - t0
-
-
-class SavedBytes:
-    """Bytes of the tensors autograd saves for backward (the activation memory), alive now and at peak.
-
-        with SavedBytes() as meter:
-            loss = model(x).sum()  # the forward is where autograd saves tensors
-            loss.backward()        # ... and backward frees them
-        meter.peak  # bytes
-
-    It counts what `torch.autograd.graph.saved_tensors_hooks` packs, so it works on any device; a tensor
-    stops counting when autograd drops it (after its backward, or with its graph).
-    """
-
-    def __init__(self):
-        self.alive = self.peak = 0
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(t, self), lambda h: h.t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-
-class _Held:
-    def __init__(self, t, meter):
-        self.t, self.meter, self.nbytes = t, meter, t.numel() * t.element_size()
-        meter.alive += self.nbytes
-        meter.peak = max(meter.peak, meter.alive)
-
-    def __del__(self):
-        self.meter.alive -= self.nbytes
-
-
-class Meters:
-    """Cost of an update: rows through the models' forward, bytes autograd saves for backward (the
-    activation memory P7 measures, on any device), the process's peak RSS and, on CUDA, peak allocation."""
-
-    def __init__(self, device, *models):
-        self.device, self.models, self.rows = device, models, 0
-
-    def _count(self, module, args, kwargs):
-        self.rows += (args[0] if args else kwargs["tokens"]).shape[0]
-
-    def __enter__(self):
-        self.hooks = [m.register_forward_pre_hook(self._count, with_kwargs=True) for m in self.models]
-        self.saved = SavedBytes().__enter__()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        self.saved.__exit__(*exc)
-        for h in self.hooks:
-            h.remove()
-
-    def summary(self, responses: int) -> dict:
-        out = {"passes_per_response": self.rows / max(responses, 1), "peak_saved_mb": self.saved.peak / 2**20}
-        try:
-            import resource  # Unix only; ru_maxrss is in KiB on Linux
-            out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        except ImportError:
-            pass
-        if self.device.type == "cuda":
-            out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# The run loop
-
-
 def read_metrics(path) -> list[dict]:
-    """The rows of a metrics.jsonl; a last line cut short by a kill is dropped with a warning."""
+    """The rows of a metrics.jsonl; a last line cut short by a kill is dropped, with a warning."""
     lines = open(path).read().splitlines() if os.path.exists(path) else []
     rows = []
     for i, line in enumerate(lines):
@@ -223,7 +150,7 @@ def read_metrics(path) -> list[dict]:
         except json.JSONDecodeError:
             if i < len(lines) - 1:
                 raise ValueError(f"{path}: line {i + 1} is not JSON; the log is damaged") from None
-            print(f"warning: {path}: dropped a damaged last line (a run killed while writing it)")
+            print(f"warning: {path}: dropped a damaged last line (a run was killed writing it)")
     return rows
 
 
@@ -245,23 +172,24 @@ def remove_stale_files(out_dir):
             os.remove(os.path.join(out_dir, name))
 
 
-def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, device, bar_keys=(),
-             eval_at_start=True) -> dict:
+def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, device,
+             bar_keys=(), eval_at_start=True) -> dict:
     """Call iteration(it, train_seconds) for it = 0, 1, ... until max_iters or cfg.time_budget; log,
     evaluate, checkpoint. Returns the last evaluation's metrics.
 
-    models: {name: module} saved in every checkpoint; models["model"] is the one evaluated and the one
-    `load` returns. iteration(...) -> the metrics row of that iteration, with its timed seconds in
-    rollout_s / update_s. Every random draw must come from `generators`: their states, the models and the
-    optimizer go into every checkpoint, so a run interrupted and resumed (cfg.resume) writes the same
-    metrics as an uninterrupted one. Ctrl-C saves the state as of the last finished iteration (a
-    snapshot), then re-raises; after a kill, the rows logged since the last checkpoint are dropped on
-    resume and written again.
+    models: {name: module} saved in every checkpoint; models["model"] is evaluated and is what
+    `load` returns. iteration(...) -> the metrics row of that iteration, its timed seconds in
+    rollout_s and update_s. Every random draw must come from `generators`: their states, the models
+    and the optimizer go into every checkpoint, so a run interrupted and resumed (cfg.resume) writes
+    the same metrics as an uninterrupted one. Ctrl-C saves the state as of the last finished
+    iteration (a snapshot) and re-raises; after a kill, the rows logged since the last checkpoint
+    are dropped on resume and written again.
     """
     os.makedirs(cfg.out_dir, exist_ok=True)
     remove_stale_files(cfg.out_dir)
-    ckpt_path, metrics_path = (os.path.join(cfg.out_dir, n) for n in ("checkpoint.pt", "metrics.jsonl"))
-    run = {"iter": 0, "train_seconds": 0.0, "pending_eval": eval_at_start}  # pending: evaluate first
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    run = {"iter": 0, "train_seconds": 0.0, "pending_eval": eval_at_start}  # pending: evaluate next
     if cfg.resume:
         if not os.path.exists(ckpt_path):
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
@@ -272,7 +200,7 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
         for name, g in generators.items():
             g.set_state(state["rng"][name].cpu())
         run = {k: state[k] for k in run}
-        # lines written after the checkpoint are redone: drop them (and an unfinished evaluation's line)
+        # rows written after the checkpoint are redone: drop them (and an unfinished evaluation's)
         rows = [r for r in read_metrics(metrics_path) if r["iter"] < run["iter"] or
                 (r["iter"] == run["iter"] and not (run["pending_eval"] and "test_exact" in r))]
         with open(metrics_path, "w") as f:
@@ -285,7 +213,8 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
     test_prompts = task.test_set(cfg.eval_n)[0].to(device)
 
     def mutable():  # what changes during a run (a snapshot copies it)
-        return {**{name: m.state_dict() for name, m in models.items()}, "optimizer": opt.state_dict(),
+        return {**{name: m.state_dict() for name, m in models.items()},
+                "optimizer": opt.state_dict(),
                 "rng": {name: g.get_state() for name, g in generators.items()}, **run}
 
     def save(state):  # "finished" tells a caller (compare) a complete run from an interrupted one
@@ -302,13 +231,14 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
         return state["iter"] >= max_iters or 0 < cfg.time_budget <= state["train_seconds"]
 
     bar = tqdm(total=None if cfg.time_budget else max_iters, initial=run["iter"], desc=kind,
-               dynamic_ncols=True, mininterval=1.0, disable=None)  # no bar when output is not a terminal
+               dynamic_ncols=True, mininterval=1.0, disable=None)  # disable=None: no bar off a tty
     snapshot, metrics = None, {}
     try:
         while True:
             if run["pending_eval"]:
                 # temperature 0: no randomness, so an evaluation never changes the run
-                metrics = evaluate(models["model"], task, test_prompts, steps_per_block=cfg.steps_per_block)
+                metrics = evaluate(models["model"], task, test_prompts,
+                                   steps_per_block=cfg.steps_per_block)
                 log({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 3),
                      "test_exact": metrics["exact"], "test_reward": metrics["reward"]})
                 run["pending_eval"] = False
@@ -342,12 +272,13 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
     if not metrics:  # resumed a finished run: report its last evaluation
         last = [r for r in read_metrics(metrics_path) if "test_exact" in r][-1]
         metrics = {"exact": last["test_exact"], "reward": last["test_reward"], "n": cfg.eval_n}
-    print(json.dumps({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 1), **metrics}))
+    print(json.dumps({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 1),
+                      **metrics}))
     return metrics
 
 
 def plot_run(metrics_path, out_path, keys):
-    """Test scores against training seconds, and each of `keys` against iterations, from metrics.jsonl."""
+    """Test scores against training seconds, each of `keys` against iterations (metrics.jsonl)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -355,8 +286,9 @@ def plot_run(metrics_path, out_path, keys):
     test, train = [r for r in rows if "test_exact" in r], [r for r in rows if "test_exact" not in r]
     fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3.3), squeeze=False)
     a = axes[0, 0]
-    a.plot([r["train_seconds"] for r in test], [r["test_exact"] for r in test], "o-", label="exact")
-    a.plot([r["train_seconds"] for r in test], [r["test_reward"] for r in test], "s--", label="reward")
+    seconds = [r["train_seconds"] for r in test]
+    a.plot(seconds, [r["test_exact"] for r in test], "o-", label="exact")
+    a.plot(seconds, [r["test_reward"] for r in test], "s--", label="reward")
     a.set(xlabel="training seconds", ylabel="test score (greedy)", ylim=(0, 1), title="test set")
     a.legend()
     for a, key in zip(axes[0, 1:], keys):
@@ -367,7 +299,7 @@ def plot_run(metrics_path, out_path, keys):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Supervised masked-diffusion training
 
 
@@ -381,19 +313,20 @@ def sft_loss(model, prompts, answers, generator=None, eps: float = 1e-3):
     masked = torch.rand(B, L, generator=generator, device=device) < t  # (B, L) each masked w.p. t
     noisy = answers.masked_fill(masked, cfg.mask_id)  # y_t
     if cfg.layout == "block":  # [x ; y ; y_t]: the clean copy and the noisy copy share position ids
-        # No noisy block looks at the last clean block (noisy block k sees clean blocks < k), so that
-        # block is left out: [x ; y_{<last} ; y_t], P + 2L − b tokens, the same logits for fewer FLOPs.
+        # No noisy block looks at the last clean block (noisy block k sees clean blocks < k), so
+        # it is left out: [x ; y_{<last} ; y_t], P + 2L − b tokens, same logits for fewer FLOPs.
         C = L - cfg.block_size  # clean tokens kept
         tokens = torch.cat([prompts, answers[:, :C], noisy], dim=1)  # (B, P+C+L)
-        positions = torch.cat([torch.arange(P + C, device=device), torch.arange(P, P + L, device=device)])
+        positions = torch.cat([torch.arange(P + C, device=device),
+                               torch.arange(P, P + L, device=device)])
         keep = torch.cat([torch.arange(P + C), torch.arange(P + L, P + 2 * L)]).to(device)
         mask = clean_noisy_mask(P, L, cfg.block_size, device)[keep][:, keep]  # (P+C+L, P+C+L)
-        logits = model(tokens, positions, mask)[:, P + C:]  # (B, L, V) predictions at the noisy copy
+        logits = model(tokens, positions, mask)[:, P + C:]  # (B, L, V) at the noisy copy
     else:
         logits = model(torch.cat([prompts, noisy], dim=1))[:, P:]  # (B, L, V)
     # log μ_θ(y_i | x, y_t) at every response position
     logp = -F.cross_entropy(logits.flatten(0, 1), answers.flatten(), reduction="none").view(B, L)
-    # L_SFT = −E_t [ (1/t) · Σ_{i masked} log μ_θ(y_i | x, y_t) ] / L   (only masked positions carry a target)
+    # L_SFT = −E_t [(1/t) · Σ_{i masked} log μ_θ(y_i | x, y_t)] / L   (visible tokens: no target)
     loss = -((logp * masked) / t).sum(dim=1).mean() / L
     with torch.no_grad():
         acc = ((logits.argmax(-1) == answers) & masked).sum() / masked.sum().clamp(min=1)
@@ -416,7 +349,7 @@ def model_config(task, **sizes) -> ModelConfig:
 
 
 def build(cfg: SFTConfig):
-    """The task and a fresh model for an SFTConfig, initialised from cfg.seed (global RNG untouched)."""
+    """The task and a fresh model, initialised from cfg.seed (the global RNG is left intact)."""
     task = get_task(cfg.task, **parse_options(cfg.task_options))
     sizes = dict(layout=cfg.layout, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                  block_size=cfg.block_size or task.block_size)
@@ -427,30 +360,33 @@ def build(cfg: SFTConfig):
 
 
 def train_sft(cfg: SFTConfig) -> dict:
-    """Run SFT as configured; returns the final test metrics. Ctrl-C saves a checkpoint before stopping."""
+    """Run SFT as configured; returns the final test metrics. Ctrl-C saves a checkpoint first."""
     device = pick_device(cfg.device)
     task, model = build(cfg)
-    if cfg.init:  # continue from earlier weights (same architecture), on this config's task and options
+    if cfg.init:  # continue from earlier weights (same architecture) on this config's task
         init_model, _ = load(cfg.init)
         if asdict(init_model.config) != asdict(model.config):
-            raise ValueError(f"--init={cfg.init} has model {asdict(init_model.config)}; this run asks for "
-                             f"{asdict(model.config)} (set --layout/--d_model/--n_layers/--n_heads to match)")
+            raise ValueError(f"--init={cfg.init} has model {asdict(init_model.config)}; this run "
+                             f"asks for {asdict(model.config)} (set --layout, --d_model, ...)")
         model.load_state_dict(init_model.state_dict())
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                            weight_decay=cfg.weight_decay)
     gens = {"data": torch.Generator().manual_seed(cfg.seed),  # task examples (CPU)
-            "noise": torch.Generator(device).manual_seed(cfg.seed + 1)}  # t and masks (training device)
+            "noise": torch.Generator(device).manual_seed(cfg.seed + 1)}  # t and masks (device)
     fwd = torch.compile(model) if cfg.compile else model
     b, L = model.config.block_size, task.response_len
     seq_tokens = task.prompt_len + (2 * L - b if cfg.layout == "block" else L)  # tokens per row
 
     def iteration(step, train_seconds):
         t0 = time.perf_counter()
-        progress = max(step / cfg.max_steps, train_seconds / cfg.time_budget if cfg.time_budget else 0.0)
+        by_time = train_seconds / cfg.time_budget if cfg.time_budget else 0.0
+        progress = max(step / cfg.max_steps, by_time)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step, progress)
-        prompts, answers = (x.to(device) for x in task.sample(cfg.batch_size, "train", gens["data"]))
+        prompts, answers = task.sample(cfg.batch_size, "train", gens["data"])
+        prompts, answers = prompts.to(device), answers.to(device)
         with autocast(device):
             loss, stats = sft_loss(fwd, prompts, answers, gens["noise"])
         loss.backward()
@@ -461,10 +397,10 @@ def train_sft(cfg: SFTConfig) -> dict:
                 for pe, p in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(p, 1 - d)
         dt = elapsed(t0, device)
-        return {"lr": opt.param_groups[0]["lr"], "tokens_per_s": round(cfg.batch_size * seq_tokens / dt),
-                **stats, "update_s": dt}
+        return {"lr": opt.param_groups[0]["lr"], **stats, "update_s": dt,
+                "tokens_per_s": round(cfg.batch_size * seq_tokens / dt)}
 
     models = {"model": ema} if ema is model else {"model": ema, "raw_model": model}
-    return run_loop(cfg, "sft", models=models, task=task, opt=opt, generators=gens, iteration=iteration,
-                    max_iters=cfg.max_steps, device=device, bar_keys=("loss", "masked_acc"),
-                    eval_at_start=False)
+    return run_loop(cfg, "sft", models=models, task=task, opt=opt, generators=gens,
+                    iteration=iteration, max_iters=cfg.max_steps, device=device,
+                    bar_keys=("loss", "masked_acc"), eval_at_start=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import perturbed, random_prompts, tiny_model
-from minidtrpo.train import SavedBytes
+from minidtrpo.meters import SavedBytes
 from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps,
                                   sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
 from minidtrpo.objectives import (bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,

@@ -290,7 +290,7 @@ assert (bound <= exact + 1e-12).all()
 # exp-of-mean objective keeps all n graphs at once.
 
 # %%
-from minidtrpo.train import SavedBytes  # a saved_tensors_hooks pair that counts bytes alive and at peak
+from minidtrpo.meters import SavedBytes  # a saved_tensors_hooks pair that counts bytes alive and at peak
 
 
 mem_model = copy.deepcopy(model).requires_grad_(True)  # float32, as in training
