@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minidtrpo.config import arg, autocast, parse, pick_device
+from minidtrpo.config import Config, arg, autocast, device_problem, parse, pick_device
 from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
 from minidtrpo.sampling import generate
 from minidtrpo.tasks import get_task
@@ -99,9 +99,9 @@ def bench_sampler(device, batch_size=256, response_len=64, block_size=8) -> dict
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Config):
     """SFT throughput and MFU, and the sampler with and without the KV cache."""
-    device: str = arg("auto", "auto | cpu | cuda | mps")
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
 
 
 def main():

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minidtrpo.config import arg, autocast, check, parse, pick_device
+from minidtrpo.config import Config, arg, device_problem, parse, pick_device
 from minidtrpo.model import LAYOUTS, MaskedDiffusionTransformer
 from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
 from minidtrpo.rl import UPDATES, RLConfig
@@ -103,21 +103,16 @@ def plot(rows, path):
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Config):
     """One update of every objective on the same rollouts: seconds, forward rows, activation memory."""
     ckpt: str = arg("", "checkpoint whose rollouts to score (default: a fresh model)")
     layout: str = arg("full", "layout of the fresh model", LAYOUTS)
-    num_prompts: int = arg(16, "prompts per batch (as rl's default)")
-    num_generations: int = arg(8, "rollouts per prompt G (even: the DPO rows pair them up)")
-    repeat: int = arg(3, "timed runs per update (the median is reported)")
-    device: str = arg("auto", "auto | cpu | cuda | mps")
+    num_prompts: int = arg(16, "prompts per batch (as rl's default)", ge=1)
+    num_generations: int = arg(8, "rollouts per prompt G (even: the DPO rows pair them up)", ge=2,
+                               valid=lambda g: None if g % 2 == 0 else "an even int")
+    repeat: int = arg(3, "timed runs per update (the median is reported)", ge=1)
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
     out: str = arg("runs/bench_objectives", "folder for the JSON and the figure")
-
-    def __post_init__(self):
-        for name in ("num_prompts", "repeat"):
-            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
-        check(self.num_generations >= 2 and self.num_generations % 2 == 0, "num_generations",
-              self.num_generations, "an even int >= 2")
 
 
 def main():
@@ -150,7 +145,7 @@ def main():
         label = "dpo_" + estimator + ("" if estimator == "dtrpo" else ", flat memory" if flat else ", plain autograd")
         rows.append({"objective": label, "n_mc": 0, **dpo(estimator, flat, policy, ref, both, device, args.repeat)})
 
-    print(f"\n| update | n_mc | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
+    print("\n| update | n_mc | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['objective']} | {r['n_mc'] or '—'} | {r['update_s']:.3f} | {r['passes_per_response']:.1f} | "
               f"{r['peak_saved_mb']:.1f} |")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .compare import CompareConfig, compare
-from .config import arg, check, fail, parse, pick_device
+from .config import Config, arg, device_problem, fail, parse, pick_device
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .report import ReportConfig, run_report
 from .rl import RLConfig, train_rl
@@ -15,20 +15,15 @@ from .train import SFTConfig, evaluate, load, train_sft
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Config):
     """Evaluate a checkpoint on a task split with the sampler; ends with one JSON line."""
     ckpt: str = arg("runs/sft/checkpoint.pt", "checkpoint to evaluate")
     split: str = arg("test", "which problems", ("train", "test"))
-    n: int = arg(500, "number of problems")
+    n: int = arg(500, "number of problems", ge=1)
     seed: int = arg(0, "seed of the problem set (and of sampling when temperature > 0)")
-    temperature: float = arg(0.0, "sampling temperature (0 = greedy)")
-    steps_per_block: int = arg(0, "sampler steps per block (0: one token per step)")
-    device: str = arg("auto", "auto | cpu | cuda | mps")
-
-    def __post_init__(self):
-        check(self.n >= 1, "n", self.n, "an int >= 1")
-        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
-        check(self.steps_per_block >= 0, "steps_per_block", self.steps_per_block, "an int >= 0")
+    temperature: float = arg(0.0, "sampling temperature (0 = greedy)", ge=0)
+    steps_per_block: int = arg(0, "sampler steps per block (0: one token per step)", ge=0)
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
 
 
 def run_eval(cfg: EvalConfig) -> dict:

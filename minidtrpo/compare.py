@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import arg, check, fail, parse, parse_options
+from .config import Config, arg, check, device_problem, fail, parse, parse_options
 from .model import LAYOUTS
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .rl import OBJECTIVES, RLConfig, train_rl
@@ -35,7 +35,7 @@ ALL = OBJECTIVES + DPO
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(Config):
     """Run every objective from the same start, budget and seeds; write a table and figures."""
     task: str = arg("sudoku", "task", TASKS)
     # The key=value options below pass options through to another command (sft, rl, dpo, pairs),
@@ -43,11 +43,11 @@ class CompareConfig:
     task_options: str = arg("", "task options as key=value,... (for the SFT start)")
     layout: str = arg("full", "attention layout of the SFT start", LAYOUTS)
     sft_budget: float = arg(
-        180.0, "seconds of SFT for the start (reused when out_dir/sft/checkpoint.pt exists)")
+        180.0, "seconds of SFT for the start (reused when out_dir/sft/checkpoint.pt exists)", gt=0)
     sft_args: str = arg("", "more sft options for the start, key=value,... (e.g. d_model=64)")
     init: str = arg("", "start from this checkpoint instead of training one")
     budget: float = arg(
-        240.0, "seconds of training per run (rollout + update; evaluation excluded)")
+        240.0, "seconds of training per run (rollout + update; evaluation excluded)", gt=0)
     objectives: str = arg(",".join(ALL), f"comma-separated subset of {', '.join(ALL)}")
     seeds: str = arg("0,1", "comma-separated seeds; each objective runs once per seed")
     lr_overrides: str = arg(
@@ -59,14 +59,15 @@ class CompareConfig:
     dpo_args: str = arg("", "more dpo options for the DPO runs, key=value,... (e.g. beta=0.1)")
     pairs_args: str = arg("", "more pairs options, key=value,... (e.g. num_prompts=256)")
     eval_every_s: float = arg(
-        30.0, "evaluate every this many training seconds (and at the start and end)")
-    eval_n: int = arg(500, "fixed test problems per evaluation")
-    max_iters: int = arg(100_000, "also stop a run after this many iterations")
+        30.0, "evaluate every this many training seconds (and at the start and end)", ge=0)
+    eval_n: int = arg(500, "fixed test problems per evaluation", ge=1)
+    max_iters: int = arg(100_000, "also stop a run after this many iterations", ge=1)
     subprocess: bool = arg(True, "one subprocess per run (clean peak memory); false: in-process")
-    device: str = arg("auto", "auto | cpu | cuda | mps")
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
     out_dir: str = arg("runs/compare", "folder of the runs, compare.md and compare.png")
 
     def __post_init__(self):
+        super().__post_init__()
         names = self.objectives.split(",")
         bad = [n for n in names if n not in ALL]
         check(not bad, "objectives", self.objectives,
@@ -81,11 +82,6 @@ class CompareConfig:
         check(all(k in ALL and isinstance(v, (int, float)) and v > 0 for k, v in lrs.items()),
               "lr_overrides", self.lr_overrides,
               f"name=lr,... with names among {', '.join(ALL)}, lr > 0")
-        check(self.budget > 0, "budget", self.budget, "seconds > 0")
-        check(self.sft_budget > 0, "sft_budget", self.sft_budget, "seconds > 0")
-        check(self.eval_every_s >= 0, "eval_every_s", self.eval_every_s, "seconds >= 0")
-        for name in ("eval_n", "max_iters"):
-            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
 
 
 def _options(text: str) -> list[str]:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import operator
 import os
 import re
 import sys
@@ -20,9 +21,12 @@ import typing
 import torch
 
 
-def arg(default, help: str, choices=None):
-    """A config field with its help string (shown by --help) and, optionally, its valid values."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def arg(default, help: str, choices=None, *, ge=None, gt=None, le=None, lt=None, valid=None):
+    """A config field: its default, help string (shown by --help) and what values it accepts:
+    `choices`, bounds (ge ≥, gt >, le ≤, lt <), or `valid(value)` -> None, or what is valid."""
+    bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
+                                                        "bounds": bounds, "valid": valid})
 
 
 def fail(message: str):
@@ -37,29 +41,63 @@ def check(ok: bool, name: str, value, valid: str):
         raise ValueError(f"--{name}={value!r} is not valid; valid: {valid}")
 
 
+_OPS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le),
+        "lt": ("<", operator.lt)}
+
+
+@dataclasses.dataclass
+class Config:
+    """Base of every options dataclass: each field is checked against what its `arg` declares,
+    whether the config comes from the command line or from Python. Subclasses add the rules
+    between fields in their own __post_init__ (calling this one first)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ValueError(f"--{f.name}={value!r} is not valid; choose one of "
+                                 f"{', '.join(map(str, meta['choices']))}")
+            bounds = meta.get("bounds", {})
+            check(all(_OPS[k][1](value, v) for k, v in bounds.items()), f.name, value,
+                  _bounds_text(f))
+            problem = meta["valid"](value) if meta.get("valid") else None
+            check(problem is None, f.name, value, problem)
+
+
+def _bounds_text(f) -> str:
+    """'an int >= 1', 'a number > 0 and <= 1': what a field's bounds allow, for messages and --help."""
+    kind = "an int" if type(f.default) is int else "a number"
+    bounds = f.metadata.get("bounds", {})
+    return f"{kind} " + " and ".join(f"{_OPS[k][0]} {v:g}" for k, v in bounds.items())
+
+
+def device_problem(name: str):
+    """None if `name` is a device this machine has (auto, cpu, cuda, cuda:N, mps), else the valid ones."""
+    have = ["auto", "cpu"] + (["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+                              if torch.cuda.is_available() else [])
+    have += ["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() \
+        else []
+    return None if name in have else f"{', '.join(have)} (the devices this machine has)"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + message over several lines; we print one
         fail(re.sub(r"^argument [-\w]+: ", "", message))  # our messages name the option themselves
 
 
-def _converter(name: str, typ, choices):
-    """argparse `type=` for one field: parse the text, then check it against `choices`."""
+def _converter(name: str, typ):
+    """argparse `type=` for one field: text -> a value of the field's type (checks come later)."""
     def convert(text: str):
         if typ is bool:
             if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
                 raise argparse.ArgumentTypeError(
                     f"--{name}={text!r} is not a boolean; valid: true, false")
-            value = text.lower() in ("1", "true", "yes")
-        else:
-            try:
-                value = typ(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"--{name}={text!r} is not a valid {typ.__name__}") from None
-        if choices and value not in choices:
-            raise argparse.ArgumentTypeError(f"--{name}={value!r} is not valid; choose one of "
-                                             f"{', '.join(map(str, choices))}")
-        return value
+            return text.lower() in ("1", "true", "yes")
+        try:
+            return typ(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--{name}={text!r} is not a valid {typ.__name__}") from None
     return convert
 
 
@@ -71,7 +109,8 @@ def build_parser(cls, prog: str) -> argparse.ArgumentParser:
     for f in dataclasses.fields(cls):
         choices = f.metadata.get("choices")
         extra = f"; one of {', '.join(map(str, choices))}" if choices else ""
-        parser.add_argument(f"--{f.name}", type=_converter(f.name, hints[f.name], choices),
+        extra += f"; {_bounds_text(f)}" if f.metadata.get("bounds") else ""
+        parser.add_argument(f"--{f.name}", type=_converter(f.name, hints[f.name]),
                             default=f.default, metavar=hints[f.name].__name__.upper(),
                             nargs="?" if hints[f.name] is bool else None,
                             const=True if hints[f.name] is bool else None,  # bare "--resume" = true

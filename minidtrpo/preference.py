@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import arg, atomic_save, autocast, check, fail, pick_device
+from .config import Config, arg, atomic_save, autocast, device_problem, fail, pick_device
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms,
                          reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
                          sample_elbo_masks, trajectory_logprob)
@@ -54,26 +54,19 @@ ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(Config):
     """Sample (best, worst) response pairs with trajectories from a frozen reference model."""
     init: str = arg("runs/sft/checkpoint.pt", "the reference model that samples the pairs")
-    num_prompts: int = arg(512, "training prompts")
-    num_generations: int = arg(8, "responses per prompt G; the best and the worst become a pair")
-    temperature: float = arg(1.0, "sampling temperature τ")
+    num_prompts: int = arg(512, "training prompts", ge=1)
+    num_generations: int = arg(8, "responses per prompt G; the best and the worst become a pair",
+                               ge=2)
+    temperature: float = arg(1.0, "sampling temperature τ", ge=0)
     remasking: str = arg("low_confidence", "which positions a sampler step reveals", REMASKING)
-    steps_per_block: int = arg(0, "sampler steps per block T_B (0: block_size)")
-    batch_size: int = arg(64, "prompts decoded together")
+    steps_per_block: int = arg(0, "sampler steps per block T_B (0: block_size)", ge=0)
+    batch_size: int = arg(64, "prompts decoded together", ge=1)
     seed: int = arg(0, "seed of the prompts and of the sampler")
-    device: str = arg("auto", "auto | cpu | cuda | mps")
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
     out: str = arg("runs/pairs.pt", "output file (torch.load(..., weights_only=True))")
-
-    def __post_init__(self):
-        for name in ("num_prompts", "batch_size"):
-            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
-        check(self.num_generations >= 2, "num_generations", self.num_generations,
-              "an int >= 2 (a pair needs two responses)")
-        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
-        check(self.steps_per_block >= 0, "steps_per_block", self.steps_per_block, "an int >= 0")
 
 
 @dataclass
@@ -83,7 +76,7 @@ class DPOConfig(RunConfig):
                     "the model that sampled the pairs: frozen reference, start of θ")
     pairs: str = arg("runs/pairs.pt", "pairs file written by `pairs`")
     estimator: str = arg("dtrpo", "trajectory log-ratio estimator D (module docstring)", ESTIMATORS)
-    beta: float = arg(0.2, "DPO β")
+    beta: float = arg(0.2, "DPO β", gt=0)
     scale: str = arg("steps", "dtrpo: c = T_B (steps, unbiased) or 1 (one, the paper's)",
                      ("steps", "one"))
     single_pass: str = arg("auto", "dtrpo: all blocks in one [x ; y ; ỹ] pass; auto = in the block "
@@ -91,28 +84,21 @@ class DPOConfig(RunConfig):
                            "(departure 6)", ("auto", "true", "false"))
     flat_memory: bool = arg(
         True, "full_trajectory: DPO weight first, then backward step by step (dep. 1)")
-    n_mc: int = arg(8, "vrpo: ELBO Monte Carlo samples per response")
+    n_mc: int = arg(8, "vrpo: ELBO Monte Carlo samples per response", ge=1)
     elbo_per_token: bool = arg(False, "vrpo: per-token ELBO (false: sequence-level, departure 4)")
     elbo_masks: str = arg("auto", "vrpo: ELBO masks uniform or blockwise (auto: blockwise in the "
                           "full layout; docs/math.md §4.3)", ELBO_MASKS)
-    batch_size: int = arg(16, "pairs per optimizer step")
-    epochs: float = arg(3.0, "passes over the pairs (capped: departure 5)")
-    lr: float = arg(1e-4, "AdamW learning rate, constant")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "gradient norm clip (0: off)")
-    max_iters: int = arg(100_000, "stop after this many optimizer steps (also capped by epochs)")
-    eval_every: int = arg(20, "evaluate and checkpoint every this many steps (0: only at the end)")
+    batch_size: int = arg(16, "pairs per optimizer step", ge=1)
+    epochs: float = arg(3.0, "passes over the pairs (capped: departure 5)", gt=0)
+    lr: float = arg(1e-4, "AdamW learning rate, constant", gt=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
+    grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0)
+    max_iters: int = arg(100_000, "stop after this many optimizer steps (also capped by epochs)",
+                         ge=1)
+    eval_every: int = arg(20, "evaluate and checkpoint every this many steps (0: at the end)",
+                          ge=0)
     out_dir: str = arg(
         "runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("n_mc", "batch_size", "max_iters"):
-            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
-        for name in ("beta", "weight_decay", "grad_clip"):
-            check(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
-        check(self.epochs > 0, "epochs", self.epochs, "a number > 0")
-        check(self.lr > 0, "lr", self.lr, "a float > 0")
 
 
 def fingerprint(model) -> str:

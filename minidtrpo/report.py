@@ -46,7 +46,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .config import arg, check, pick_device, write_json
+from .config import Config, arg, device_problem, pick_device, write_json
 from .estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps,
                          sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
 from .meters import SavedBytes
@@ -55,32 +55,26 @@ from .train import load
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Config):
     """Bias, noise, gradient cosine and cost of each likelihood estimator of docs/math.md §4."""
     ckpt: str = arg("runs/sudoku_block/checkpoint.pt",
                     "checkpoint: the reference policy (block or full layout)")
-    n_prompts: int = arg(64, "trajectories B: test prompts decoded once by the reference")
-    temperature: float = arg(1.0, "rollout temperature τ (> 0 for a sampled trajectory)")
-    draws: int = arg(8, "K: independent draws of each random estimator (for bias and std)")
-    grad_draws: int = arg(2, "draws whose gradient is compared with the exact one")
-    perturb: float = arg(1e-2, "σ: policy = reference + σ·rms(p)·N(0, 1) on every weight tensor p")
+    n_prompts: int = arg(64, "trajectories B: test prompts decoded once by the reference "
+                             "(correlations need 2)", ge=2)
+    temperature: float = arg(1.0, "rollout temperature τ (> 0 for a sampled trajectory)", ge=0)
+    draws: int = arg(8, "K: independent draws of each random estimator (for bias and std)", ge=1)
+    grad_draws: int = arg(2, "draws whose gradient is compared with the exact one", ge=1)
+    perturb: float = arg(1e-2, "σ: policy = reference + σ·rms(p)·N(0, 1) on every weight tensor p",
+                         ge=0)
     prompt_mask_p: float = arg(
-        0.15, "one-step estimator: probability of masking each prompt token (d1)")
+        0.15, "one-step estimator: probability of masking each prompt token (d1)", ge=0, le=1)
     seed: int = arg(0, "seed of prompts, rollouts, perturbation and estimator draws")
     out_dir: str = arg(
         "runs/estimators", "folder for estimators.md, estimators.json and estimators.png")
-    device: str = arg("auto", "auto | cpu | cuda | mps")
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
     threads: int = arg(1, "CPU intra-op threads while the report runs (0: torch's default); on a "
                           "busy shared CPU one thread is the fastest and keeps the timings "
-                          "comparable")
-
-    def __post_init__(self):
-        check(self.n_prompts >= 2, "n_prompts", self.n_prompts,
-              "an int >= 2 (correlations need two)")
-        for name in ("draws", "grad_draws"):
-            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
-        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
-        check(self.threads >= 0, "threads", self.threads, "an int >= 0")
+                          "comparable", ge=0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -71,45 +71,42 @@ class RLConfig(RunConfig):
     init: str = arg("runs/sft/checkpoint.pt", "checkpoint to start from; also the frozen reference")
     objective: str = arg(
         "full_trajectory", "how a response is scored (module docstring)", OBJECTIVES)
-    num_prompts: int = arg(16, "training prompts per iteration")
-    num_generations: int = arg(8, "rollouts per prompt G (the GRPO group)")
-    temperature: float = arg(1.0, "rollout temperature τ; 0 = greedy (every group would be flat)")
+    num_prompts: int = arg(16, "training prompts per iteration", ge=1)
+    num_generations: int = arg(8, "rollouts per prompt G (the GRPO group; one has no advantage)",
+                               ge=2)
+    temperature: float = arg(1.0, "rollout temperature τ; 0 = greedy (every group would be flat)",
+                             ge=0)
     remasking: str = arg("low_confidence", "which positions a sampler step reveals", REMASKING)
-    steps_per_block: int = arg(0, "sampler steps per block T_B for rollouts and evaluation (0: b)")
-    num_iterations: int = arg(1, "optimizer steps per rollout batch μ (1 = on-policy)")
-    lr: float = arg(1e-4, "AdamW learning rate, constant (tune per objective: README)")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "gradient norm clip (0: off)")
-    clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; inert on-policy)")
-    beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, diffu_grpo only)")
+    steps_per_block: int = arg(0, "sampler steps per block T_B for rollouts and evaluation (0: b)",
+                               ge=0)
+    num_iterations: int = arg(1, "optimizer steps per rollout batch μ (1 = on-policy)", ge=1)
+    lr: float = arg(1e-4, "AdamW learning rate, constant (tune per objective: README)", gt=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
+    grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0)
+    clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; inert on-policy)",
+                          ge=0)
+    beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, diffu_grpo only)",
+                      ge=0)
     scale_std: bool = arg(True, "divide advantages by the group std (false: d1 / Dr. GRPO)")
     ratio_level: str = arg("sequence", "full_trajectory: one ratio per sequence, or per step "
                            "(TraceRL)", ("sequence", "step"))
     aggregation: str = arg("sequence_mean", "loss aggregation (objectives.clipped_pg_loss)",
                            ("token_mean", "sequence_mean", "constant"))
-    n_mc: int = arg(16, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol)")
+    n_mc: int = arg(16, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol)", ge=1)
     elbo_per_token: bool = arg(True, "ℓ^(j) per masked token as in BGPO's code (false: × L)")
     elbo_masks: str = arg("auto", "bgpo, vrpo_ol: ELBO masks uniform over the response, or "
                           "blockwise (earlier blocks clean, later masked; auto: blockwise in the "
                           "full layout; docs/math.md §4.3)", ELBO_MASKS)
-    prompt_mask_p: float = arg(0.15, "diffu_grpo: probability of masking each prompt token")
+    prompt_mask_p: float = arg(0.15, "diffu_grpo: probability of masking each prompt token",
+                               ge=0, le=1)
     kl_rollouts: int = arg(
-        16, "rollouts per iteration scored by the initial model for kl_ref (0: off)")
-    max_iters: int = arg(1000, "stop after this many iterations")
+        16, "rollouts per iteration scored by the initial model for kl_ref (0: off)", ge=0)
+    max_iters: int = arg(1000, "stop after this many iterations", ge=1)
     out_dir: str = arg(
         "runs/rl", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("num_prompts", "num_iterations", "n_mc", "max_iters"):
-            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
-        check(self.num_generations >= 2, "num_generations", self.num_generations,
-              "an int >= 2 (a GRPO group of one has no advantage)")
-        for name in ("temperature", "clip_eps", "beta", "weight_decay", "grad_clip", "kl_rollouts"):
-            check(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
-        check(self.lr > 0, "lr", self.lr, "a float > 0")
-        check(0 <= self.prompt_mask_p <= 1, "prompt_mask_p", self.prompt_mask_p,
-              "a probability in [0, 1]")
         check(self.beta == 0 or self.objective not in ("bgpo", "vrpo_ol"), "beta", self.beta,
               "0 for bgpo and vrpo_ol "
               "(the KL penalty exists for full_trajectory and diffu_grpo only)")

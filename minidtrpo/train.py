@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import arg, atomic_save, autocast, check, parse_options, pick_device, write_json
+from .config import (Config, arg, atomic_save, autocast, check, device_problem, parse_options,
+                     pick_device, write_json)
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .sampling import Trajectory, generate
@@ -36,27 +37,20 @@ from .tasks import TASKS, get_task
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Config):
     """What every kind of run (sft, rl, dpo) shares."""
     seed: int = arg(0, "seed of every generator of the run (one per purpose)")
     time_budget: float = arg(0.0, "stop after this many training seconds, evaluation excluded "
-                                  "(0: no limit)")
-    eval_every: int = arg(10, "evaluate and checkpoint every this many iterations (0: at the end)")
-    eval_every_s: float = arg(0.0, "also evaluate each time this many more training seconds passed")
-    eval_n: int = arg(500, "fixed test problems per evaluation (greedy decoding)")
-    steps_per_block: int = arg(0, "sampler steps per block T_B at evaluation (0: block_size)")
-    device: str = arg("auto", "auto | cpu | cuda | mps")
+                                  "(0: no limit)", ge=0)
+    eval_every: int = arg(10, "evaluate and checkpoint every this many iterations (0: at the end)",
+                          ge=0)
+    eval_every_s: float = arg(0.0, "also evaluate each time this many more training seconds passed",
+                              ge=0)
+    eval_n: int = arg(500, "fixed test problems per evaluation (greedy decoding)", ge=1)
+    steps_per_block: int = arg(0, "sampler steps per block T_B at evaluation (0: block_size)", ge=0)
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
     out_dir: str = arg("runs/run", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves")
     resume: bool = arg(False, "continue the run saved in out_dir")
-
-    def __post_init__(self):
-        check(self.time_budget >= 0, "time_budget", self.time_budget, "seconds >= 0")
-        check(self.eval_every >= 0, "eval_every", self.eval_every, "an int >= 0")
-        check(self.eval_every_s >= 0, "eval_every_s", self.eval_every_s, "seconds >= 0")
-        check(self.eval_n >= 1, "eval_n", self.eval_n, "an int >= 1")
-        check(self.steps_per_block >= 0, "steps_per_block", self.steps_per_block, "an int >= 0")
-        check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
-              "device", self.device, "auto, cpu, cuda, cuda:N, mps")
 
 
 @dataclass
@@ -66,29 +60,43 @@ class SFTConfig(RunConfig):
     # key=value pairs, because each task has its own options (validated by the task's constructor)
     task_options: str = arg("", "task options as key=value,... (e.g. digits=4 or max_blanks=12)")
     layout: str = arg("block", "attention layout", LAYOUTS)
-    d_model: int = arg(128, "residual width")
-    n_layers: int = arg(4, "transformer blocks")
-    n_heads: int = arg(4, "attention heads")
-    block_size: int = arg(0, "response tokens per block b (0: the task's default)")
+    d_model: int = arg(128, "residual width", ge=1)
+    n_layers: int = arg(4, "transformer blocks", ge=1)
+    n_heads: int = arg(4, "attention heads", ge=1)
+    block_size: int = arg(0, "response tokens per block b (0: the task's default)", ge=0)
     init: str = arg("", "start from this checkpoint's weights (same architecture)")
-    batch_size: int = arg(128, "sequences per step")
-    lr: float = arg(2e-3, "peak AdamW learning rate")
-    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of lr (cosine decay)")
-    warmup_steps: int = arg(50, "linear warm-up steps")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "gradient norm clip (0: off)")
-    ema: float = arg(0.99, "EMA decay of the evaluated weights (0: no EMA)")
-    max_steps: int = arg(100_000, "stop after this many optimizer steps")
-    eval_every: int = arg(100, "evaluate and checkpoint every this many steps (0: only at the end)")
+    batch_size: int = arg(128, "sequences per step", ge=1)
+    lr: float = arg(2e-3, "peak AdamW learning rate", gt=0)
+    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of lr (cosine decay)",
+                              ge=0, le=1)
+    warmup_steps: int = arg(50, "linear warm-up steps", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
+    grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0)
+    ema: float = arg(0.99, "EMA decay of the evaluated weights (0: no EMA)", ge=0, lt=1)
+    max_steps: int = arg(100_000, "stop after this many optimizer steps", ge=1)
+    eval_every: int = arg(100, "evaluate and checkpoint every this many steps (0: at the end)",
+                          ge=0)
     out_dir: str = arg("runs/sft", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves")
     compile: bool = arg(False, "torch.compile the model (opt-in)")
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("d_model", "n_layers", "n_heads", "batch_size", "max_steps"):
-            check(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
-        check(self.lr > 0, "lr", self.lr, "a float > 0")
-        check(0 <= self.ema < 1, "ema", self.ema, "a float in [0, 1)")
+        task = task_from(self.task, self.task_options)
+        b = self.block_size or task.block_size
+        check(task.response_len % b == 0, "block_size", self.block_size,
+              f"0 or a divisor of the response length {task.response_len}")
+        check(self.steps_per_block <= b, "steps_per_block", self.steps_per_block,
+              f"0..{b}, the block size")
+        check(self.d_model % self.n_heads == 0 and self.d_model // self.n_heads % 2 == 0,
+              "n_heads", self.n_heads, f"a divisor of d_model={self.d_model} giving even heads")
+
+
+def task_from(name: str, options: str):
+    """The task `name` with its `key=value,...` options; a bad option raises one clear ValueError."""
+    try:
+        return get_task(name, **parse_options(options))
+    except ValueError as e:
+        raise ValueError(f"--task_options={options!r}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,7 +358,7 @@ def model_config(task, **sizes) -> ModelConfig:
 
 def build(cfg: SFTConfig):
     """The task and a fresh model, initialised from cfg.seed (the global RNG is left intact)."""
-    task = get_task(cfg.task, **parse_options(cfg.task_options))
+    task = task_from(cfg.task, cfg.task_options)
     sizes = dict(layout=cfg.layout, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                  block_size=cfg.block_size or task.block_size)
     with torch.random.fork_rng(devices=[]):

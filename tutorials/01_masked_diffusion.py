@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from minidtrpo import MaskedDiffusionTransformer, ModelConfig, generate, get_task
+from minidtrpo import MaskedDiffusionTransformer, generate, get_task
 from minidtrpo.model import clean_noisy_mask, layout_mask
 from minidtrpo.sampling import reveal_schedule
 from minidtrpo.tasks import TASKS

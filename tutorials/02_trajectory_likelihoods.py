@@ -49,7 +49,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from minidtrpo import MaskedDiffusionTransformer, ModelConfig, Trajectory, generate
+from minidtrpo import MaskedDiffusionTransformer, Trajectory, generate
 from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, reduced_trajectory_logprob,
                                   sample_block_steps, sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
 from minidtrpo.train import SFTConfig, load, model_config, train_sft
