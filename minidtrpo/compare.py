@@ -31,6 +31,8 @@ from .tasks import TASKS
 from .train import SFTConfig, read_metrics, train_sft
 
 DPO = ("dpo_dtrpo", "dpo_full_trajectory", "dpo_vrpo")
+SET_BY_COMPARE = {"out_dir", "out", "init", "pairs", "seed", "time_budget", "device", "resume",
+                  "objective", "estimator", "task", "task_options", "layout"}
 ALL = OBJECTIVES + DPO
 
 
@@ -38,8 +40,8 @@ ALL = OBJECTIVES + DPO
 class CompareConfig(Config):
     """Run every objective from the same start, budget and seeds; write a table and figures."""
     task: str = arg("sudoku", "task", TASKS)
-    # The key=value options below pass options through to another command (sft, rl, dpo, pairs),
-    # whose own parser checks them before any run starts; lists are comma-separated.
+    # key=value options: task_options and *_args pass options through to another command (a task,
+    # sft, rl, dpo, pairs), whose own parser checks them; lr_overrides maps objectives to rates.
     task_options: str = arg("", "task options as key=value,... (for the SFT start)")
     layout: str = arg("full", "attention layout of the SFT start", LAYOUTS)
     sft_budget: float = arg(
@@ -82,6 +84,10 @@ class CompareConfig(Config):
         check(all(k in ALL and isinstance(v, (int, float)) and v > 0 for k, v in lrs.items()),
               "lr_overrides", self.lr_overrides,
               f"name=lr,... with names among {', '.join(ALL)}, lr > 0")
+        for name in ("sft_args", "rl_args", "dpo_args", "pairs_args"):  # compare sets these itself
+            keys = {item.partition("=")[0] for item in getattr(self, name).split(",") if item}
+            check(not keys & SET_BY_COMPARE, name, getattr(self, name),
+                  f"key=value,... without {', '.join(sorted(SET_BY_COMPARE))}")
 
 
 def _options(text: str) -> list[str]:
@@ -226,6 +232,9 @@ def plot(results: dict, path: str):
 def compare(cfg: CompareConfig) -> str:
     """Run the head-to-head; returns the markdown table (also printed and written to compare.md)."""
     names, seeds = cfg.objectives.split(","), [int(s) for s in cfg.seeds.split(",")]
+    for cls, text, prog in [(SFTConfig, cfg.sft_args, "sft"), (RLConfig, cfg.rl_args, "rl"),
+                            (DPOConfig, cfg.dpo_args, "dpo"), (PairsConfig, cfg.pairs_args, "pairs")]:
+        parse(cls, _options(text), prog)  # a bad pass-through option stops here, before any run
     os.makedirs(cfg.out_dir, exist_ok=True)
     init = cfg.init or sft_start(cfg)
     results = {name: [summarise(run_one(cfg, name, seed, init)) for seed in seeds]

@@ -2,7 +2,7 @@
 docs/math.md §4 on one checkpoint and a batch of its own trajectories, against the exact answer
 (an RL or DPO objective for a diffusion LM only ever sees such an estimate of the log-ratio).
 
-    python -m minidtrpo estimators --ckpt=runs/sudoku_block/checkpoint.pt  # slow, K draws: README
+    python -m minidtrpo estimators --ckpt=runs/sudoku_block/checkpoint.pt   # README: its output
 
 Setup:
 - reference π_ref = the checkpoint; policy π_θ = the checkpoint with seeded Gaussian noise on every
@@ -15,15 +15,8 @@ Targets (docs/math.md §4.1–§4.4): the exact and dTRPO rows estimate the deco
 one-step rows log p(y|x), so their "bias" against Δ is partly a different target (reported anyway:
 Δ is what the sampler did, and what a trust region bounds).
 
-Metrics (draws = independent re-draws of an estimator's randomness: s_b, ELBO masks, prompt mask):
-  bias     = mean_i (mean_draws[estimate_i] − Δ_i) ± its standard error sqrt(Σ_i var_i / K) / B
-  std      = mean_i std_draws[estimate_i]              (the estimator's own noise per trajectory)
-  corr     = Pearson correlation of one draw's estimates with Δ across trajectories, mean over draws
-  corr K-mean = the same for the K-draw mean: → 1 for an estimator of Δ, → corr(own target, Δ) else
-  grad cos = cos(∇_θ mean_i estimate_i of one draw, g*), averaged over `grad_draws` draws
-  passes   = forward rows per response per model × tokens per row (counted by a forward hook)
-  fwd ms / fwd+bwd ms = median wall time of one draw on the batch (policy and reference; + backward)
-  saved MB = peak bytes autograd saves for backward (saved_tensors_hooks) during one gradient draw
+Metrics: defined in the notes the report prints under its table (`markdown`); draws are independent
+re-draws of an estimator's randomness (s_b, ELBO masks, prompt mask).
 
 Departures / choices:
 1. The perturbation is random noise, not an RL step: the report is about estimators, not about a
@@ -49,7 +42,7 @@ from tqdm import tqdm
 from .config import Config, arg, device_problem, pick_device, write_json
 from .estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps,
                          sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
-from .meters import SavedBytes
+from .meters import SavedBytes, elapsed
 from .sampling import generate
 from .train import load
 
@@ -158,11 +151,6 @@ def estimators_for(layout: str, temperature: float, prompt_mask_p: float) -> lis
 # Measurement plumbing
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def flat_grad(value, model) -> torch.Tensor:
     """∇_θ value as one flat vector over the model's parameters (zeros where unused)."""
     params = list(model.parameters())
@@ -190,12 +178,10 @@ def measure(est: Estimator, policy, ref, traj, delta, g_star, cfg, gen, bar) -> 
     K, G = (cfg.draws, cfg.grad_draws) if est.random else (min(3, cfg.draws), 1)
     values, fwd_s = [], []
     for _ in range(K):
-        _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             values.append(est.fn(policy, ref, traj, gen))
-        _sync(device)
-        fwd_s.append(time.perf_counter() - t0)
+        fwd_s.append(elapsed(t0, device))
         bar.update(1)
     values = torch.stack(values).double().cpu()  # (K, B)
 
@@ -203,13 +189,11 @@ def measure(est: Estimator, policy, ref, traj, delta, g_star, cfg, gen, bar) -> 
     hook = policy.register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape)))
     cosines, step_s, peak = [], [], 0
     for g in range(G):
-        _sync(device)
         t0 = time.perf_counter()
         with SavedBytes() as meter:
             # ∇_θ mean_i estimate_i
             grad = flat_grad(est.fn(policy, ref, traj, gen).mean(), policy)
-        _sync(device)
-        step_s.append(time.perf_counter() - t0)
+        step_s.append(elapsed(t0, device))
         peak = max(peak, meter.peak)
         # cos(g, g*) = g·g* / (|g| |g*|)
         cosines.append((grad @ g_star / (grad.norm() * g_star.norm()).clamp(min=1e-30)).item())
