@@ -1,16 +1,17 @@
-"""Benchmark of the foundation: SFT throughput and MFU, and the sampler with and without its KV cache.
+"""Foundation benchmark: SFT throughput and MFU, and the sampler with and without its KV cache.
 
     python bench/bench_foundation.py            # ~1 minute on a 2-core CPU
     python bench/bench_foundation.py --device=cuda
 
 Everything is measured side by side in one run:
 1. the machine's fp32 matmul rate (1024×1024 products), the denominator of MFU;
-2. SFT training tokens/s of the default model (sudoku, block layout: [prompt ; clean ; noisy] = P + 2L − b
-   tokens per sequence, the last clean block being left out), and model-FLOPs utilisation = 6 · parameters · tokens/s ÷ matmul rate
-   (attention score FLOPs are not counted, as in nanoGPT's estimate);
-3. sampler throughput at response length 64, block 8, batch 256, one token per step, with the KV cache
-   for finished blocks and without it (every step recomputes the whole sequence), and whether the two
-   decoded the same tokens.
+2. SFT training tokens/s of the default model (sudoku, block layout: [prompt ; clean ; noisy]
+   = P + 2L − b tokens per sequence, the last clean block being left out), and model-FLOPs
+   utilisation = 6 · parameters · tokens/s ÷ matmul rate (attention score FLOPs are not counted,
+   as in nanoGPT's estimate);
+3. sampler throughput at response length 64, block 8, batch 256, one token per step, with the KV
+   cache for finished blocks and without it (every step recomputes the whole sequence), and whether
+   the two decoded the same tokens.
 """
 
 import json
@@ -49,7 +50,8 @@ def timed(fn, device, repeat: int, warmup: int = 2) -> float:
 def matmul_rate(device, n=1024) -> float:
     """Measured fp32 (bf16 on CUDA, the precision training uses there) matmul FLOP/s."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     reps = 50 if device.type == "cuda" else 5
     seconds = timed(lambda: [a @ b for _ in range(reps)], device, repeat=5)
     return 2 * n**3 * reps / seconds
@@ -72,7 +74,8 @@ def bench_sft(device, batch_size=128, steps=10) -> dict:
         opt.step()
 
     seconds = timed(step, device, repeat=steps)
-    tokens = batch_size * (task.prompt_len + 2 * task.response_len - task.block_size)  # sft_loss's sequence
+    # sft_loss's sequence
+    tokens = batch_size * (task.prompt_len + 2 * task.response_len - task.block_size)
     return {"params": model.num_params(), "step_s": seconds, "tokens_per_s": tokens / seconds,
             "flops_per_s": 6 * model.num_params() * tokens / seconds}
 
@@ -82,9 +85,12 @@ def bench_sampler(device, batch_size=256, response_len=64, block_size=8) -> dict
     cfg = ModelConfig(vocab_size=48, mask_id=47, prompt_len=16, response_len=response_len,
                       block_size=block_size)
     model = MaskedDiffusionTransformer(cfg, verbose=False).to(device)
-    with torch.no_grad():  # a fresh init predicts almost uniformly; spread its logits so that float
-        model.head.weight.mul_(20.0)  # rounding does not decide near-ties, as it would not for a trained model
-    prompts = torch.randint(0, 46, (batch_size, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    # a fresh init predicts almost uniformly; spread its logits so that float rounding does not
+    # decide near-ties, as it would not for a trained model
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)
+    prompts = torch.randint(0, 46, (batch_size, 16),
+                            generator=torch.Generator().manual_seed(0)).to(device)
     out = {}
     for cache in (True, False):
         def run():
@@ -114,9 +120,11 @@ def main():
     print(f"SFT  {sft['params'] / 1e6:.2f}M params: {sft['step_s'] * 1e3:.0f} ms/step, "
           f"{sft['tokens_per_s']:,.0f} tokens/s, {sft['flops_per_s'] / 1e9:.0f} GFLOP/s, "
           f"MFU {sft['flops_per_s'] / rate:.0%}")
-    print(f"sampler L=64 b=8 B=256: cached {sampler['cached_s']:.2f} s, recomputed {sampler['uncached_s']:.2f} s, "
-          f"speed-up {sampler['speedup']:.1f}x, identical tokens: {sampler['identical_tokens']}")
-    print(json.dumps({"device": str(device), "matmul_gflops": rate / 1e9, "sft": sft, "sampler": sampler}))
+    print(f"sampler L=64 b=8 B=256: cached {sampler['cached_s']:.2f} s, "
+          f"recomputed {sampler['uncached_s']:.2f} s, speed-up {sampler['speedup']:.1f}x, "
+          f"identical tokens: {sampler['identical_tokens']}")
+    print(json.dumps({"device": str(device), "matmul_gflops": rate / 1e9, "sft": sft,
+                      "sampler": sampler}))
 
 
 if __name__ == "__main__":

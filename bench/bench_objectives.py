@@ -1,24 +1,27 @@
 """Benchmark of the objectives' update cost: BGPO's flat memory and dTRPO's cheap DPO update.
 
-    python bench/bench_objectives.py                                     # ~1 minute on a 2-core CPU
-    python bench/bench_objectives.py --ckpt=runs/h2h/sft/checkpoint.pt   # a trained model's rollouts
+    python bench/bench_objectives.py                                    # ~1 minute on a 2-core CPU
+    python bench/bench_objectives.py --ckpt=runs/h2h/sft/checkpoint.pt  # a trained model's rollouts
     python bench/bench_objectives.py --device=cuda
 
-Everything runs side by side in one process, on one batch of rollouts, through the update functions the
-training commands use (`rl.UPDATES`, `preference.DPO_ESTIMATORS`), so it measures the code that trains:
-1. online updates (B = num_prompts × G responses, advantages A ~ N(0, 1) from a seeded generator: the cost
-   of an update does not depend on A's values): bgpo and vrpo_ol at n_mc = 1, 4, 16, full_trajectory and
-   diffu_grpo; for each, the median seconds of one update, the model rows run forward per response, and
-   the peak bytes autograd saves for backward (the activation memory, `config.SavedBytes`; on CUDA also
-   the peak allocation);
+Everything runs side by side in one process, on one batch of rollouts, through the update functions
+the training commands use (`rl.UPDATES`, `preference.DPO_ESTIMATORS`), so it measures the code that
+trains:
+1. online updates (B = num_prompts × G responses, advantages A ~ N(0, 1) from a seeded generator:
+   the cost of an update does not depend on A's values): bgpo and vrpo_ol at n_mc = 1, 4, 16,
+   full_trajectory and diffu_grpo; for each, the median seconds of one update, the model rows run
+   forward per response, and the peak bytes autograd saves for backward (the activation memory,
+   `meters.SavedBytes`; on CUDA also the peak allocation);
 2. DPO updates on the same pairs (the rollouts paired two by two): dTRPO (one [x ; y ; ỹ] pass per
-   response and model in the block layout, one pass per block state in the full one), exact-trajectory DPO with flat memory (the default) and with plain autograd.
-Targets: bgpo's peak at n_mc = 16 within 1.2× of n_mc = 1 while vrpo_ol's grows; a dTRPO
-update ≤ 1/4 of an exact-trajectory DPO update. The ratios are printed and saved as JSON; a figure shows
+   response and model in the block layout, one pass per block state in the full one),
+   exact-trajectory DPO with flat memory (the default) and with plain autograd.
+Targets: bgpo's peak at n_mc = 16 within 1.2× of n_mc = 1 while vrpo_ol's grows; a dTRPO update
+≤ 1/4 of an exact-trajectory DPO update. The ratios are printed and saved as JSON; a figure shows
 peak saved memory against n_mc.
 
-Without --ckpt the model is the default sudoku model (`--layout`, full by default) at its random initialisation, with its
-logits spread so that sampling is not uniform: update costs depend on shapes, not on what was learned.
+Without --ckpt the model is the default sudoku model (`--layout`, full by default) at its random
+initialisation, with its logits spread so that sampling is not uniform: update costs depend on
+shapes, not on what was learned.
 """
 
 import copy
@@ -46,7 +49,8 @@ def sync(device):
 
 
 def measure(fn, policy, ref, device, responses: int, repeat: int) -> dict:
-    """Median seconds of fn() over `repeat` runs (after one warm-up run), with its rows and saved bytes."""
+    """Median seconds of fn() over `repeat` runs (after one warm-up run), with its rows and saved
+    bytes."""
     fn()
     policy.zero_grad(set_to_none=True)
     times = []
@@ -57,9 +61,11 @@ def measure(fn, policy, ref, device, responses: int, repeat: int) -> dict:
             fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-        policy.zero_grad(set_to_none=True)  # the weights never move: every repeat is the same update
+        # the weights never move: every repeat is the same update
+        policy.zero_grad(set_to_none=True)
     out = {"update_s": sorted(times)[len(times) // 2], **meters.summary(responses)}
-    out.pop("rss_mb", None)  # the process's peak so far: not a per-update figure in a shared process
+    # the process's peak so far: not a per-update figure in a shared process
+    out.pop("rss_mb", None)
     return out
 
 
@@ -69,7 +75,8 @@ def online(name, n_mc, policy, ref, traj, adv, device, repeat) -> dict:
 
     def update():
         gen.manual_seed(0)  # the same masks (ELBO) or prompt mask (one-step) at every repeat
-        UPDATES[name](cfg, policy, ref, traj, adv, gen, step=lambda: None)  # step: keep the weights fixed
+        # step: keep the weights fixed
+        UPDATES[name](cfg, policy, ref, traj, adv, gen, step=lambda: None)
 
     return measure(update, policy, ref, device, len(adv), repeat)
 
@@ -104,7 +111,7 @@ def plot(rows, path):
 
 @dataclass
 class BenchConfig(Config):
-    """One update of every objective on the same rollouts: seconds, forward rows, activation memory."""
+    """One update per objective on the same rollouts: seconds, forward rows, activation memory."""
     ckpt: str = arg("", "checkpoint whose rollouts to score (default: a fresh model)")
     layout: str = arg("full", "layout of the fresh model", LAYOUTS)
     num_prompts: int = arg(16, "prompts per batch (as rl's default)", ge=1)
@@ -123,49 +130,61 @@ def main():
     else:
         task = get_task("sudoku")
         torch.manual_seed(0)
-        ref = MaskedDiffusionTransformer(model_config(task, layout=args.layout), verbose=False).to(device)
+        ref = MaskedDiffusionTransformer(model_config(task, layout=args.layout),
+                                         verbose=False).to(device)
         with torch.no_grad():
             ref.head.weight.mul_(20.0)  # a fresh init predicts almost uniformly; spread its logits
     ref.requires_grad_(False)
     policy = copy.deepcopy(ref).requires_grad_(True)
     B = args.num_prompts * args.num_generations
     prompts, _ = task.sample(args.num_prompts, "train", generator=torch.Generator().manual_seed(0))
-    traj, _, _ = rollout(ref, task, prompts.repeat_interleave(args.num_generations, 0).to(device), temperature=1.0,
-                         remasking="low_confidence", steps_per_block=0, generator=torch.Generator(device).manual_seed(1))
+    traj, _, _ = rollout(ref, task, prompts.repeat_interleave(args.num_generations, 0).to(device),
+                         temperature=1.0, remasking="low_confidence", steps_per_block=0,
+                         generator=torch.Generator(device).manual_seed(1))
     adv = torch.randn(B, generator=torch.Generator().manual_seed(2)).to(device)  # (B,)
-    both = Trajectory.cat([traj.index(slice(0, B // 2)), traj.index(slice(B // 2, B))])  # B/2 pairs, 2 rows each
-    print(f"{task!r}, layout={ref.config.layout}, {B} responses, T = {traj.num_steps} decoding steps")
+    # B/2 pairs, 2 rows each
+    both = Trajectory.cat([traj.index(slice(0, B // 2)), traj.index(slice(B // 2, B))])
+    print(f"{task!r}, layout={ref.config.layout}, {B} responses, "
+          f"T = {traj.num_steps} decoding steps")
 
     rows = []
     jobs = [("bgpo", n) for n in (1, 4, 16)] + [("vrpo_ol", n) for n in (1, 4, 16)]
     jobs += [("full_trajectory", 0), ("diffu_grpo", 0)]
     for name, n_mc in jobs:
-        rows.append({"objective": name, "n_mc": n_mc, **online(name, n_mc, policy, ref, traj, adv, device, args.repeat)})
+        rows.append({"objective": name, "n_mc": n_mc,
+                     **online(name, n_mc, policy, ref, traj, adv, device, args.repeat)})
     for estimator, flat in (("dtrpo", True), ("full_trajectory", True), ("full_trajectory", False)):
-        label = "dpo_" + estimator + ("" if estimator == "dtrpo" else ", flat memory" if flat else ", plain autograd")
-        rows.append({"objective": label, "n_mc": 0, **dpo(estimator, flat, policy, ref, both, device, args.repeat)})
+        label = "dpo_" + estimator + ("" if estimator == "dtrpo"
+                                      else ", flat memory" if flat else ", plain autograd")
+        rows.append({"objective": label, "n_mc": 0,
+                     **dpo(estimator, flat, policy, ref, both, device, args.repeat)})
 
     print("\n| update | n_mc | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['objective']} | {r['n_mc'] or '—'} | {r['update_s']:.3f} | {r['passes_per_response']:.1f} | "
-              f"{r['peak_saved_mb']:.1f} |")
+        print(f"| {r['objective']} | {r['n_mc'] or '—'} | {r['update_s']:.3f} | "
+              f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")
     pick = {(r["objective"], r["n_mc"]): r for r in rows}
     ratios = {
         "bgpo_peak_16_over_1": pick["bgpo", 16]["peak_saved_mb"] / pick["bgpo", 1]["peak_saved_mb"],
-        "vrpo_ol_peak_16_over_1": pick["vrpo_ol", 16]["peak_saved_mb"] / pick["vrpo_ol", 1]["peak_saved_mb"],
+        "vrpo_ol_peak_16_over_1": pick["vrpo_ol", 16]["peak_saved_mb"]
+        / pick["vrpo_ol", 1]["peak_saved_mb"],
         "dtrpo_over_exact_dpo_seconds": pick["dpo_dtrpo", 0]["update_s"]
         / pick["dpo_full_trajectory, flat memory", 0]["update_s"],
         "dtrpo_over_exact_dpo_seconds_plain": pick["dpo_dtrpo", 0]["update_s"]
         / pick["dpo_full_trajectory, plain autograd", 0]["update_s"],
     }
-    print(f"\nbgpo peak saved memory, n_mc 16 / 1: {ratios['bgpo_peak_16_over_1']:.2f}x (target <= 1.2)")
-    print(f"vrpo_ol peak saved memory, n_mc 16 / 1: {ratios['vrpo_ol_peak_16_over_1']:.2f}x (grows with n_mc)")
-    print(f"dTRPO DPO update / exact-trajectory DPO update: {ratios['dtrpo_over_exact_dpo_seconds']:.3f} "
-          f"(flat memory), {ratios['dtrpo_over_exact_dpo_seconds_plain']:.3f} (plain autograd) (target <= 0.25)")
+    print(f"\nbgpo peak saved memory, n_mc 16 / 1: {ratios['bgpo_peak_16_over_1']:.2f}x "
+          "(target <= 1.2)")
+    print(f"vrpo_ol peak saved memory, n_mc 16 / 1: {ratios['vrpo_ol_peak_16_over_1']:.2f}x "
+          "(grows with n_mc)")
+    print("dTRPO DPO update / exact-trajectory DPO update: "
+          f"{ratios['dtrpo_over_exact_dpo_seconds']:.3f} (flat memory), "
+          f"{ratios['dtrpo_over_exact_dpo_seconds_plain']:.3f} (plain autograd) (target <= 0.25)")
     os.makedirs(args.out, exist_ok=True)
-    plot([r for r in rows if r["objective"] in ("bgpo", "vrpo_ol")], os.path.join(args.out, "memory_vs_nmc.png"))
-    result = {"device": str(device), "threads": torch.get_num_threads(), "ckpt": args.ckpt, "responses": B,
-              "rows": rows, "ratios": ratios}
+    plot([r for r in rows if r["objective"] in ("bgpo", "vrpo_ol")],
+         os.path.join(args.out, "memory_vs_nmc.png"))
+    result = {"device": str(device), "threads": torch.get_num_threads(), "ckpt": args.ckpt,
+              "responses": B, "rows": rows, "ratios": ratios}
     with open(os.path.join(args.out, "bench_objectives.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(ratios))

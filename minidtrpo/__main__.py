@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from .compare import CompareConfig, compare
-from .config import Config, arg, device_problem, fail, parse, pick_device
+from .config import BadInput, Config, RunStopped, arg, device_problem, fail, parse, pick_device
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .report import ReportConfig, run_report
 from .rl import RLConfig, train_rl
-from .train import SFTConfig, evaluate, load, train_sft
+from .train import SFTConfig, check_steps, evaluate, load, train_sft
 
 
 @dataclass
@@ -29,6 +29,7 @@ class EvalConfig(Config):
 def run_eval(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     model, task = load(cfg.ckpt, device)
+    check_steps(cfg.steps_per_block, model)
     gen = torch.Generator().manual_seed(cfg.seed)
     prompts = task.test_set(cfg.n, seed=cfg.seed)[0] if cfg.split == "test" else \
         task.sample(cfg.n, "train", generator=gen)[0]
@@ -62,6 +63,11 @@ def main(argv=None):
     config, run, _ = COMMANDS[argv[0]]
     try:
         run(parse(config, argv[1:], f"python -m minidtrpo {argv[0]}"))
+    except BadInput as e:  # a file or folder found bad once the command started, before any work
+        fail(str(e))
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -21,14 +21,12 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
-import torch
-
-from .config import Config, arg, check, device_problem, fail, parse, parse_options
+from .config import Config, arg, check, device_problem, fail, parse, parse_options, read_saved
 from .model import LAYOUTS
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .rl import OBJECTIVES, RLConfig, train_rl
 from .tasks import TASKS
-from .train import SFTConfig, read_metrics, train_sft
+from .train import CHECKPOINT, SFTConfig, load, read_metrics, train_sft
 
 DPO = ("dpo_dtrpo", "dpo_full_trajectory", "dpo_vrpo")
 SET_BY_COMPARE = {"out_dir", "out", "init", "pairs", "seed", "time_budget", "device", "resume",
@@ -101,7 +99,7 @@ def _reusable(folder: str, config) -> str:
     ckpt = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(ckpt):
         return "new"
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = read_saved(ckpt, "a checkpoint of a compare run", ("config", "finished"))
     saved = {**asdict(type(config)()), **state["config"], "resume": False}
     if saved != {**asdict(config), "resume": False}:
         return "new"
@@ -112,13 +110,17 @@ def sft_start(cfg: CompareConfig) -> str:
     """The SFT checkpoint every objective starts from: trained once, then reused."""
     folder = os.path.join(cfg.out_dir, "sft")
     path = os.path.join(folder, "checkpoint.pt")
-    if os.path.exists(path):
-        print(f"SFT start: reusing {path} (delete it to train a new one)")
-        return path
     argv = [f"--task={cfg.task}", f"--task_options={cfg.task_options}", f"--layout={cfg.layout}",
             f"--time_budget={cfg.sft_budget}", f"--eval_n={cfg.eval_n}", f"--device={cfg.device}",
             f"--out_dir={folder}", *_options(cfg.sft_args)]
-    train_sft(parse(SFTConfig, argv, "sft"))
+    # an interrupted SFT start is resumed; a finished one (or one saved before checkpoints said
+    # whether they were) is reused, whatever its options
+    partial = os.path.exists(path) and not read_saved(path, "a checkpoint", CHECKPOINT).get(
+        "finished", True)
+    if os.path.exists(path) and not partial:
+        print(f"SFT start: reusing {path} (delete it to train a new one)")
+        return path
+    train_sft(parse(SFTConfig, argv + ["--resume"] * partial, "sft"))
     return path
 
 
@@ -127,7 +129,8 @@ def pairs_file(cfg: CompareConfig, init: str, seed: int) -> str:
     path = os.path.join(cfg.out_dir, f"pairs_seed{seed}.pt")
     pcfg = parse(PairsConfig, [f"--init={init}", f"--seed={seed}", f"--device={cfg.device}",
                                f"--out={path}", *_options(cfg.pairs_args)], "pairs")
-    if not os.path.exists(path) or torch.load(path, weights_only=True)["config"] != asdict(pcfg):
+    if not os.path.exists(path) or read_saved(path, "a pairs file", ("config",))["config"] != \
+            asdict(pcfg):
         make_pairs(pcfg)
     return path
 
@@ -232,6 +235,8 @@ def plot(results: dict, path: str):
 def compare(cfg: CompareConfig) -> str:
     """Run the head-to-head; returns the markdown table (also printed and written to compare.md)."""
     names, seeds = cfg.objectives.split(","), [int(s) for s in cfg.seeds.split(",")]
+    if cfg.init:
+        load(cfg.init)  # a missing or damaged start stops here, before any run
     for cls, text, prog in [(SFTConfig, cfg.sft_args, "sft"), (RLConfig, cfg.rl_args, "rl"),
                             (DPOConfig, cfg.dpo_args, "dpo"), (PairsConfig, cfg.pairs_args, "pairs")]:
         parse(cls, _options(text), prog)  # a bad pass-through option stops here, before any run

@@ -29,6 +29,36 @@ def arg(default, help: str, choices=None, *, ge=None, gt=None, le=None, lt=None,
                                                         "bounds": bounds, "valid": valid})
 
 
+class BadInput(Exception):
+    """Input found bad once a command has started (a missing or damaged file, a run folder that
+    belongs to another run): the command line prints its message as one line and exits with 2."""
+
+
+class RunStopped(Exception):
+    """A run that stopped itself (non-finite training): one line, exit code 3."""
+
+
+def read_saved(path: str, what: str, keys: tuple, device="cpu") -> dict:
+    """torch.load(path, weights_only=True), checked: a missing, empty, damaged or wrong-kind file
+    raises BadInput with one line naming the path and what was expected."""
+    kinds = {"model": "a checkpoint", "chosen": "a pairs file"}  # a key each kind always holds
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: {'a directory' if os.path.isdir(path) else 'no such file'}; "
+                       f"expected {what}")
+    if os.path.getsize(path) == 0:
+        raise BadInput(f"{path}: an empty file; expected {what}")
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, random bytes, pickled code: all unreadable as weights
+        raise BadInput(f"{path}: unreadable ({type(e).__name__}); expected {what}") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        found = next((kind for key, kind in kinds.items() if isinstance(obj, dict) and key in obj),
+                     "some other file")
+        raise BadInput(f"{path}: {found} (no {missing[0]!r}); expected {what}")
+    return obj
+
+
 def fail(message: str):
     """Print one error line and exit with status 2 (the convention for bad command-line input)."""
     print(f"error: {message}", file=sys.stderr)

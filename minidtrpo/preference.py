@@ -41,14 +41,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import Config, arg, atomic_save, autocast, device_problem, fail, pick_device
+from .config import (BadInput, Config, arg, atomic_save, autocast, device_problem, fail, pick_device,
+                     read_saved)
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms,
                          reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
                          sample_elbo_masks, trajectory_logprob)
 from .meters import Meters, elapsed
 from .objectives import dpo_loss
 from .sampling import REMASKING, Trajectory
-from .train import RunConfig, clip_and_step, load, rollout, run_loop
+from .train import RunConfig, check_steps, clip_and_step, load, rollout, run_loop
 
 ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
 
@@ -114,6 +115,7 @@ def make_pairs(cfg: PairsConfig) -> dict:
     """Sample, score and save the pairs; returns a summary (also printed as one JSON line)."""
     device = pick_device(cfg.device)
     ref, task = load(cfg.init, device)
+    check_steps(cfg.steps_per_block, ref)
     data_gen, sample_gen = (torch.Generator().manual_seed(cfg.seed),
                             torch.Generator(device).manual_seed(cfg.seed + 1))
     G, t0, chosen, rejected, rewards = cfg.num_generations, time.perf_counter(), [], [], []
@@ -231,13 +233,15 @@ def train_dpo(cfg: DPOConfig) -> dict:
     policy, task = load(cfg.init, device)
     ref, _ = load(cfg.init, device)  # frozen
     ref.requires_grad_(False)
-    data = torch.load(cfg.pairs, map_location=device, weights_only=True)
+    data = read_saved(cfg.pairs, "a pairs file written by `pairs`",
+                      ("chosen", "rejected", "task", "task_options", "ref_fingerprint"), device)
     if (data["task"], data["task_options"]) != (task.name, dict(task.options)):
-        fail(f"{cfg.pairs} holds {data['task']} {data['task_options']} pairs; "
-             f"--init is a {task!r} model")
+        raise BadInput(f"{cfg.pairs} holds {data['task']} {data['task_options']} pairs; "
+                       f"--init is a {task!r} model")
     if data["ref_fingerprint"] != fingerprint(ref):
-        fail(f"{cfg.pairs} was sampled by another model than --init={cfg.init}: "
-             "DPO needs that model as reference")
+        raise BadInput(f"{cfg.pairs} was sampled by another model than --init={cfg.init}: "
+                       "DPO needs that model as reference")
+    check_steps(cfg.steps_per_block, policy)
     chosen, rejected = Trajectory(**data["chosen"]), Trajectory(**data["rejected"])
     n_pairs = len(chosen.tokens)
     per_epoch = math.ceil(n_pairs / cfg.batch_size)
@@ -257,6 +261,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
             stats = DPO_ESTIMATORS[cfg.estimator](cfg, policy, ref, both, gens["estimator"])
             grad_norm = clip_and_step(policy, opt, cfg.grad_clip)
         return {"epoch": round((it + 1) / per_epoch, 4), **stats, "grad_norm": grad_norm,
+                "skipped_steps": int(not math.isfinite(grad_norm)),  # a non-finite step: skipped
                 "update_s": elapsed(t0, device), **meters.summary(responses=len(both.tokens))}
 
     max_iters = min(cfg.max_iters, math.ceil(cfg.epochs * per_epoch))

@@ -34,6 +34,7 @@ Shapes: B responses in the update (prompts × G), G group size, P prompt length,
 N MC samples, T decoding steps, N_B blocks.
 """
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_terms, one_step_logpr
 from .meters import Meters, elapsed
 from .objectives import bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
 from .sampling import REMASKING
-from .train import RunConfig, clip_and_step, load, rollout, run_loop
+from .train import RunConfig, check_steps, clip_and_step, load, rollout, run_loop
 
 OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol")
 METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
@@ -238,6 +239,7 @@ def train_rl(cfg: RLConfig) -> dict:
     """Run online RL as configured; returns the final test metrics. Ctrl-C saves a checkpoint."""
     device = pick_device(cfg.device)
     policy, task = load(cfg.init, device)
+    check_steps(cfg.steps_per_block, policy)
     ref, _ = load(cfg.init, device)  # the initial model, frozen: reference of the KL and of kl_ref
     ref.requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -278,6 +280,7 @@ def train_rl(cfg: RLConfig) -> dict:
             stats = UPDATES[cfg.objective](cfg, policy, ref, traj.index(keep), adv[keep],
                                            gens["estimator"], step)
         return {**row, **stats, "grad_norm": grad_norms[-1], "update_s": elapsed(t0, device),
+                "skipped_steps": sum(not math.isfinite(n) for n in grad_norms),  # not stepped
                 **meters.summary(responses=int(keep.sum()))}
 
     return run_loop(cfg, "rl", models={"model": policy, "ref_model": ref}, task=task, opt=opt,

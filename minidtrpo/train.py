@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import (Config, arg, atomic_save, autocast, check, device_problem, parse_options,
-                     pick_device, write_json)
+from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, check, device_problem,
+                     parse_options, pick_device, read_saved, write_json)
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .sampling import Trajectory, generate
@@ -103,14 +103,29 @@ def task_from(name: str, options: str):
 # Checkpoints, decoding and evaluation
 
 
+CHECKPOINT = ("model", "model_config", "task", "task_options")  # what every checkpoint holds
+
+
 def load(path: str, device="cpu"):
-    """Reload a checkpoint of any minidtrpo run -> (model, task). Weights only, no pickled code."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    task = get_task(ckpt["task"], **ckpt["task_options"])
-    model = MaskedDiffusionTransformer(ModelConfig(**ckpt["model_config"]), verbose=False)
-    model.to(device)
-    model.load_state_dict(ckpt["model"])
+    """Reload a checkpoint of any minidtrpo run -> (model, task). Weights only, no pickled code;
+    a missing, damaged or wrong-kind file raises BadInput naming the path."""
+    ckpt = read_saved(path, "a minidtrpo checkpoint", CHECKPOINT, device)
+    try:
+        task = get_task(ckpt["task"], **ckpt["task_options"])
+        model = MaskedDiffusionTransformer(ModelConfig(**ckpt["model_config"]), verbose=False)
+        model.to(device).load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # fields or weights that do not fit
+        raise BadInput(f"{path}: a damaged checkpoint ({type(e).__name__}); expected a minidtrpo "
+                       "checkpoint") from None
     return model, task
+
+
+def check_steps(steps_per_block: int, model):
+    """--steps_per_block must fit the model's block (0: one token per step): else BadInput."""
+    b = model.config.block_size
+    if steps_per_block > b:
+        raise BadInput(f"--steps_per_block={steps_per_block} is not valid; valid: 0..{b}, the "
+                       "block size of the checkpoint")
 
 
 @torch.no_grad()
@@ -140,12 +155,18 @@ def evaluate(model, task, prompts, *, steps_per_block=0, temperature=0.0, genera
 
 
 def clip_and_step(model, opt, grad_clip) -> float:
-    """Clip the gradient norm (0: off), step, zero the gradients; return the unclipped norm."""
+    """Clip the gradient norm (0: off), step, zero the gradients; return the unclipped norm. A
+    non-finite norm (a NaN or inf loss or gradient) skips the step: the run loop counts it."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    opt.step()
+    if torch.isfinite(norm):
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return norm.item()
+
+
+def finite(modules) -> bool:
+    return all(torch.isfinite(p).all() for m in modules for p in m.parameters())
 
 
 def read_metrics(path) -> list[dict]:
@@ -180,6 +201,51 @@ def remove_stale_files(out_dir):
             os.remove(os.path.join(out_dir, name))
 
 
+MAX_BAD_ITERS = 10  # a run stops after this many iterations in a row with a non-finite step
+
+
+class FolderLock:
+    """One run per folder: out_dir/lock holds the pid of the run using it. A lock whose process is
+    gone (a killed run) is taken over; a live one refuses the second run with BadInput."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, "lock")
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one winner
+            except FileExistsError:
+                text = open(self.path).read().strip()
+                if text.isdigit() and pid_alive(int(text)):
+                    raise BadInput(f"{os.path.dirname(self.path)} is in use by a live run (pid "
+                                   f"{text}); wait for it or choose another --out_dir") from None
+                os.remove(self.path)  # its process is gone
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return self
+        raise BadInput(f"{self.path}: could not take the lock; another run is starting there")
+
+    def __exit__(self, *exc):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def resume_state(cfg, kind, models, task, device) -> dict:
+    """The checkpoint of the run in cfg.out_dir, after checking that it is a run of this kind, task,
+    options and model; BadInput names what differs (nothing is changed before this passes)."""
+    path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    state = read_saved(path, f"a checkpoint of a {kind} run to resume",
+                       (*CHECKPOINT, "kind", "optimizer", "rng", "iter"), device)
+    ours = {"kind": kind, "task": task.name, "task_options": dict(task.options),
+            "model_config": asdict(models["model"].config)}
+    differ = [f"{k} {state[k]!r} (this run: {v!r})" for k, v in ours.items() if state[k] != v]
+    if differ:
+        raise BadInput(f"--resume: {cfg.out_dir} holds another run: " + "; ".join(differ))
+    return state
+
+
 def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, device,
              bar_keys=(), eval_at_start=True) -> dict:
     """Call iteration(it, train_seconds) for it = 0, 1, ... until max_iters or cfg.time_budget; log,
@@ -187,27 +253,31 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
 
     models: {name: module} saved in every checkpoint; models["model"] is evaluated and is what
     `load` returns. iteration(...) -> the metrics row of that iteration, its timed seconds in
-    rollout_s and update_s. Every random draw must come from `generators`: their states, the models
-    and the optimizer go into every checkpoint, so a run interrupted and resumed (cfg.resume) writes
-    the same metrics as an uninterrupted one. Ctrl-C saves the state as of the last finished
-    iteration (a snapshot) and re-raises; after a kill, the rows logged since the last checkpoint
-    are dropped on resume and written again.
+    rollout_s and update_s and its non-finite (skipped) optimizer steps in skipped_steps. Every
+    random draw must come from `generators`: their states, the models and the optimizer go into
+    every checkpoint, so a run interrupted and resumed (cfg.resume) writes the same metrics as an
+    uninterrupted one. Ctrl-C saves the state as of the last finished iteration (a snapshot) and
+    re-raises; after a kill, the rows logged since the last checkpoint are dropped on resume and
+    written again. An iteration that skipped a step or left a non-finite weight is undone (weights
+    and optimizer back to the snapshot); MAX_BAD_ITERS of them in a row stop the run (RunStopped).
     """
+    state = resume_state(cfg, kind, models, task, device) if cfg.resume else None
     os.makedirs(cfg.out_dir, exist_ok=True)
+    with FolderLock(cfg.out_dir):
+        return _loop(cfg, kind, models, task, opt, generators, iteration, max_iters, device,
+                     bar_keys, eval_at_start, state)
+
+
+def _loop(cfg, kind, models, task, opt, generators, iteration, max_iters, device, bar_keys,
+          eval_at_start, state):
     remove_stale_files(cfg.out_dir)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    run = {"iter": 0, "train_seconds": 0.0, "pending_eval": eval_at_start}  # pending: evaluate next
-    if cfg.resume:
-        if not os.path.exists(ckpt_path):
-            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        for name, module in models.items():
-            module.load_state_dict(state[name])
-        opt.load_state_dict(state["optimizer"])
-        for name, g in generators.items():
-            g.set_state(state["rng"][name].cpu())
-        run = {k: state[k] for k in run}
+    run = {"iter": 0, "train_seconds": 0.0, "pending_eval": eval_at_start,  # evaluate next?
+           "bad_streak": 0, "skipped_steps": 0}  # non-finite iterations in a row, steps in all
+    if state is not None:
+        load_run_state(state, models, opt, generators)
+        run.update({k: state.get(k, v) for k, v in run.items()})
         # rows written after the checkpoint are redone: drop them (and an unfinished evaluation's)
         rows = [r for r in read_metrics(metrics_path) if r["iter"] < run["iter"] or
                 (r["iter"] == run["iter"] and not (run["pending_eval"] and "test_exact" in r))]
@@ -226,6 +296,8 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
                 "rng": {name: g.get_state() for name, g in generators.items()}, **run}
 
     def save(state):  # "finished" tells a caller (compare) a complete run from an interrupted one
+        if not finite(models.values()):  # never reached (bad iterations are undone): a guard
+            raise RunStopped(f"not saving {ckpt_path}: a weight is not finite")
         atomic_save({**state, "finished": done(state) and not state["pending_eval"], "kind": kind,
                      "model_config": asdict(models["model"].config), "task": task.name,
                      "task_options": dict(task.options), "config": asdict(cfg)}, ckpt_path)
@@ -240,7 +312,7 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
 
     bar = tqdm(total=None if cfg.time_budget else max_iters, initial=run["iter"], desc=kind,
                dynamic_ncols=True, mininterval=1.0, disable=None)  # disable=None: no bar off a tty
-    snapshot, metrics = None, {}
+    snapshot, metrics, stopped = None, {}, None
     try:
         while True:
             if run["pending_eval"]:
@@ -250,15 +322,29 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
                 log({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 3),
                      "test_exact": metrics["exact"], "test_reward": metrics["reward"]})
                 run["pending_eval"] = False
-                save(mutable())
+                if run["bad_streak"] == 0:  # during a non-finite streak the weights are suspect
+                    save(mutable())
             if done():
                 break
             snapshot = copy.deepcopy(mutable())  # Ctrl-C inside the iteration goes back to here
             row = iteration(run["iter"], run["train_seconds"])
+            bad = (row.get("skipped_steps", 0) > 0 or not finite(models.values())
+                   or any(isinstance(v, float) and not math.isfinite(v) for v in row.values()))
+            if bad:  # undo the iteration's updates; its draws stay spent (the next one differs)
+                load_run_state(snapshot, models, opt, {})
+                row["skipped_steps"] = max(row.get("skipped_steps", 0), 1)
+            run["bad_streak"] = run["bad_streak"] + 1 if bad else 0
+            run["skipped_steps"] += row.get("skipped_steps", 0)
             before = run["train_seconds"]
             run["train_seconds"] += row.get("rollout_s", 0.0) + row["update_s"]
             run["iter"] += 1
             log({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 3), **row})
+            if run["bad_streak"] >= MAX_BAD_ITERS:
+                kept = (f"{ckpt_path} keeps the state before them" if os.path.exists(ckpt_path)
+                        else "no checkpoint was written")
+                stopped = (f"stopped: {MAX_BAD_ITERS} iterations in a row had a non-finite loss, "
+                           f"gradient, weight or metric; {kept}")
+                break
             every_s = cfg.eval_every_s > 0 and \
                 run["train_seconds"] // cfg.eval_every_s > before // cfg.eval_every_s
             every = cfg.eval_every and run["iter"] % cfg.eval_every == 0
@@ -267,7 +353,7 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in bar_keys if k in row} |
                             {"test": f"{metrics.get('exact', math.nan):.3f}",
-                             "s": f"{run['train_seconds']:.0f}"})
+                             "s": f"{run['train_seconds']:.0f}", "skipped": run["skipped_steps"]})
     except KeyboardInterrupt:
         at = (snapshot or run)["iter"]
         print(f"\ninterrupted: saving {ckpt_path} at iteration {at} (continue with --resume)")
@@ -281,8 +367,20 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
         last = [r for r in read_metrics(metrics_path) if "test_exact" in r][-1]
         metrics = {"exact": last["test_exact"], "reward": last["test_reward"], "n": cfg.eval_n}
     print(json.dumps({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 1),
-                      **metrics}))
+                      "skipped_steps": run["skipped_steps"], **metrics,
+                      **({"stopped": stopped} if stopped else {})}))
+    if stopped:
+        raise RunStopped(stopped)
     return metrics
+
+
+def load_run_state(state, models, opt, generators):
+    """Put a checkpoint's (or snapshot's) weights, optimizer and generator states in place."""
+    for name, module in models.items():
+        module.load_state_dict(state[name])
+    opt.load_state_dict(state["optimizer"])
+    for name, g in generators.items():
+        g.set_state(state["rng"][name].cpu())
 
 
 def plot_run(metrics_path, out_path, keys):
@@ -398,14 +496,15 @@ def train_sft(cfg: SFTConfig) -> dict:
         with autocast(device):
             loss, stats = sft_loss(fwd, prompts, answers, gens["noise"])
         loss.backward()
-        clip_and_step(model, opt, cfg.grad_clip)
+        norm = clip_and_step(model, opt, cfg.grad_clip)  # a non-finite norm: step skipped
         if ema is not model:  # θ_ema ← d·θ_ema + (1 − d)·θ, d warming up so early weights fade fast
             d = min(cfg.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(p, 1 - d)
         dt = elapsed(t0, device)
-        return {"lr": opt.param_groups[0]["lr"], **stats, "update_s": dt,
+        return {"lr": opt.param_groups[0]["lr"], **stats, "grad_norm": norm, "update_s": dt,
+                "skipped_steps": int(not math.isfinite(norm)),
                 "tokens_per_s": round(cfg.batch_size * seq_tokens / dt)}
 
     models = {"model": ema} if ema is model else {"model": ema, "raw_model": model}

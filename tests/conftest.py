@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny float64 models on the CPU (tests are numerical proofs, docs/math.md §6)."""
+"""Shared fixtures: tiny float64 models on the CPU (tests are numerical proofs, docs/math.md
+§6)."""
 
 import pytest
 import torch
@@ -10,20 +11,24 @@ from minidtrpo.sampling import generate
 P, M = 6, 11  # prompt length and MASK id of tiny_model
 
 
-def tiny_model(layout="block", prompt_len=6, response_len=8, block_size=4, seed=0, dtype=torch.float64, **kw):
+def tiny_model(layout="block", prompt_len=6, response_len=8, block_size=4, seed=0,
+               dtype=torch.float64, **kw):
     """A small random model: 2 layers, width 32, vocabulary of 12 with MASK = 11."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=12, mask_id=11, prompt_len=prompt_len, response_len=response_len,
-                      block_size=block_size, layout=layout, d_model=32, n_layers=2, n_heads=4, **kw)
+    cfg = ModelConfig(vocab_size=12, mask_id=11, prompt_len=prompt_len,
+                      response_len=response_len, block_size=block_size, layout=layout,
+                      d_model=32, n_layers=2, n_heads=4, **kw)
     model = MaskedDiffusionTransformer(cfg, verbose=False).to(dtype)
-    # spread the logits so that trajectories are not all ties (a fresh init predicts nearly uniform)
+    # spread the logits so that trajectories are not all ties (a fresh init predicts nearly
+    # uniform)
     with torch.no_grad():
         model.head.weight.mul_(20.0)
     return model
 
 
 def random_prompts(batch, prompt_len=6, vocab=11, seed=0):
-    return torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, vocab, (batch, prompt_len),
+                         generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture
@@ -50,8 +55,9 @@ def perturbed(model, scale=0.02, seed=1):
 
 @pytest.fixture(scope="module")
 def single_thread():
-    """Run a module's tests on one intra-op thread: for these tiny models thread synchronisation costs far
-    more than it saves, and on a busy 2-core machine two threads made a test 16× slower."""
+    """Run a module's tests on one intra-op thread: for these tiny models thread synchronisation
+    costs far more than it saves, and on a busy 2-core machine two threads made a test 16×
+    slower."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -61,9 +67,11 @@ def single_thread():
 # Helpers of the estimator tests (test_estimators.py, test_elbo.py)
 
 
-def rollout(model, steps_per_block=2, temperature=1.0, remasking="low_confidence", batch=4, seed=0):
+def rollout(model, steps_per_block=2, temperature=1.0, remasking="low_confidence", batch=4,
+            seed=0):
     return generate(model, random_prompts(batch, seed=seed), steps_per_block=steps_per_block,
-                    temperature=temperature, remasking=remasking, generator=torch.Generator().manual_seed(seed))
+                    temperature=temperature, remasking=remasking,
+                    generator=torch.Generator().manual_seed(seed))
 
 
 def grads(value, model):
@@ -79,5 +87,6 @@ def assert_grads_close(g1, g2, atol=1e-10):
 
 
 def naive_logmu(model, tokens, tau=1.0):
-    """log μ_θ(· | tokens) at the response positions, from one plain pass with the layout's own mask."""
+    """log μ_θ(· | tokens) at the response positions, from one plain pass with the layout's own
+    mask."""
     return F.log_softmax(model(tokens[None])[0, P:] / tau, dim=-1)  # (L, V)

@@ -1,4 +1,5 @@
-"""Smoke runs of the command line: SFT, eval, determinism, resume, and clear errors for bad input."""
+"""Smoke runs of the command line: SFT, eval, determinism, resume, and clear errors for bad
+input."""
 
 import json
 import os
@@ -11,7 +12,8 @@ from minidtrpo.train import load
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = ["--task=sudoku", "--d_model=32", "--n_layers=2", "--n_heads=2", "--batch_size=16", "--eval_n=16"]
+TINY = ["--task=sudoku", "--d_model=32", "--n_layers=2", "--n_heads=2", "--batch_size=16",
+        "--eval_n=16"]
 
 
 def read_metrics(out_dir):

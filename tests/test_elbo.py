@@ -1,8 +1,9 @@
-"""ELBO Monte Carlo (docs/math.md §4.3, VRPO / BGPO) and d1's one-step estimate (§4.4) against naive references: P11.
+"""ELBO Monte Carlo (docs/math.md §4.3, VRPO / BGPO) and d1's one-step estimate (§4.4) against
+naive references: P11.
 
-The references are Python loops over masks, blocks and positions with plain forward passes on hand-built
-states; they never call minidtrpo.estimators. The blockwise masks (docs/math.md §4.3) get their own
-P11: the ELBO of the block-by-block orders.
+The references are Python loops over masks, blocks and positions with plain forward passes on
+hand-built states; they never call minidtrpo.estimators. The blockwise masks (docs/math.md §4.3) get
+their own P11: the ELBO of the block-by-block orders.
 """
 
 import itertools
@@ -11,9 +12,10 @@ import math
 import pytest
 import torch
 
-from conftest import P, M, assert_grads_close, grads, naive_logmu, random_prompts, rollout, tiny_model
-from minidtrpo.estimators import (elbo_mask_block, elbo_terms, one_step_logprob, sample_elbo_masks,
-                                  sample_prompt_mask, trajectory_logprob)
+from conftest import (P, M, assert_grads_close, grads, naive_logmu, random_prompts, rollout,
+                      tiny_model)
+from minidtrpo.estimators import (elbo_mask_block, elbo_terms, one_step_logprob,
+                                  sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
 from minidtrpo.sampling import Trajectory, generate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -25,16 +27,19 @@ def test_sample_elbo_masks_stratified_and_uniform():
     assert masks.shape == (B, n, L) and masks.dtype == torch.bool
     counts = masks.sum(-1)  # (B, N)
     for row in counts[:50].tolist():  # the counts are ((u − 1 + round(j·L/n)) mod L) + 1 for one u
-        assert any(row == [((u - 1 + round(j * L / n)) % L) + 1 for j in range(n)] for u in range(1, L + 1))
+        assert any(row == [((u - 1 + round(j * L / n)) % L) + 1 for j in range(n)]
+                   for u in range(1, L + 1))
     freq = masks.float().mean((0, 1))  # every position equally likely
     assert (freq - freq.mean()).abs().max() < 0.03
-    assert torch.equal(sample_elbo_masks(2, L, L, torch.Generator().manual_seed(1)).sum(-1).sort(1).values,
-                       torch.arange(1, L + 1).expand(2, L))  # n = L: every count once
+    assert torch.equal(
+        sample_elbo_masks(2, L, L, torch.Generator().manual_seed(1)).sum(-1).sort(1).values,
+        torch.arange(1, L + 1).expand(2, L))  # n = L: every count once
 
 
 def test_blockwise_elbo_masks():
-    """Departure 4: each sample keeps earlier blocks clean, masks 1..b positions of one block and every later
-    block; the (block, count) cells are stratified like the counts of docs/math.md §4.3."""
+    """Departure 4: each sample keeps earlier blocks clean, masks 1..b positions of one block and
+    every later block; the (block, count) cells are stratified like the counts of docs/math.md
+    §4.3."""
     B, L, b, n = 2000, 8, 2, 3
     masks = sample_elbo_masks(B, L, n, torch.Generator().manual_seed(0), block_size=b)
     assert masks.shape == (B, n, L) and masks.dtype == torch.bool
@@ -43,17 +48,22 @@ def test_blockwise_elbo_masks():
     idx = torch.arange(L // b)
     assert ((blocks == 0) == (idx < first[..., None])).all()  # earlier blocks clean
     assert ((blocks == b) | (idx <= first[..., None])).all()  # later blocks whole
-    cells = first * b + blocks.gather(-1, first[..., None])[..., 0] - 1  # (B, N) c_j = k_j·b + m_j − 1
+    # (B, N) c_j = k_j·b + m_j − 1
+    cells = first * b + blocks.gather(-1, first[..., None])[..., 0] - 1
     for row in cells[:50].tolist():
         assert any(row == [(u + round(j * L / n)) % L for j in range(n)] for u in range(L))
     full = sample_elbo_masks(2, L, L, torch.Generator().manual_seed(1), block_size=b)
-    cells = (full.sum(-1) - 1).sort(1).values  # n = N_B·b: every (block, count) once (count = (N_B−1−k)·b + m)
+    # n = N_B·b: every (block, count) once (count = (N_B−1−k)·b + m)
+    cells = (full.sum(-1) - 1).sort(1).values
     assert torch.equal(cells, torch.arange(L).expand(2, L))
-    within = masks.view(B, n, L // b, b)[blocks.gather(-1, first[..., None])[..., 0] == 1]  # (·, N_B, b)
-    freq = within.float().sum((0, 1))  # where a single masked position falls inside its block: uniform
+    # (·, N_B, b)
+    within = masks.view(B, n, L // b, b)[blocks.gather(-1, first[..., None])[..., 0] == 1]
+    # where a single masked position falls inside its block: uniform
+    freq = within.float().sum((0, 1))
     assert (freq / freq.sum() - 1 / b).abs().max() < 0.03
     assert elbo_mask_block("auto", "full", b) == b and elbo_mask_block("auto", "block", b) is None
-    assert elbo_mask_block("uniform", "full", b) is None and elbo_mask_block("blockwise", "block", b) == b
+    assert (elbo_mask_block("uniform", "full", b) is None
+            and elbo_mask_block("blockwise", "block", b) == b)
     with pytest.raises(ValueError, match="elbo_masks='x'; valid: auto, uniform, blockwise"):
         elbo_mask_block("x", "full", b)
     with pytest.raises(ValueError, match="block_size=3 must divide response_len=8"):
@@ -61,49 +71,60 @@ def test_blockwise_elbo_masks():
 
 
 def test_p11_blockwise_elbo_is_expected_semi_ar_loglik():
-    """Full layout, blockwise masks (L = 4, b = 2): the exact ELBO of the semi-autoregressive sampler,
-    Σ_blocks Σ_k (1/k)·mean_{|S|=k} Σ_{i∈S} log μ(y_i | earlier blocks clean, later masked), equals the mean
-    over within-block orders of the trajectory log-prob (§4.1); elbo_terms(block_size=b) gives each term and
-    L × its MC mean converges to it."""
+    """Full layout, blockwise masks (L = 4, b = 2): the exact ELBO of the semi-autoregressive
+    sampler, Σ_blocks Σ_k (1/k)·mean_{|S|=k} Σ_{i∈S} log μ(y_i | earlier blocks clean, later
+    masked), equals the mean over within-block orders of the trajectory log-prob (§4.1);
+    elbo_terms(block_size=b) gives each term and L × its MC mean converges to it."""
     L, b = 4, 2
     model = tiny_model("full", response_len=L, block_size=b)
     prompts = random_prompts(2)
-    y = generate(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(0)).responses
+    y = generate(model, prompts, temperature=1.0,
+                 generator=torch.Generator().manual_seed(0)).responses
     exact, terms, weights = torch.zeros(2, dtype=torch.float64), [], []
     for blk in range(L // b):
         cols = range(blk * b, (blk + 1) * b)
         for k in range(1, b + 1):
             subsets = list(itertools.combinations(cols, k))
             for S in subsets:
-                mask = torch.tensor([j in S or j // b > blk for j in range(L)])  # later blocks masked
+                # later blocks masked
+                mask = torch.tensor([j in S or j // b > blk for j in range(L)])
                 terms.append(mask)
                 weights.append(1 / len(subsets))
                 for i in range(2):
                     x = torch.cat([prompts[i], y[i].masked_fill(mask, M)])
                     lp = naive_logmu(model, x)
                     exact[i] += sum(lp[j, y[i, j]] for j in S).detach() / (k * len(subsets))
-    ell = elbo_terms(model, prompts, y, torch.stack(terms).expand(2, -1, -1), block_size=b).detach()  # (2, 6)
+    ell = elbo_terms(model, prompts, y, torch.stack(terms).expand(2, -1, -1),
+                     block_size=b).detach()  # (2, 6)
     # Σ over (block, k) of the mean over S of ℓ_S = (1/k)·Σ_{i∈S} log μ
-    torch.testing.assert_close((ell * torch.tensor(weights, dtype=ell.dtype)).sum(1), exact, rtol=0, atol=1e-10)
-    per_block = [list(itertools.permutations(range(blk * b, (blk + 1) * b))) for blk in range(L // b)]
+    torch.testing.assert_close((ell * torch.tensor(weights, dtype=ell.dtype)).sum(1), exact,
+                               rtol=0, atol=1e-10)
+    per_block = [list(itertools.permutations(range(blk * b, (blk + 1) * b)))
+                 for blk in range(L // b)]
     orders = [sum(parts, ()) for parts in itertools.product(*per_block)]
     O = len(orders)
     us = torch.tensor([[order.index(j) for j in range(L)] for order in orders])  # (O, L)
-    traj = Trajectory(tokens=torch.cat([prompts, y], 1).repeat_interleave(O, 0), unmask_step=us.repeat(2, 1),
-                      logp_at_reveal=torch.zeros(2 * O, L, dtype=torch.float64), prompt_len=P, block_size=b,
-                      steps_per_block=b, temperature=1.0, remasking="random", mask_id=M)
-    torch.testing.assert_close(trajectory_logprob(model, traj).detach().view(2, O).mean(1), exact, rtol=0, atol=1e-10)
+    traj = Trajectory(tokens=torch.cat([prompts, y], 1).repeat_interleave(O, 0),
+                      unmask_step=us.repeat(2, 1),
+                      logp_at_reveal=torch.zeros(2 * O, L, dtype=torch.float64), prompt_len=P,
+                      block_size=b, steps_per_block=b, temperature=1.0, remasking="random",
+                      mask_id=M)
+    torch.testing.assert_close(trajectory_logprob(model, traj).detach().view(2, O).mean(1), exact,
+                               rtol=0, atol=1e-10)
     R = 400
     masks = sample_elbo_masks(2 * R, L, 2, torch.Generator().manual_seed(0), block_size=b)
-    mc = L * elbo_terms(model, prompts.repeat(R, 1), y.repeat(R, 1), masks, block_size=b).detach().mean(1).view(R, 2)
+    mc = L * elbo_terms(model, prompts.repeat(R, 1), y.repeat(R, 1), masks,
+                        block_size=b).detach().mean(1).view(R, 2)
     assert ((mc.mean(0) - exact).abs() < 4 * mc.std(0) / math.sqrt(R)).all()
-    uniform = L * elbo_terms(model, prompts, y, sample_elbo_masks(2, L, 64, torch.Generator().manual_seed(0))).mean(1)
+    uniform = L * elbo_terms(model, prompts, y,
+                             sample_elbo_masks(2, L, 64, torch.Generator().manual_seed(0))).mean(1)
     assert (uniform.detach() - exact).abs().max() > 1e-3  # the uniform ELBO is another quantity
 
 
 def naive_elbo_term(model, prompt, response, mask):
-    """(1/m)·Σ_{i masked} log μ_θ(y_i | ·). Block layout: each block scored in its own plain pass with the
-    earlier blocks clean, itself masked by `mask`, later blocks fully masked (invisible anyway)."""
+    """(1/m)·Σ_{i masked} log μ_θ(y_i | ·). Block layout: each block scored in its own plain pass
+    with the earlier blocks clean, itself masked by `mask`, later blocks fully masked (invisible
+    anyway)."""
     cfg, L = model.config, len(response)
     blocks = range(L // cfg.block_size) if cfg.layout == "block" else [None]
     total = torch.zeros((), dtype=torch.float64)
@@ -126,13 +147,17 @@ def test_elbo_terms_match_naive(layout):
     traj = rollout(model, batch=3)
     masks = sample_elbo_masks(3, 8, 4, torch.Generator().manual_seed(0))
     ell = elbo_terms(model, traj.prompts, traj.responses, masks)  # (B, N)
-    naive = torch.stack([torch.stack([naive_elbo_term(model, traj.prompts[i], traj.responses[i], masks[i, j])
-                                      for j in range(4)]) for i in range(3)])
+    naive = torch.stack([
+        torch.stack([naive_elbo_term(model, traj.prompts[i], traj.responses[i], masks[i, j])
+                     for j in range(4)])
+        for i in range(3)])
     torch.testing.assert_close(ell, naive, rtol=0, atol=1e-10)
     assert_grads_close(grads(ell.sum(), model), grads(naive.sum(), model))
-    one = elbo_terms(model, traj.prompts, traj.responses, masks[:, 2:3])  # one MC sample, as BGPO uses it
+    # one MC sample, as BGPO uses it
+    one = elbo_terms(model, traj.prompts, traj.responses, masks[:, 2:3])
     torch.testing.assert_close(one[:, 0], ell[:, 2], rtol=0, atol=1e-12)
-    torch.testing.assert_close(elbo_terms(model, traj.prompts, traj.responses, masks, normalize=False), 8 * ell)
+    torch.testing.assert_close(
+        elbo_terms(model, traj.prompts, traj.responses, masks, normalize=False), 8 * ell)
 
 
 @pytest.mark.parametrize("layout", ["block", "full"])
@@ -144,8 +169,10 @@ def test_one_step_logprob_matches_naive(layout):
     for i in range(3):
         x = torch.cat([traj.prompts[i].masked_fill(pmask[i], M), torch.full((8,), M)])
         lp = naive_logmu(model, x, 0.7)
-        assert abs(got[i].item() - sum(lp[j, traj.responses[i, j]].item() for j in range(8))) < 1e-10
-    freq = sample_prompt_mask(torch.zeros(200, 50), 0.15, torch.Generator().manual_seed(0)).float().mean()
+        assert abs(got[i].item()
+                   - sum(lp[j, traj.responses[i, j]].item() for j in range(8))) < 1e-10
+    freq = sample_prompt_mask(torch.zeros(200, 50), 0.15,
+                              torch.Generator().manual_seed(0)).float().mean()
     assert abs(freq.item() - 0.15) < 0.01
 
 
@@ -153,12 +180,13 @@ def test_one_step_logprob_matches_naive(layout):
 def test_p11_elbo_is_expected_random_order_loglik(layout, block_size):
     """P11 (L = 4): the exact ELBO (all masks enumerated) == mean over all decoding orders of the
     one-token-per-step trajectory log-prob (§4.1) ≤ log p(y) of that random-order sampler; L × the
-    stratified MC mean converges to it. Block layout: orders inside each block, blocks left to right,
-    and the exact ELBO is the sum of per-block ELBOs (BD3-LM)."""
+    stratified MC mean converges to it. Block layout: orders inside each block, blocks left to
+    right, and the exact ELBO is the sum of per-block ELBOs (BD3-LM)."""
     L = 4
     model = tiny_model(layout, response_len=L, block_size=block_size)
     prompts = random_prompts(2)
-    y = generate(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(0)).responses
+    y = generate(model, prompts, temperature=1.0,
+                 generator=torch.Generator().manual_seed(0)).responses
     # exact ELBO by hand: Σ_blocks Σ_{k=1..b} (1/k)·mean_{S ⊆ block, |S|=k} Σ_{i∈S} log μ(y_i | ·)
     exact = torch.zeros(2, dtype=torch.float64)
     for blk in range(L // block_size):
@@ -168,12 +196,14 @@ def test_p11_elbo_is_expected_random_order_loglik(layout, block_size):
             for S in subsets:
                 mask = torch.tensor([j in S for j in range(L)])
                 for i in range(2):
-                    exact[i] += naive_elbo_term(model, prompts[i], y[i], mask).detach() / len(subsets)
+                    exact[i] += (naive_elbo_term(model, prompts[i], y[i], mask).detach()
+                                 / len(subsets))
     # the same through elbo_terms on every mask: Σ_{m=1..L} mean_{|S|=m} ℓ_S
     all_masks = [torch.tensor([j in S for j in range(L)])
                  for m in range(1, L + 1) for S in itertools.combinations(range(L), m)]
     sizes = torch.tensor([int(mk.sum()) for mk in all_masks])
-    ell = elbo_terms(model, prompts, y, torch.stack(all_masks).expand(2, -1, -1)).detach()  # (2, 15)
+    ell = elbo_terms(model, prompts, y,
+                     torch.stack(all_masks).expand(2, -1, -1)).detach()  # (2, 15)
     via_terms = sum(ell[:, sizes == m].mean(1) for m in range(1, L + 1))
     torch.testing.assert_close(via_terms, exact, rtol=0, atol=1e-10)
     # every order σ (blocks left to right): unmask_step = rank of the position in the order
@@ -182,14 +212,18 @@ def test_p11_elbo_is_expected_random_order_loglik(layout, block_size):
     orders = [sum(parts, ()) for parts in itertools.product(*per_block)]
     us = torch.tensor([[order.index(j) for j in range(L)] for order in orders])  # (O, L)
     O = len(orders)
-    traj = Trajectory(tokens=torch.cat([prompts, y], 1).repeat_interleave(O, 0), unmask_step=us.repeat(2, 1),
-                      logp_at_reveal=torch.zeros(2 * O, L, dtype=torch.float64), prompt_len=P, block_size=block_size,
-                      steps_per_block=block_size, temperature=1.0, remasking="random", mask_id=M)
+    traj = Trajectory(tokens=torch.cat([prompts, y], 1).repeat_interleave(O, 0),
+                      unmask_step=us.repeat(2, 1),
+                      logp_at_reveal=torch.zeros(2 * O, L, dtype=torch.float64), prompt_len=P,
+                      block_size=block_size, steps_per_block=block_size, temperature=1.0,
+                      remasking="random", mask_id=M)
     order_ll = trajectory_logprob(model, traj).detach().view(2, O)
     torch.testing.assert_close(order_ll.mean(1), exact, rtol=0, atol=1e-10)
-    log_p = trajectory_logprob(model, traj, position_term=True).detach().view(2, O).logsumexp(1)  # Σ_σ P(σ)·p_σ(y)
+    # Σ_σ P(σ)·p_σ(y)
+    log_p = trajectory_logprob(model, traj, position_term=True).detach().view(2, O).logsumexp(1)
     assert (exact < log_p).all()
     R = 400
     masks = sample_elbo_masks(2 * R, L, 2, torch.Generator().manual_seed(0))
-    mc = L * elbo_terms(model, prompts.repeat(R, 1), y.repeat(R, 1), masks).detach().mean(1).view(R, 2)
+    mc = L * elbo_terms(model, prompts.repeat(R, 1), y.repeat(R, 1),
+                        masks).detach().mean(1).view(R, 2)
     assert ((mc.mean(0) - exact).abs() < 4 * mc.std(0) / math.sqrt(R)).all()

@@ -1,8 +1,10 @@
-"""Trajectory estimators (docs/math.md §4.1, §4.2) against independent naive references: P1–P4, printed gaps.
+"""Trajectory estimators (docs/math.md §4.1, §4.2) against independent naive references: P1–P4,
+printed gaps.
 
 The references below are Python loops over sequences, steps, blocks and positions, written from the
 formulas with plain forward passes on hand-built states; they never call minidtrpo.estimators.
-Run with `pytest -s` to see the measured approximation gaps. The ELBO and one-step estimators: test_elbo.py.
+Run with `pytest -s` to see the measured approximation gaps. The ELBO and one-step estimators:
+test_elbo.py.
 """
 
 import itertools
@@ -11,15 +13,18 @@ import math
 import pytest
 import torch
 
-from conftest import P, M, assert_grads_close, grads, naive_logmu, perturbed, rollout, tiny_model
-from minidtrpo.estimators import (dtrpo_logratio, reduced_recorded_logprob, reduced_trajectory_logprob,
-                                  sample_block_steps, trajectory_logprob)
+from conftest import (P, M, assert_grads_close, grads, naive_logmu, perturbed, rollout,
+                      tiny_model)
+from minidtrpo.estimators import (dtrpo_logratio, reduced_recorded_logprob,
+                                  reduced_trajectory_logprob, sample_block_steps,
+                                  trajectory_logprob)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def naive_state(traj, i, t, shift=0):
-    """Tokens (P+L,) of sequence i in state τ_t: every response token with unmask_step ≥ t + shift masked."""
+    """Tokens (P+L,) of sequence i in state τ_t: every response token with unmask_step ≥ t + shift
+    masked."""
     x = traj.tokens[i].clone()
     for j in range(traj.unmask_step.shape[1]):
         if traj.unmask_step[i, j] >= t + shift:
@@ -54,16 +59,19 @@ def naive_reduced(model, traj, steps):
     return torch.stack(out)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # P1: exact full trajectory
 
 
 @pytest.mark.parametrize("layout", ["block", "full"])
 @pytest.mark.parametrize("steps_per_block,temperature,remasking",
-                         [(2, 1.0, "low_confidence"), (4, 0.7, "random"), (3, 0.0, "low_confidence")])
-def test_p1_full_trajectory_matches_sampler_and_naive(layout, steps_per_block, temperature, remasking):
-    """P1: trajectory_logprob with the sampling model == Σ logp_at_reveal == the naive per-state loop,
-    per step and in gradient; a state shifted by one step (token visible) is far off, so the test can fail."""
+                         [(2, 1.0, "low_confidence"), (4, 0.7, "random"),
+                          (3, 0.0, "low_confidence")])
+def test_p1_full_trajectory_matches_sampler_and_naive(layout, steps_per_block, temperature,
+                                                      remasking):
+    """P1: trajectory_logprob with the sampling model == Σ logp_at_reveal == the naive per-state
+    loop, per step and in gradient; a state shifted by one step (token visible) is far off, so the
+    test can fail."""
     model = tiny_model(layout)
     traj = rollout(model, steps_per_block, temperature, remasking)
     total = trajectory_logprob(model, traj)
@@ -94,7 +102,8 @@ def test_position_term_random_is_log_binomial():
 @pytest.mark.parametrize("layout", ["block", "full"])
 def test_position_term_low_confidence_by_enumeration(layout):
     """The low-confidence transition probability Π μ_i(y_i)·S_t equals brute force: enumerate every
-    candidate tuple at the block's masked positions, keep those whose top-k confident set is I_t with y."""
+    candidate tuple at the block's masked positions, keep those whose top-k confident set is I_t
+    with y."""
     model = tiny_model(layout)
     traj = rollout(model, steps_per_block=2, temperature=0.8, batch=2, seed=3)
     per_step = trajectory_logprob(model, traj, position_term=True, per_step=True)
@@ -102,12 +111,15 @@ def test_position_term_low_confidence_by_enumeration(layout):
     for i in range(2):
         for t in range(traj.num_steps):
             blk = t // traj.steps_per_block
-            cols = [j for j in range(blk * b, (blk + 1) * b) if traj.unmask_step[i, j] >= t]  # masked in block
+            # masked in block
+            cols = [j for j in range(blk * b, (blk + 1) * b) if traj.unmask_step[i, j] >= t]
             reveal = sorted(c for c, j in enumerate(cols) if traj.unmask_step[i, j] == t)
-            lp = naive_logmu(model, naive_state(traj, i, t), traj.logp_temperature)[cols, :V]  # (m, V)
+            # (m, V)
+            lp = naive_logmu(model, naive_state(traj, i, t), traj.logp_temperature)[cols, :V]
             cand = torch.tensor(list(itertools.product(range(V), repeat=len(cols))))  # (V^m, m)
             conf = lp.gather(1, cand.T).T  # (V^m, m) log μ_j(c_j)
-            top = conf.topk(len(reveal), dim=1).indices.sort(1).values  # the sampler's chosen positions
+            # the sampler's chosen positions
+            top = conf.topk(len(reveal), dim=1).indices.sort(1).values
             y = traj.responses[i, cols]
             ok = (top == torch.tensor(reveal)).all(1) & (cand[:, reveal] == y[reveal]).all(1)
             brute = conf[ok].sum(1).logsumexp(0)  # log Σ over accepted tuples of Π_j μ_j(c_j)
@@ -121,33 +133,39 @@ def test_position_term_greedy_raises():
 
 
 def test_p2_random_remasking_position_term_cancels_and_print_low_confidence_gap():
-    """P2: under random remasking the transition log-ratio with log S_t == token-only log-ratio, per step.
-    Under low-confidence remasking S_t depends on θ: print how much it moves the log-ratio."""
+    """P2: under random remasking the transition log-ratio with log S_t == token-only log-ratio, per
+    step. Under low-confidence remasking S_t depends on θ: print how much it moves the
+    log-ratio."""
     ref = tiny_model("block")
     policy = perturbed(ref, 0.02)
     traj = rollout(ref, steps_per_block=4, remasking="random", batch=8)
     ratio = {pt: trajectory_logprob(policy, traj, position_term=pt, per_step=True)
-             - trajectory_logprob(ref, traj, position_term=pt, per_step=True) for pt in (True, False)}
+             - trajectory_logprob(ref, traj, position_term=pt, per_step=True)
+             for pt in (True, False)}
     torch.testing.assert_close(ratio[True], ratio[False], rtol=0, atol=1e-10)
-    assert trajectory_logprob(ref, traj, position_term=True).sum() < trajectory_logprob(ref, traj).sum() - 1
+    assert (trajectory_logprob(ref, traj, position_term=True).sum()
+            < trajectory_logprob(ref, traj).sum() - 1)
     for layout in ("block", "full"):
         ref = tiny_model(layout)
         policy = perturbed(ref, 0.02)
         traj = rollout(ref, steps_per_block=4, batch=16)  # low-confidence
-        full = trajectory_logprob(policy, traj, position_term=True) - trajectory_logprob(ref, traj, position_term=True)
+        full = (trajectory_logprob(policy, traj, position_term=True)
+                - trajectory_logprob(ref, traj, position_term=True))
         tok = trajectory_logprob(policy, traj) - trajectory_logprob(ref, traj)
-        print(f"\n[gap] low-confidence ratio reduction ({layout}, T_B=4, |Δθ|~0.02): mean |log-ratio with S_t − "
-              f"token-only| = {(full - tok).abs().mean():.4f}, mean |token-only log-ratio| = {tok.abs().mean():.4f}")
+        print(f"\n[gap] low-confidence ratio reduction ({layout}, T_B=4, |Δθ|~0.02): "
+              f"mean |log-ratio with S_t − token-only| = {(full - tok).abs().mean():.4f}, "
+              f"mean |token-only log-ratio| = {tok.abs().mean():.4f}")
         assert (full - tok).abs().mean() > 1e-3  # the gap is real: S_t does not cancel
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # P3: dTRPO single pass; P4: unbiasedness and variance
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_p3_block_single_pass_equals_per_block_passes(dtype, tol):
-    """P3: block layout, one [x ; y ; ỹ] pass == one pass per block state == the naive loop (+ gradients)."""
+    """P3: block layout, one [x ; y ; ỹ] pass == one pass per block state == the naive loop (+
+    gradients)."""
     model = tiny_model("block", dtype=dtype)
     traj = rollout(model, steps_per_block=4, batch=6)
     steps = sample_block_steps(traj, torch.Generator().manual_seed(0))
@@ -161,7 +179,8 @@ def test_p3_block_single_pass_equals_per_block_passes(dtype, tol):
 
 
 def test_full_layout_per_block_exact_and_print_single_pass_gap():
-    """Full layout: the per-block passes equal the naive loop; the single pass is an approximation (printed)."""
+    """Full layout: the per-block passes equal the naive loop; the single pass is an approximation
+    (printed)."""
     ref = tiny_model("full")
     policy = perturbed(ref, 0.02)
     traj = rollout(ref, steps_per_block=4, batch=16)
@@ -170,8 +189,8 @@ def test_full_layout_per_block_exact_and_print_single_pass_gap():
     naive = naive_reduced(ref, traj.index(slice(0, 4)), steps[:4])
     torch.testing.assert_close(per_block[:4], naive, rtol=0, atol=1e-10)
     single = reduced_trajectory_logprob(ref, traj, steps)
-    gap_policy = reduced_trajectory_logprob(policy, traj, steps) - reduced_trajectory_logprob(policy, traj, steps,
-                                                                                              single_pass=False)
+    gap_policy = (reduced_trajectory_logprob(policy, traj, steps)
+                  - reduced_trajectory_logprob(policy, traj, steps, single_pass=False))
     d_single = dtrpo_logratio(policy, ref, traj, steps)
     d_exact = dtrpo_logratio(policy, ref, traj, steps, single_pass=False)
     print(f"\n[gap] full-layout single pass: mean |log-lik single − per-block| = "
@@ -191,24 +210,28 @@ def test_reduced_recorded_equals_sampler_reduced(layout, temperature, remasking)
     traj = rollout(model, steps_per_block=4, temperature=temperature, remasking=remasking, batch=6)
     steps = sample_block_steps(traj, torch.Generator().manual_seed(0))
     recorded = reduced_recorded_logprob(traj, steps)
-    torch.testing.assert_close(recorded, reduced_trajectory_logprob(model, traj, steps, single_pass=False),
+    torch.testing.assert_close(recorded,
+                               reduced_trajectory_logprob(model, traj, steps, single_pass=False),
                                rtol=0, atol=1e-10)
     if layout == "block":
-        torch.testing.assert_close(recorded, reduced_trajectory_logprob(model, traj, steps), rtol=0, atol=1e-10)
+        torch.testing.assert_close(recorded, reduced_trajectory_logprob(model, traj, steps),
+                                   rtol=0, atol=1e-10)
     other = (steps + 1) % traj.steps_per_block  # a different step in every block
     assert (reduced_recorded_logprob(traj, other) - recorded).abs().max() > 1e-3
 
 
 def all_step_combos(traj):
     """Every steps tensor (C, N_B) and the trajectory repeated C times, stacked: (C·B) rows."""
-    combos = torch.tensor(list(itertools.product(range(traj.steps_per_block), repeat=traj.num_blocks)))
+    combos = torch.tensor(list(itertools.product(range(traj.steps_per_block),
+                                                 repeat=traj.num_blocks)))
     B = traj.tokens.shape[0]
-    return traj.index(torch.arange(B).repeat(len(combos))), combos.repeat_interleave(B, 0), len(combos)
+    return (traj.index(torch.arange(B).repeat(len(combos))), combos.repeat_interleave(B, 0),
+            len(combos))
 
 
 def test_p4_dtrpo_unbiased_and_variance_grows_with_steps():
-    """P4: with c = T_B, E_s[D̂] == exact trajectory log-ratio: exactly by enumerating all s (value and
-    gradient), and by Monte Carlo within 4 standard errors; Var_s[D̂] grows with T_B."""
+    """P4: with c = T_B, E_s[D̂] == exact trajectory log-ratio: exactly by enumerating all s (value
+    and gradient), and by Monte Carlo within 4 standard errors; Var_s[D̂] grows with T_B."""
     ref = tiny_model("block")
     policy = perturbed(ref, 0.02)
     var = {}
@@ -224,13 +247,15 @@ def test_p4_dtrpo_unbiased_and_variance_grows_with_steps():
             R = 256
             mc_traj = traj.index(torch.arange(4).repeat(R))
             with torch.no_grad():
-                mc = dtrpo_logratio(policy, ref, mc_traj, sample_block_steps(mc_traj, torch.Generator().manual_seed(1)))
+                mc = dtrpo_logratio(policy, ref, mc_traj,
+                                    sample_block_steps(mc_traj, torch.Generator().manual_seed(1)))
             mc = mc.view(R, 4)
             se = mc.std(0) / math.sqrt(R)
             assert ((mc.mean(0) - exact.detach()).abs() < 4 * se).all()
             assert torch.equal(dtrpo_logratio(policy, ref, traj, steps[:4], scale="one") * 4,
                                dtrpo_logratio(policy, ref, traj, steps[:4]))
-    print(f"\n[P4] mean Var_s[D̂] (c = T_B): T_B=1 {var[1]:.3g}, T_B=2 {var[2]:.3g}, T_B=4 {var[4]:.3g}")
+    print(f"\n[P4] mean Var_s[D̂] (c = T_B): T_B=1 {var[1]:.3g}, T_B=2 {var[2]:.3g}, "
+          f"T_B=4 {var[4]:.3g}")
     assert var[1] < 1e-20 and var[4] > var[2] > 0.1
 
 
@@ -244,8 +269,10 @@ def test_dtrpo_reference_gets_no_gradient():
 
 def test_sample_block_steps_range_and_seed():
     traj = rollout(tiny_model("block"), steps_per_block=3)
-    s = sample_block_steps(traj.index(torch.arange(4).repeat(500)), torch.Generator().manual_seed(0))
+    s = sample_block_steps(traj.index(torch.arange(4).repeat(500)),
+                           torch.Generator().manual_seed(0))
     assert s.shape == (2000, 2) and s.dtype == torch.long
-    assert torch.equal(torch.bincount(s.flatten(), minlength=3) > 1200, torch.ones(3, dtype=torch.bool))
+    assert torch.equal(torch.bincount(s.flatten(), minlength=3) > 1200,
+                       torch.ones(3, dtype=torch.bool))
     assert torch.equal(sample_block_steps(traj, torch.Generator().manual_seed(5)),
                        sample_block_steps(traj, torch.Generator().manual_seed(5)))

@@ -18,10 +18,12 @@ def test_shapes_and_mask_token(layout):
 
 
 def test_block_layout_is_causal_across_blocks():
-    """Changing a token in a later block never changes earlier logits (block); it does in the full layout."""
+    """Changing a token in a later block never changes earlier logits (block); it does in the
+    full layout."""
     tokens = torch.randint(0, 11, (2, 14), generator=torch.Generator().manual_seed(1))
     changed = tokens.clone()
-    changed[:, 6 + 5] = (changed[:, 6 + 5] + 1) % 11  # a token of response block 1 (positions 10..13)
+    # a token of response block 1 (positions 10..13)
+    changed[:, 6 + 5] = (changed[:, 6 + 5] + 1) % 11
     block, full = tiny_model("block"), tiny_model("full")
     diff_block = (block(tokens) - block(changed))[..., :11].abs().amax(dim=(0, 2))  # (N,)
     diff_full = (full(tokens) - full(changed))[..., :11].abs().amax(dim=(0, 2))
@@ -67,13 +69,15 @@ def test_bad_config_raises():
 
 
 def test_sft_loss_block_layout_matches_naive():
-    """The block-layout SFT loss, written out independently: each noisy block k is scored in a plain pass
-    over [x ; clean blocks < k ; noisy block k] (the true sampler state), and the loss is the 1/t-weighted
-    masked negative log-likelihood. sft_loss's single pass (last clean block dropped) must agree."""
+    """The block-layout SFT loss, written out independently: each noisy block k is scored in a
+    plain pass over [x ; clean blocks < k ; noisy block k] (the true sampler state), and the loss
+    is the 1/t-weighted masked negative log-likelihood. sft_loss's single pass (last clean block
+    dropped) must agree."""
     from minidtrpo.train import sft_loss
     model = tiny_model("block")
     P, L, b = 6, 8, 4
-    prompts, answers = random_prompts(3), torch.randint(0, 11, (3, L), generator=torch.Generator().manual_seed(7))
+    prompts, answers = (random_prompts(3),
+                        torch.randint(0, 11, (3, L), generator=torch.Generator().manual_seed(7)))
     loss, _ = sft_loss(model, prompts, answers, torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)  # replay sft_loss's draws: t, then the mask
     t = 1e-3 + (1 - 1e-3) * torch.rand(3, 1, generator=g)
@@ -84,8 +88,10 @@ def test_sft_loss_block_layout_matches_naive():
         for k in range(L // b):
             seq = torch.cat([prompts[i], answers[i, :k * b], noisy[i, k * b:(k + 1) * b]])[None]
             n = seq.shape[1]
-            ids = torch.tensor([0] * P + [1 + j // b for j in range((k + 1) * b)])  # block ids: the true state
-            logp = torch.log_softmax(model(seq, torch.arange(n), ids[None, :] <= ids[:, None])[0, -b:], -1)
+            # block ids: the true state
+            ids = torch.tensor([0] * P + [1 + j // b for j in range((k + 1) * b)])
+            logp = torch.log_softmax(
+                model(seq, torch.arange(n), ids[None, :] <= ids[:, None])[0, -b:], -1)
             for j in range(b):
                 if masked[i, k * b + j]:
                     total -= logp[j, answers[i, k * b + j]] / t[i, 0]

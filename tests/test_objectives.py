@@ -1,7 +1,7 @@
 """Objectives (docs/math.md §5) against naive loops over sequences and samples: P5–P8, P10.
 
-Gradients are taken on the tiny float64 model's parameters through the estimators, so each property is
-checked end to end; the references are written straight from the formulas.
+Gradients are taken on the tiny float64 model's parameters through the estimators, so each property
+is checked end to end; the references are written straight from the formulas.
 """
 
 import math
@@ -12,8 +12,9 @@ import torch
 
 from conftest import perturbed, random_prompts, tiny_model
 from minidtrpo.meters import SavedBytes
-from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps,
-                                  sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
+from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob,
+                                  sample_block_steps, sample_elbo_masks, sample_prompt_mask,
+                                  trajectory_logprob)
 from minidtrpo.objectives import (bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
                                   grpo_advantages)
 from minidtrpo.rl import bgpo_accumulate
@@ -24,8 +25,8 @@ ADV = torch.tensor([1.3, -0.7, 0.5, -2.0, 0.0, 1.4], dtype=torch.float64)  # bot
 
 
 def rollout(model, batch=6, steps_per_block=2, seed=0):
-    return generate(model, random_prompts(batch, seed=seed), steps_per_block=steps_per_block, temperature=1.0,
-                    generator=torch.Generator().manual_seed(seed))
+    return generate(model, random_prompts(batch, seed=seed), steps_per_block=steps_per_block,
+                    temperature=1.0, generator=torch.Generator().manual_seed(seed))
 
 
 def grads(value, model):
@@ -37,7 +38,7 @@ def assert_grads_close(g1, g2, rtol=1e-8, atol=1e-12):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # §5.1 advantages, §5.2 clipped policy gradient (P8)
 
 
@@ -47,7 +48,8 @@ def test_grpo_advantages_match_naive():
     for g in range(3):
         r = rewards[4 * g:4 * g + 4].tolist()
         for k in range(4):
-            want = 0.0 if len(set(r)) == 1 else (r[k] - statistics.mean(r)) / (statistics.stdev(r) + 1e-6)
+            want = (0.0 if len(set(r)) == 1
+                    else (r[k] - statistics.mean(r)) / (statistics.stdev(r) + 1e-6))
             assert abs(adv[4 * g + k].item() - want) < 1e-5
     assert torch.equal(adv[4:8], torch.zeros(4)) and abs(stats["zero_adv_frac"] - 1 / 3) < 1e-6
     adv_raw, _ = grpo_advantages(rewards, 4, scale_std=False)
@@ -66,9 +68,11 @@ def naive_clipped(logp, logp_old, adv, eps, aggregation, mask, logp_ref, beta):
 
     def agg(x):
         if aggregation == "token_mean":
-            return sum(x[i][k] * mask[i][k] for i in range(B) for k in range(K)) / sum(map(sum, mask))
+            return (sum(x[i][k] * mask[i][k] for i in range(B) for k in range(K))
+                    / sum(map(sum, mask)))
         if aggregation == "sequence_mean":
-            return sum(sum(x[i][k] * mask[i][k] for k in range(K)) / sum(mask[i]) for i in range(B)) / B
+            return sum(sum(x[i][k] * mask[i][k] for k in range(K)) / sum(mask[i])
+                       for i in range(B)) / B
         return sum(x[i][k] * mask[i][k] for i in range(B) for k in range(K)) / (B * K)
     return agg(per) + beta * agg(kl)
 
@@ -77,25 +81,29 @@ def naive_clipped(logp, logp_old, adv, eps, aggregation, mask, logp_ref, beta):
 def test_clipped_pg_loss_matches_naive(aggregation):
     gen = torch.Generator().manual_seed(0)
     logp_old = torch.randn(5, 7, generator=gen, dtype=torch.float64)
-    logp = logp_old + 0.4 * torch.randn(5, 7, generator=gen, dtype=torch.float64)  # ratios on both sides of the clip
+    # ratios on both sides of the clip
+    logp = logp_old + 0.4 * torch.randn(5, 7, generator=gen, dtype=torch.float64)
     logp_ref = logp_old + 0.1 * torch.randn(5, 7, generator=gen, dtype=torch.float64)
     mask = torch.rand(5, 7, generator=gen) < 0.7
     mask[:, 0] = True
     adv = ADV[:5]
     loss, stats = clipped_pg_loss(logp, logp_old, adv, 0.2, aggregation=aggregation, mask=mask,
                                   logp_ref=logp_ref, beta=0.05)
-    want = naive_clipped(logp.tolist(), logp_old.tolist(), adv.tolist(), 0.2, aggregation, mask.int().tolist(),
-                         logp_ref.tolist(), 0.05)
+    want = naive_clipped(logp.tolist(), logp_old.tolist(), adv.tolist(), 0.2, aggregation,
+                         mask.int().tolist(), logp_ref.tolist(), 0.05)
     assert abs(loss.item() - want) < 1e-12
     assert 0 < stats["clip_frac"] < 1 and stats["kl"] > 0
-    seq, _ = clipped_pg_loss(logp[:, 0], logp_old[:, 0], adv, 0.2, aggregation=aggregation)  # (B,) inputs
-    assert abs(seq.item() - naive_clipped(logp[:, :1].tolist(), logp_old[:, :1].tolist(), adv.tolist(), 0.2,
-                                          "token_mean", [[1]] * 5, logp[:, :1].tolist(), 0.0)) < 1e-12
+    # (B,) inputs
+    seq, _ = clipped_pg_loss(logp[:, 0], logp_old[:, 0], adv, 0.2, aggregation=aggregation)
+    assert abs(seq.item() - naive_clipped(logp[:, :1].tolist(), logp_old[:, :1].tolist(),
+                                          adv.tolist(), 0.2, "token_mean", [[1]] * 5,
+                                          logp[:, :1].tolist(), 0.0)) < 1e-12
 
 
 def test_clip_zeroes_gradient_on_the_clipped_side():
     logp_old = torch.zeros(4, dtype=torch.float64)
-    logp = torch.tensor([0.5, 0.5, -0.5, -0.5], dtype=torch.float64, requires_grad=True)  # ρ = e^{±0.5}
+    # ρ = e^{±0.5}
+    logp = torch.tensor([0.5, 0.5, -0.5, -0.5], dtype=torch.float64, requires_grad=True)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
     loss, stats = clipped_pg_loss(logp, logp_old, adv, 0.2)
     (g,) = torch.autograd.grad(loss, logp)
@@ -104,8 +112,8 @@ def test_clip_zeroes_gradient_on_the_clipped_side():
 
 
 def test_p8_clipped_loss_on_policy_gradient_is_reinforce():
-    """P8: at θ = θ_old, ∇ clipped loss == −mean(A·∇log π̂) (sequence level) and == −Σ m·A·∇log π̂_k / Σ m
-    (step level, token_mean aggregation, TraceRL's per-step log-probs)."""
+    """P8: at θ = θ_old, ∇ clipped loss == −mean(A·∇log π̂) (sequence level) and == −Σ m·A·∇log π̂_k
+    / Σ m (step level, token_mean aggregation, TraceRL's per-step log-probs)."""
     model = tiny_model("block")
     traj = rollout(model)
     logp = trajectory_logprob(model, traj)  # (B,)
@@ -116,25 +124,29 @@ def test_p8_clipped_loss_on_policy_gradient_is_reinforce():
     mask = torch.ones_like(steps, dtype=torch.bool)
     mask[0, -1] = False
     loss, _ = clipped_pg_loss(steps, steps.detach(), ADV, aggregation="token_mean", mask=mask)
-    assert_grads_close(grads(loss, model), grads(-(ADV[:, None] * steps * mask).sum() / mask.sum(), model))
-    pmask = sample_prompt_mask(traj.prompts, 0.15, torch.Generator().manual_seed(0))  # d1's estimator
+    assert_grads_close(grads(loss, model),
+                       grads(-(ADV[:, None] * steps * mask).sum() / mask.sum(), model))
+    # d1's estimator
+    pmask = sample_prompt_mask(traj.prompts, 0.15, torch.Generator().manual_seed(0))
     d1 = one_step_logprob(model, traj.prompts, traj.responses, pmask)
-    loss, _ = clipped_pg_loss(d1, d1.detach(), ADV, logp_ref=d1.detach(), beta=0.1)  # KL_k3 = 0 with zero gradient
+    # KL_k3 = 0 with zero gradient
+    loss, _ = clipped_pg_loss(d1, d1.detach(), ADV, logp_ref=d1.detach(), beta=0.1)
     assert_grads_close(grads(loss, model), grads(-(ADV * d1).mean(), model))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # §5.3 DPO form (P10)
 
 
 def test_p10_dpo_at_reference():
-    """P10: at θ = ref the loss is log 2, its gradient is −(β/2)·mean(∇D_w − ∇D_l), and one gradient step
-    raises the chosen log-ratio (and the margin)."""
+    """P10: at θ = ref the loss is log 2, its gradient is −(β/2)·mean(∇D_w − ∇D_l), and one gradient
+    step raises the chosen log-ratio (and the margin)."""
     ref = tiny_model("block")
     policy = perturbed(ref, 0.0)  # an exact copy
     traj = rollout(ref, batch=8, steps_per_block=4)
     chosen, rejected = traj.index(slice(0, 4)), traj.index(slice(4, 8))
-    s_w, s_l = sample_block_steps(chosen, torch.Generator().manual_seed(0)), sample_block_steps(rejected)
+    s_w, s_l = (sample_block_steps(chosen, torch.Generator().manual_seed(0)),
+                sample_block_steps(rejected))
     beta = 0.5
     d_w, d_l = dtrpo_logratio(policy, ref, chosen, s_w), dtrpo_logratio(policy, ref, rejected, s_l)
     loss, stats = dpo_loss(d_w, d_l, beta)
@@ -144,12 +156,13 @@ def test_p10_dpo_at_reference():
     with torch.no_grad():
         for p in policy.parameters():
             p -= 0.01 * p.grad
-        d_w2, d_l2 = dtrpo_logratio(policy, ref, chosen, s_w), dtrpo_logratio(policy, ref, rejected, s_l)
+        d_w2, d_l2 = (dtrpo_logratio(policy, ref, chosen, s_w),
+                      dtrpo_logratio(policy, ref, rejected, s_l))
     assert d_w2.mean() > 0 and (d_w2 - d_l2).mean() > 0
     assert dpo_loss(d_w2, d_l2, beta)[0] < math.log(2)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # §5.4 BGPO (P5, P6, P7)
 
 
@@ -175,14 +188,16 @@ def test_bgpo_terms_match_naive():
             g = a * (1 + d) / n if a >= 0 else a * math.exp(d) / n
             assert abs(terms[i, j].item() + g / B) < 1e-14
     loss, _ = elbo_ratio_loss(ell, ell_old, ADV)
-    want = -sum(ADV[i].item() * math.exp((ell[i] - ell_old[i]).mean().item()) for i in range(B)) / B
+    want = -sum(ADV[i].item() * math.exp((ell[i] - ell_old[i]).mean().item())
+                for i in range(B)) / B
     assert abs(loss.item() - want) < 1e-12
 
 
 @pytest.mark.parametrize("clip_eps", [None, 0.2])
 def test_p5_bgpo_on_policy_equals_exp_of_mean(clip_eps):
-    """P5: on-policy (every d_j = 0) the BGPO bound and the exp-of-mean objective agree in value and in
-    gradient, for A > 0, A < 0 and A = 0; per-sample accumulation gives the same .grad; the clip is inert."""
+    """P5: on-policy (every d_j = 0) the BGPO bound and the exp-of-mean objective agree in value and
+    in gradient, for A > 0, A < 0 and A = 0; per-sample accumulation gives the same .grad; the clip
+    is inert."""
     model, traj, masks, ell_old = elbo_setup(4)
     ell = elbo_terms(model, traj.prompts, traj.responses, masks)
     terms, _ = bgpo_loss_terms(ell, ell_old, ADV, clip_eps=clip_eps)
@@ -190,27 +205,31 @@ def test_p5_bgpo_on_policy_equals_exp_of_mean(clip_eps):
     torch.testing.assert_close(terms.sum(), base, rtol=1e-8, atol=0)
     g_base = grads(base, model)
     assert_grads_close(grads(terms.sum(), model), g_base)
-    total, _ = bgpo_accumulate(lambda j: elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0],
-                               ell_old, ADV, clip_eps=clip_eps)
+    total, _ = bgpo_accumulate(
+        lambda j: elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0],
+        ell_old, ADV, clip_eps=clip_eps)
     torch.testing.assert_close(total, base.detach(), rtol=1e-8, atol=0)
     assert_grads_close([p.grad for p in model.parameters()], g_base)
-    model.zero_grad()  # on-policy the old values may come from the graph pass, detached (docs/math.md §5.4)
-    total, stats = bgpo_accumulate(lambda j: elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0],
-                                   None, ADV, n_mc=4, clip_eps=clip_eps)
+    # on-policy the old values may come from the graph pass, detached (docs/math.md §5.4)
+    model.zero_grad()
+    total, stats = bgpo_accumulate(
+        lambda j: elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0],
+        None, ADV, n_mc=4, clip_eps=clip_eps)
     torch.testing.assert_close(total, base.detach(), rtol=1e-8, atol=0)
     assert_grads_close([p.grad for p in model.parameters()], g_base)
     assert stats["logratio_mean"] == 0
 
 
 def test_p6_bgpo_accumulated_gradient_and_lower_bound_off_policy():
-    """P6: off-policy, the per-sample accumulated gradient == the gradient of the summed bound, and the
-    bound R̂_lb = Σ_j g_j ≤ R̂ = A·exp(mean_j d_j) for every sequence (both signs of A)."""
+    """P6: off-policy, the per-sample accumulated gradient == the gradient of the summed bound, and
+    the bound R̂_lb = Σ_j g_j ≤ R̂ = A·exp(mean_j d_j) for every sequence (both signs of A)."""
     model, traj, masks, ell_old = elbo_setup(4, old_scale=0.03)
     ell = elbo_terms(model, traj.prompts, traj.responses, masks)
     terms, _ = bgpo_loss_terms(ell, ell_old, ADV)
     g_sum = grads(terms.sum(), model)
-    total, _ = bgpo_accumulate(lambda j: elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0],
-                               ell_old, ADV)
+    total, _ = bgpo_accumulate(
+        lambda j: elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0],
+        ell_old, ADV)
     torch.testing.assert_close(total, terms.sum().detach(), rtol=1e-12, atol=0)
     assert_grads_close([p.grad for p in model.parameters()], g_sum, rtol=1e-10)
     B = ell.shape[0]
@@ -221,22 +240,26 @@ def test_p6_bgpo_accumulated_gradient_and_lower_bound_off_policy():
 
 
 def test_p7_bgpo_peak_memory_does_not_grow_with_n():
-    """P7: peak bytes saved for backward: flat in n for BGPO (one sample's graph at a time), growing with n
-    for the exp-of-mean baseline (all graphs at once)."""
+    """P7: peak bytes saved for backward: flat in n for BGPO (one sample's graph at a time), growing
+    with n for the exp-of-mean baseline (all graphs at once)."""
     peaks = {"bgpo": {}, "exp_mean": {}}
     for n in (1, 4, 16):
         model, traj, masks, ell_old = elbo_setup(n, batch=4)
         for name in peaks:
             with SavedBytes() as meter:
                 if name == "bgpo":
-                    bgpo_accumulate(lambda j: elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0],
+                    bgpo_accumulate(lambda j: elbo_terms(model, traj.prompts, traj.responses,
+                                                         masks[:, j:j + 1])[:, 0],
                                     ell_old, ADV[:4])
                 else:
-                    ell = elbo_terms(model, traj.prompts, traj.responses, masks)  # all n graphs at once
+                    # all n graphs at once
+                    ell = elbo_terms(model, traj.prompts, traj.responses, masks)
                     elbo_ratio_loss(ell, ell_old, ADV[:4])[0].backward()
             peaks[name][n] = meter.peak
             model.zero_grad()
     print(f"\n[P7] peak saved-activation bytes, n = 1/4/16: BGPO {list(peaks['bgpo'].values())}, "
           f"exp-of-mean {list(peaks['exp_mean'].values())}")
-    assert peaks["bgpo"][16] <= 1.05 * peaks["bgpo"][1] and peaks["bgpo"][4] <= 1.05 * peaks["bgpo"][1]
-    assert peaks["exp_mean"][16] > 8 * peaks["exp_mean"][1] and peaks["exp_mean"][4] > 2 * peaks["exp_mean"][1]
+    assert (peaks["bgpo"][16] <= 1.05 * peaks["bgpo"][1]
+            and peaks["bgpo"][4] <= 1.05 * peaks["bgpo"][1])
+    assert (peaks["exp_mean"][16] > 8 * peaks["exp_mean"][1]
+            and peaks["exp_mean"][4] > 2 * peaks["exp_mean"][1])

@@ -1,9 +1,10 @@
 """RL, preference and head-to-head runs (rl.py, preference.py, compare.py).
 
-Smoke runs of every objective and estimator through the command line on a tiny checkpoint; exact resume
-(an interrupted run, resumed, writes the same metrics as an uninterrupted one); bad options exit with 2;
-the measured activation memory of BGPO is flat in n_mc while the exp-of-mean baseline's grows; and the
-flat-memory exact-trajectory DPO gradient equals plain autograd's (float64).
+Smoke runs of every objective and estimator through the command line on a tiny checkpoint; exact
+resume (an interrupted run, resumed, writes the same metrics as an uninterrupted one); bad options
+exit with 2; the measured activation memory of BGPO is flat in n_mc while the exp-of-mean
+baseline's grows; and the flat-memory exact-trajectory DPO gradient equals plain autograd's
+(float64).
 """
 
 import json
@@ -27,7 +28,8 @@ from minidtrpo.train import SFTConfig, load, train_sft
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TIMING = {"train_seconds", "rollout_s", "update_s", "rss_mb", "cuda_peak_mb"}  # differ between runs
-TINY_RL = ["--num_prompts=4", "--num_generations=4", "--n_mc=2", "--eval_n=8", "--device=cpu", "--kl_rollouts=4"]
+TINY_RL = ["--num_prompts=4", "--num_generations=4", "--n_mc=2", "--eval_n=8", "--device=cpu",
+           "--kl_rollouts=4"]
 TINY_DPO = ["--batch_size=4", "--n_mc=2", "--eval_n=8", "--device=cpu"]
 
 
@@ -39,14 +41,16 @@ def made(tmp_path_factory, single_thread):
     def make(what, layout):
         if (what, layout) not in cache:
             out = tmp_path_factory.mktemp(f"{what}_{layout}")
-            if what == "ckpt":  # a barely trained sudoku model: its rollouts disagree, so groups carry signal
-                train_sft(SFTConfig(task="sudoku", layout=layout, d_model=32, n_layers=2, max_steps=3,
-                                      batch_size=16, eval_n=8, device="cpu", out_dir=str(out)))
+            # a barely trained sudoku model: its rollouts disagree, so groups carry signal
+            if what == "ckpt":
+                train_sft(SFTConfig(task="sudoku", layout=layout, d_model=32, n_layers=2,
+                                    max_steps=3, batch_size=16, eval_n=8, device="cpu",
+                                    out_dir=str(out)))
                 cache[what, layout] = str(out / "checkpoint.pt")
             else:
                 cache[what, layout] = str(out / "pairs.pt")
-                main(["pairs", f"--init={make('ckpt', layout)}", "--num_prompts=16", "--num_generations=4",
-                      "--device=cpu", f"--out={cache[what, layout]}"])
+                main(["pairs", f"--init={make('ckpt', layout)}", "--num_prompts=16",
+                      "--num_generations=4", "--device=cpu", f"--out={cache[what, layout]}"])
         return cache[what, layout]
 
     return make
@@ -79,7 +83,8 @@ def full_pairs(made):
 
 @pytest.fixture(autouse=True)
 def no_plots(request, monkeypatch):
-    """matplotlib costs ~0.5 s a figure on a busy 2-core machine: only the smoke test of `rl` draws one."""
+    """matplotlib costs ~0.5 s a figure on a busy 2-core machine: only the smoke test of `rl` draws
+    one."""
     if request.node.originalname != "test_rl_runs_every_objective":
         monkeypatch.setattr(train_module, "plot_run", lambda *args: None)
 
@@ -97,10 +102,11 @@ def test_rl_runs_every_objective(ckpt, objective, tmp_path):
     main(["rl", f"--init={ckpt}", f"--objective={objective}", "--max_iters=2", "--eval_every=1",
           f"--out_dir={tmp_path}", *TINY_RL])
     lines = rows(tmp_path)
-    evals, iters = [r for r in lines if "test_exact" in r], [r for r in lines if "test_exact" not in r]
+    evals, iters = ([r for r in lines if "test_exact" in r],
+                    [r for r in lines if "test_exact" not in r])
     assert [r["iter"] for r in evals] == [0, 1, 2] and [r["iter"] for r in iters] == [1, 2]
-    for key in ("reward_mean", "reward_std", "exact", "zero_adv_frac", "nll_revealed", "kl_ref", "rollout_s",
-                "update_s", "passes_per_response", "peak_saved_mb"):
+    for key in ("reward_mean", "reward_std", "exact", "zero_adv_frac", "nll_revealed", "kl_ref",
+                "rollout_s", "update_s", "passes_per_response", "peak_saved_mb"):
         assert all(key in r for r in iters), key
     assert any(r["update_s"] > 0 for r in iters)  # at least one update ran (groups with signal)
     for name in ("config.json", "checkpoint.pt", "curves.png"):
@@ -112,9 +118,9 @@ def test_rl_runs_every_objective(ckpt, objective, tmp_path):
 
 @pytest.mark.parametrize("objective", ["full_trajectory", "diffu_grpo"])
 def test_rl_kl_off_policy_and_step_ratio(full_ckpt, objective, tmp_path):
-    main(["rl", f"--init={full_ckpt}", f"--objective={objective}", "--ratio_level=step", "--beta=0.1",
-          "--num_iterations=2", "--remasking=random", "--steps_per_block=2", "--max_iters=1",
-          f"--out_dir={tmp_path}", *TINY_RL])
+    main(["rl", f"--init={full_ckpt}", f"--objective={objective}", "--ratio_level=step",
+          "--beta=0.1", "--num_iterations=2", "--remasking=random", "--steps_per_block=2",
+          "--max_iters=1", f"--out_dir={tmp_path}", *TINY_RL])
     it = [r for r in rows(tmp_path) if "test_exact" not in r][0]
     assert "kl" in it and "clip_frac" in it
 
@@ -130,11 +136,12 @@ def test_rl_bad_options_exit_2(argv):
 @pytest.mark.parametrize("estimator", ["dtrpo", "full_trajectory", "vrpo"])
 def test_pairs_and_dpo_every_estimator(ckpt, pairs, estimator, tmp_path):
     data = torch.load(pairs, weights_only=True)  # plain tensors, numbers and strings
-    assert (data["rewards"][:, 0] > data["rewards"][:, 1]).all()  # chosen strictly better than rejected
+    # chosen strictly better than rejected
+    assert (data["rewards"][:, 0] > data["rewards"][:, 1]).all()
     chosen = Trajectory(**data["chosen"])
     assert len(chosen.tokens) == data["summary"]["pairs"] > 0
-    main(["dpo", f"--init={ckpt}", f"--pairs={pairs}", f"--estimator={estimator}", "--max_iters=2",
-          "--eval_every=1", f"--out_dir={tmp_path}", *TINY_DPO])
+    main(["dpo", f"--init={ckpt}", f"--pairs={pairs}", f"--estimator={estimator}",
+          "--max_iters=2", "--eval_every=1", f"--out_dir={tmp_path}", *TINY_DPO])
     iters = [r for r in rows(tmp_path) if "test_exact" not in r]
     assert len(iters) == 2 and all(r["update_s"] > 0 and "reward_accuracy" in r for r in iters)
     # at θ = ref the loss is log 2 (P10); exact DPO reads the reference from the recorded trajectory
@@ -142,10 +149,11 @@ def test_pairs_and_dpo_every_estimator(ckpt, pairs, estimator, tmp_path):
 
 
 def test_dpo_forced_single_pass_in_full_layout_starts_at_log_2(full_ckpt, full_pairs, tmp_path):
-    """Full layout, --single_pass=true: policy and reference are scored by the same approximate pass, so
-    D = 0 at θ = ref and the first loss is log 2 (P10), not biased by the record's true states."""
-    main(["dpo", f"--init={full_ckpt}", f"--pairs={full_pairs}", "--single_pass=true", "--max_iters=1",
-          "--eval_every=0", f"--out_dir={tmp_path}", *TINY_DPO])
+    """Full layout, --single_pass=true: policy and reference are scored by the same approximate
+    pass, so D = 0 at θ = ref and the first loss is log 2 (P10), not biased by the record's true
+    states."""
+    main(["dpo", f"--init={full_ckpt}", f"--pairs={full_pairs}", "--single_pass=true",
+          "--max_iters=1", "--eval_every=0", f"--out_dir={tmp_path}", *TINY_DPO])
     first = [r for r in rows(tmp_path) if "test_exact" not in r][0]
     assert abs(first["loss"] - 0.6931471805599453) < 1e-5
 
@@ -156,7 +164,8 @@ def test_dpo_rejects_pairs_of_another_model(full_ckpt, full_pairs, tmp_path):
     state["model"] = {k: v + 0.01 for k, v in state["model"].items()}
     torch.save(state, other)
     with pytest.raises(SystemExit) as e:
-        main(["dpo", f"--init={other}", f"--pairs={full_pairs}", f"--out_dir={tmp_path}", *TINY_DPO])
+        main(["dpo", f"--init={other}", f"--pairs={full_pairs}", f"--out_dir={tmp_path}",
+              *TINY_DPO])
     assert e.value.code == 2
 
 
@@ -177,7 +186,8 @@ def test_rl_resume_is_exact_even_after_ctrl_c(full_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(rl_module, "rollout", interrupting)
     with pytest.raises(SystemExit) as e:
         main([*argv, "--max_iters=4", f"--out_dir={tmp_path / 'c'}"])
-    assert e.value.code == 130 and torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["iter"] == 2
+    assert (e.value.code == 130
+            and torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["iter"] == 2)
     monkeypatch.setattr(rl_module, "rollout", real)
     main([*argv, "--max_iters=4", f"--out_dir={tmp_path / 'c'}", "--resume"])
     a = untimed(rows(tmp_path / "a"))
@@ -185,7 +195,8 @@ def test_rl_resume_is_exact_even_after_ctrl_c(full_ckpt, tmp_path, monkeypatch):
 
 
 def test_dpo_resume_is_exact(full_ckpt, full_pairs, tmp_path):
-    argv = ["dpo", f"--init={full_ckpt}", f"--pairs={full_pairs}", "--estimator=dtrpo", "--eval_every=2", *TINY_DPO]
+    argv = ["dpo", f"--init={full_ckpt}", f"--pairs={full_pairs}", "--estimator=dtrpo",
+            "--eval_every=2", *TINY_DPO]
     main([*argv, "--max_iters=5", f"--out_dir={tmp_path / 'a'}"])  # crosses an epoch boundary
     main([*argv, "--max_iters=2", f"--out_dir={tmp_path / 'b'}"])
     main([*argv, "--max_iters=5", f"--out_dir={tmp_path / 'b'}", "--resume"])
@@ -193,30 +204,35 @@ def test_dpo_resume_is_exact(full_ckpt, full_pairs, tmp_path):
 
 
 def test_bgpo_memory_flat_in_n_mc_vrpo_grows(full_ckpt, tmp_path):
-    """Issue 4: bgpo at n_mc=16 within 1.2x of n_mc=1 (activation bytes of the update); vrpo_ol grows."""
+    """Issue 4: bgpo at n_mc=16 within 1.2x of n_mc=1 (activation bytes of the update); vrpo_ol
+    grows."""
     peak = {}
     for objective in ("bgpo", "vrpo_ol"):
         for n in (1, 16):
             out = tmp_path / f"{objective}{n}"
-            main(["rl", f"--init={full_ckpt}", f"--objective={objective}", "--max_iters=1", "--eval_every=0",
-                  f"--out_dir={out}", *TINY_RL, f"--n_mc={n}"])
+            main(["rl", f"--init={full_ckpt}", f"--objective={objective}", "--max_iters=1",
+                  "--eval_every=0", f"--out_dir={out}", *TINY_RL, f"--n_mc={n}"])
             peak[objective, n] = [r for r in rows(out) if "peak_saved_mb" in r][0]["peak_saved_mb"]
     assert peak["bgpo", 16] <= 1.2 * peak["bgpo", 1]
     assert peak["vrpo_ol", 16] > 8 * peak["vrpo_ol", 1]
 
 
 def test_compare_in_process(full_ckpt, tmp_path):
-    main(["compare", f"--init={full_ckpt}", "--budget=0.3", "--objectives=diffu_grpo,dpo_dtrpo", "--seeds=0,1",
-          "--eval_n=8", "--eval_every_s=0.1", "--rl_args=num_prompts=4,num_generations=4,kl_rollouts=0",
-          "--pairs_args=num_prompts=16,num_generations=4", "--dpo_args=batch_size=4", "--lr_overrides=diffu_grpo=1e-5",
-          "--subprocess=false", "--device=cpu", f"--out_dir={tmp_path}"])
+    main(["compare", f"--init={full_ckpt}", "--budget=0.3", "--objectives=diffu_grpo,dpo_dtrpo",
+          "--seeds=0,1", "--eval_n=8", "--eval_every_s=0.1",
+          "--rl_args=num_prompts=4,num_generations=4,kl_rollouts=0",
+          "--pairs_args=num_prompts=16,num_generations=4", "--dpo_args=batch_size=4",
+          "--lr_overrides=diffu_grpo=1e-5", "--subprocess=false", "--device=cpu",
+          f"--out_dir={tmp_path}"])
     text = open(tmp_path / "compare.md").read()
-    assert "| diffu_grpo |" in text and "| dpo_dtrpo |" in text and os.path.exists(tmp_path / "compare.png")
+    assert ("| diffu_grpo |" in text and "| dpo_dtrpo |" in text
+            and os.path.exists(tmp_path / "compare.png"))
     assert json.load(open(tmp_path / "diffu_grpo" / "seed1" / "config.json"))["lr"] == 1e-5
     with pytest.raises(SystemExit) as e:
         main(["compare", f"--init={full_ckpt}", "--objectives=grpo", f"--out_dir={tmp_path}"])
     assert e.value.code == 2
-    # a finished run is reused; an option added after it was saved counts as its default; another value is new
+    # a finished run is reused; an option added after it was saved counts as its default; another
+    # value is new
     folder = tmp_path / "diffu_grpo" / "seed0"
     state = torch.load(folder / "checkpoint.pt", weights_only=True)
     cfg = RLConfig(**state["config"])
@@ -229,14 +245,16 @@ def test_compare_in_process(full_ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_compare_subprocess_trains_its_own_start(tmp_path):
-    main(["compare", "--sft_budget=2", "--sft_args=d_model=32,n_layers=2,batch_size=16", "--budget=1",
-          "--objectives=bgpo,dpo_full_trajectory", "--seeds=0", "--eval_n=8", "--eval_every_s=0.5",
-          "--rl_args=num_prompts=4,num_generations=4,n_mc=2", "--pairs_args=num_prompts=16,num_generations=4",
-          "--dpo_args=batch_size=4", "--device=cpu", f"--out_dir={tmp_path}"])
-    assert os.path.exists(tmp_path / "sft" / "checkpoint.pt") and os.path.exists(tmp_path / "compare.png")
+    main(["compare", "--sft_budget=2", "--sft_args=d_model=32,n_layers=2,batch_size=16",
+          "--budget=1", "--objectives=bgpo,dpo_full_trajectory", "--seeds=0", "--eval_n=8",
+          "--eval_every_s=0.5", "--rl_args=num_prompts=4,num_generations=4,n_mc=2",
+          "--pairs_args=num_prompts=16,num_generations=4", "--dpo_args=batch_size=4",
+          "--device=cpu", f"--out_dir={tmp_path}"])
+    assert (os.path.exists(tmp_path / "sft" / "checkpoint.pt")
+            and os.path.exists(tmp_path / "compare.png"))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The flat-memory exact-trajectory DPO gradient (docs/math.md §5.3) against plain autograd
 
 
@@ -244,16 +262,20 @@ def test_flat_memory_exact_dpo_equals_autograd(layout):
     ref = tiny_model(layout)
     policy = perturbed(ref, scale=0.05)
     gen = torch.Generator().manual_seed(0)
-    both = generate(ref, random_prompts(8, seed=3), steps_per_block=2, temperature=1.0, generator=gen)  # 4 pairs
-    # the identity the flat backward uses: log π(τ) = Σ_s (reduced log-prob with every block at step s)
+    both = generate(ref, random_prompts(8, seed=3), steps_per_block=2, temperature=1.0,
+                    generator=gen)  # 4 pairs
+    # the identity the flat backward uses: log π(τ) = Σ_s (reduced log-prob with every block at
+    # step s)
     n_blocks = both.num_blocks
     by_step = sum(reduced_trajectory_logprob(policy, both, torch.full((8, n_blocks), s),
-                                             single_pass=layout == "block") for s in range(both.steps_per_block))
+                                             single_pass=layout == "block")
+                  for s in range(both.steps_per_block))
     torch.testing.assert_close(by_step, trajectory_logprob(policy, both), rtol=1e-10, atol=1e-10)
     grads = {}
     for flat in (True, False):
         policy.zero_grad()
-        stats = dpo_full_trajectory(SimpleNamespace(beta=0.7, flat_memory=flat), policy, ref, both, None)
+        stats = dpo_full_trajectory(SimpleNamespace(beta=0.7, flat_memory=flat), policy, ref, both,
+                                    None)
         grads[flat] = [p.grad.clone() for p in policy.parameters()]
     # the reference: DPO on the exact log-ratio with the reference scored by the estimator itself
     policy.zero_grad()

@@ -23,8 +23,10 @@ def test_kv_cache_matches_recomputation(seed, remasking, temperature):
     """P9: the cached sampler decodes the same tokens, steps and log-probs as the uncached one."""
     model = tiny_model("block", seed=seed)
     prompts = random_prompts(16, seed=seed)
-    runs = [generate(model, prompts, steps_per_block=3, temperature=temperature, remasking=remasking,
-                     generator=torch.Generator().manual_seed(seed), kv_cache=cache) for cache in (True, False)]
+    runs = [generate(model, prompts, steps_per_block=3, temperature=temperature,
+                     remasking=remasking, generator=torch.Generator().manual_seed(seed),
+                     kv_cache=cache)
+            for cache in (True, False)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     assert torch.equal(runs[0].unmask_step, runs[1].unmask_step)
     torch.testing.assert_close(runs[0].logp_at_reveal, runs[1].logp_at_reveal, rtol=0, atol=1e-10)
@@ -38,8 +40,8 @@ def test_schedule_blocks_and_recorded_logps(layout, steps_per_block):
     model = tiny_model(layout)
     prompts = random_prompts(8)
     tau = 0.7
-    traj = generate(model, prompts, steps_per_block=steps_per_block, temperature=tau, remasking="low_confidence",
-                    generator=torch.Generator().manual_seed(3))
+    traj = generate(model, prompts, steps_per_block=steps_per_block, temperature=tau,
+                    remasking="low_confidence", generator=torch.Generator().manual_seed(3))
     b, P = 4, 6
     schedule = reveal_schedule(b, steps_per_block)
     assert (traj.unmask_step >= 0).all() and (traj.tokens != 11).all()
@@ -54,12 +56,14 @@ def test_schedule_blocks_and_recorded_logps(layout, steps_per_block):
         state[:, P:][traj.unmask_step >= t] = 11
         logp = F.log_softmax(model(state)[:, P:] / tau, dim=-1)  # (B, L, V)
         expected = logp.gather(-1, traj.responses[..., None]).squeeze(-1)
-        torch.testing.assert_close(traj.logp_at_reveal[revealed], expected[revealed], rtol=0, atol=1e-10)
+        torch.testing.assert_close(traj.logp_at_reveal[revealed], expected[revealed], rtol=0,
+                                   atol=1e-10)
         assert torch.equal(traj.state(t), state)
 
 
 def test_greedy_low_confidence_reveals_most_confident():
-    """τ = 0: every revealed token is the argmax, and the first one revealed is the most confident."""
+    """τ = 0: every revealed token is the argmax, and the first one revealed is the most
+    confident."""
     model = tiny_model("full")
     prompts = random_prompts(4)
     traj = generate(model, prompts, steps_per_block=4, temperature=0.0)
@@ -74,7 +78,8 @@ def test_greedy_low_confidence_reveals_most_confident():
 def test_random_remasking_is_seeded():
     model = tiny_model("block")
     prompts = random_prompts(8)
-    a, b, c = (generate(model, prompts, temperature=1.0, remasking="random", generator=torch.Generator().manual_seed(s))
+    a, b, c = (generate(model, prompts, temperature=1.0, remasking="random",
+                        generator=torch.Generator().manual_seed(s))
                for s in (5, 5, 6))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.unmask_step, b.unmask_step)
     assert not torch.equal(a.unmask_step, c.unmask_step)

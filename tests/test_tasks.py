@@ -1,9 +1,9 @@
 """Tests for the minidtrpo/tasks/ package: formats, reference answers, rewards that never raise,
 disjoint splits, the registry and the module layout.
 
-Where possible a property is checked against an independent reference: sudoku grids against a brute-force
-enumeration, countdown steps with plain integer arithmetic, star answers against the edge list, the
-token-level reward against the string scorer on the decoded texts.
+Where possible a property is checked against an independent reference: sudoku grids against a
+brute-force enumeration, countdown steps with plain integer arithmetic, star answers against the
+edge list, the token-level reward against the string scorer on the decoded texts.
 """
 import ast
 import importlib
@@ -33,10 +33,10 @@ CONFIGS = [
 IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in CONFIGS]
 
 # Near-valid garbage: parser edge cases (division by zero, nesting, huge numbers, wrong operators).
-GARBAGE = ["1/0", "((", "))", "()", "99999*99999", "9" * 40, "1+", "+1", "-1", "1--1", "1**2", "1//2",
-           "(1)(2)", "1=1", "=", ",", ",,", "1+1=2,", "1+1=2,2+2=4,4+4=8", "0x10", "1e3", "007+1",
-           "1/(2-2)", "((((((((((1))))))))))", "1+1=2=2", "a+b", "30,100,93:23", "|", ":", "0/0=0",
-           "abcd", "aaaa", "1234567890123456", "0000000000000000"]
+GARBAGE = ["1/0", "((", "))", "()", "99999*99999", "9" * 40, "1+", "+1", "-1", "1--1", "1**2",
+           "1//2", "(1)(2)", "1=1", "=", ",", ",,", "1+1=2,", "1+1=2,2+2=4,4+4=8", "0x10", "1e3",
+           "007+1", "1/(2-2)", "((((((((((1))))))))))", "1+1=2=2", "a+b", "30,100,93:23", "|", ":",
+           "0/0=0", "abcd", "aaaa", "1234567890123456", "0000000000000000"]
 
 
 def pad(ids, length):
@@ -83,18 +83,22 @@ def test_reward_never_raises_and_matches_the_string_scorer(name, opts):
     responses = torch.randint(0, task.vocab.size, (n, L), generator=g)  # uniform over all 48 ids
     garbage = torch.tensor([pad(task.vocab.encode(s), L) for s in GARBAGE])
     responses[: len(garbage)] = garbage
-    near = answers[torch.randint(0, 200, (2000,), generator=g)].clone()  # references with one token changed
+    # references with one token changed
+    near = answers[torch.randint(0, 200, (2000,), generator=g)].clone()
     where = torch.randint(0, L, (2000,), generator=g)
     near[torch.arange(2000), where] = torch.randint(0, 48, (2000,), generator=g)
     responses[len(garbage): len(garbage) + 2000] = near
-    responses[-3:] = torch.tensor([-7, 10**6, MASK_ID]).repeat_interleave(L).reshape(3, L)  # out of range
+    # out of range
+    responses[-3:] = torch.tensor([-7, 10**6, MASK_ID]).repeat_interleave(L).reshape(3, L)
     rewards = task.reward(prompts, responses.int())  # any integer dtype
     assert rewards.shape == (n,) and rewards.dtype == torch.float32
     assert ((rewards >= 0) & (rewards <= 1)).all()
     assert not (rewards[-3:] > 0).any()
-    # The tensor reward equals the string scorer on the decoded texts (checked on a subset for speed).
+    # The tensor reward equals the string scorer on the decoded texts (checked on a subset for
+    # speed).
     idx = torch.cat([torch.arange(len(garbage) + 2000), torch.randint(0, n, (500,), generator=g)])
-    strings = [task.score(task.decode_problem(prompts[i]), task.response_text(responses[i])) for i in idx]
+    strings = [task.score(task.decode_problem(prompts[i]), task.response_text(responses[i]))
+               for i in idx]
     assert rewards[idx].tolist() == pytest.approx(strings)
     exact = task.exact(prompts, responses)
     assert exact.dtype == torch.bool and (rewards[exact] == 1.0).all()
@@ -126,12 +130,14 @@ def test_split_is_a_function_of_the_problem_not_of_its_writing():
     pairs = [f"{a:04d}+{b:04d}" for a, b in torch.randint(0, 10**4, (300, 2), generator=g).tolist()]
     assert all(addition.split_of(p) == addition.split_of(p[5:] + "+" + p[:4]) for p in pairs)
     countdown = get_task("countdown")
-    problems = [f"{a},{b},{c}:{t}" for a, b, c, t in torch.randint(1, 100, (300, 4), generator=g).tolist()]
+    problems = [f"{a},{b},{c}:{t}"
+                for a, b, c, t in torch.randint(1, 100, (300, 4), generator=g).tolist()]
     for p in problems:
         nums, target = p.split(":")
         for perm in itertools.permutations(nums.split(",")):
             assert countdown.split_of(",".join(perm) + ":" + target) == countdown.split_of(p)
-    assert get_task("star").split_of("ab,bc,ad,de:ac") == get_task("star").split_of("de,ad,bc,ab:ac")
+    assert (get_task("star").split_of("ab,bc,ad,de:ac")
+            == get_task("star").split_of("de,ad,bc,ab:ac"))
     assert {countdown.split_of(p) for p in problems} == {"train", "test"}
 
 
@@ -159,7 +165,8 @@ def test_countdown_scoring_by_hand():
         "30+93=124,124-100=24": 0.1,  # wrong arithmetic in a step: well-formed, so 0.1 (not 0)
         "30+93=123,123-100=22": 0.1, "30+30=60,60-37=23": 0.1, "30+93=123": 0.1, "7/2=3": 0.1,
         "": 0.0, "abc": 0.0, "30+": 0.0, "((": 0.0, "-30+93": 0.0, "30+93-100_": 0.0, "30*+93": 0.0,
-        "30+93=123,123-100": 0.0, "30+93=123,": 0.0, "030+93-100": 0.0, "0x1e+93-100": 0.0, "3e1": 0.0,
+        "30+93=123,123-100": 0.0, "30+93=123,": 0.0, "030+93-100": 0.0, "0x1e+93-100": 0.0,
+        "3e1": 0.0,
     }
     steps = get_task("countdown", answer_format="steps")  # L=32; both tasks accept both formats
     for text, expected in cases.items():
@@ -168,9 +175,11 @@ def test_countdown_scoring_by_hand():
     assert task.answer_text(p) == "30+93-100" and steps.answer_text(p) == "30+93=123,123-100=23"
     assert steps.score(p, "30+93=123,123-100=23") == 1.0 and steps.score(p, "30+93-100") == 1.0
     assert steps.score(p, "93-100=-7,30+-7=23") == 1.0  # negative intermediates are fine in answers
-    # score reads at most L characters, like the tokens would: this 20-character answer is cut at 16.
+    # score reads at most L characters, like the tokens would: this 20-character answer is cut at
+    # 16.
     assert task.score(p, "30+93=123,123-100=23") == 0.0
-    assert task.answer_text("100,93,30:210") == "(100-93)*30" and task.answer_text("2,3,9:3") == "9-(2*3)"
+    assert (task.answer_text("100,93,30:210") == "(100-93)*30"
+            and task.answer_text("2,3,9:3") == "9-(2*3)")
     assert task.score("7,3,8:5", "7+8=15,15/3=5") == 1.0 and task.score("7,3,8:5", "(7+8)/3") == 1.0
     assert task.score("not a problem", "30+93-100") == 0.0
     # Token level: the text ends at the first EOS; a MASK before it makes the answer malformed.
@@ -178,9 +187,11 @@ def test_countdown_scoring_by_hand():
     ids = task.vocab.encode("30+93-100")
     garbage_after_eos = torch.tensor([pad(ids + [EOS_ID] + task.vocab.encode("+1"), 16)])
     masked = torch.tensor([pad(ids[:3] + [MASK_ID] + ids[3:], 16)])
-    assert task.reward(prompt, garbage_after_eos).item() == 1.0 and task.reward(prompt, masked).item() == 0.0
-    # Reference solutions, re-checked with plain integer arithmetic: each step exact, every intermediate
-    # result a positive integer, the three numbers used once, the last result the target.
+    assert (task.reward(prompt, garbage_after_eos).item() == 1.0
+            and task.reward(prompt, masked).item() == 0.0)
+    # Reference solutions, re-checked with plain integer arithmetic: each step exact, every
+    # intermediate result a positive integer, the three numbers used once, the last result the
+    # target.
     prompts, answers = steps.sample(300, generator=torch.Generator().manual_seed(4))
     ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
     for prompt, answer in zip(prompts, answers):
@@ -222,7 +233,8 @@ def test_addition_formats():
     task = get_task("addition")
     assert task.vocab.decode(task.encode_problem("1234+5678")) == "4321+8765="
     assert task.decode_problem(task.encode_problem("1234+5678")) == "1234+5678"
-    assert task.answer_text("1234+5678") == "21960" and (task.prompt_len, task.response_len) == (12, 8)
+    assert (task.answer_text("1234+5678") == "21960"
+            and (task.prompt_len, task.response_len) == (12, 8))
     msb = get_task("addition", lsb_first=False)
     assert msb.vocab.decode(msb.encode_problem("1234+5678")) == "1234+5678="
     assert msb.answer_text("1234+5678") == "06912"
@@ -237,7 +249,8 @@ def test_addition_formats():
 
 
 def brute_force_grids():
-    """Independent reference: filter all 24^4 stacks of permuted rows by column and box constraints."""
+    """Independent reference: filter all 24^4 stacks of permuted rows by column and box
+    constraints."""
     rows = torch.tensor(list(itertools.permutations(range(1, 5))))  # (24, 4)
     idx = torch.cartesian_prod(*[torch.arange(24)] * 4)  # (331776, 4)
     grids = rows[idx]  # (331776, 4 rows, 4 cols)
@@ -253,7 +266,8 @@ def test_sudoku_grids_and_unique_puzzles():
     for opts in ({}, {"min_blanks": 8, "max_blanks": 12}):
         task = get_task("sudoku", **opts)
         prompts, answers = task.sample(500, generator=torch.Generator().manual_seed(6))
-        compatible = ((prompts[:, None] == 0) | (prompts[:, None] == reference[None])).all(-1)  # (500, 288)
+        # (500, 288)
+        compatible = ((prompts[:, None] == 0) | (prompts[:, None] == reference[None])).all(-1)
         assert (compatible.sum(1) == 1).all()  # every puzzle has exactly one solution
         assert torch.equal(reference[compatible.int().argmax(1)], answers)
         blanks = (prompts == 0).sum(1)
@@ -264,12 +278,14 @@ def test_sudoku_grids_and_unique_puzzles():
     assert task.score(p, "2432321441232341") == pytest.approx(8 / 9)  # 9 blanks, one wrong
     assert task.score(p, "1432321441232341"[:8]) == pytest.approx(5 / 9)  # cut short by EOS
     wrong_given = torch.tensor([task.vocab.encode("1432321441232344")])
-    assert task.reward(task.encode_problem(p)[None], wrong_given).item() == 1.0  # givens are ignored...
+    assert task.reward(task.encode_problem(p)[None],
+                       wrong_given).item() == 1.0  # givens are ignored...
     assert not task.exact(task.encode_problem(p)[None], wrong_given).item()  # ...but not by exact
     assert task.score("0000000000000000", "1234341221434321") == 0.0  # not a unique puzzle
 
 
-@pytest.mark.parametrize("opts", [{}, {"degree": 3, "path_len": 5}, {"path_len": 3, "reverse": True}])
+@pytest.mark.parametrize("opts", [{}, {"degree": 3, "path_len": 5},
+                                  {"path_len": 3, "reverse": True}])
 def test_star_answer_follows_the_edges(opts):
     task = get_task("star", **opts)
     prompts, answers = task.sample(300, generator=torch.Generator().manual_seed(7))
@@ -292,7 +308,8 @@ def test_bad_names_and_options():
         get_task("multiplication")
     with pytest.raises(ValueError, match="valid options: digits, lsb_first, partial"):
         get_task("addition", digit=4)
-    with pytest.raises(ValueError, match="valid: 'expression', 'steps'|valid: \\('expression', 'steps'\\)"):
+    with pytest.raises(ValueError,
+                       match="valid: 'expression', 'steps'|valid: \\('expression', 'steps'\\)"):
         get_task("countdown", answer_format="latex")
     with pytest.raises(ValueError, match=r"valid: an int in \[7, 26\]"):
         get_task("star", num_nodes=5)
@@ -303,4 +320,5 @@ def test_bad_names_and_options():
     with pytest.raises(ValueError, match="True or False|\\(True, False\\)"):
         get_task("addition", lsb_first=1)
     with pytest.raises(ValueError, match="expected prompts"):
-        get_task("sudoku").reward(torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 15, dtype=torch.long))
+        get_task("sudoku").reward(torch.zeros(2, 16, dtype=torch.long),
+                                  torch.zeros(2, 15, dtype=torch.long))

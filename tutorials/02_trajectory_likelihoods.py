@@ -1,27 +1,26 @@
 # %% [markdown]
 # # Tutorial 2: what an RL objective needs from a diffusion LM
 #
-# Policy-gradient and preference objectives need $\log \pi_\theta(y \mid x)$, or at least the log-ratio
-# $\log \pi_\theta / \pi_{\mathrm{ref}}$, for responses the model sampled. An autoregressive LM gives it as
-# a sum over tokens. A masked-diffusion LM does not: a response is the end of a *trajectory* of
-# unmasking steps, and many trajectories end at the same y. This tutorial computes and checks, on the toy
-# sudoku model of tutorial 1:
+# Policy-gradient and preference objectives need $\log \pi_\theta(y \mid x)$, or at least the
+# log-ratio $\log \pi_\theta / \pi_{\mathrm{ref}}$, for responses the model sampled. An
+# autoregressive LM gives it as a sum over tokens. A masked-diffusion LM does not: a response is the
+# end of a *trajectory* of unmasking steps, and many trajectories end at the same y. This tutorial
+# computes and checks, on the toy sudoku model of tutorial 1:
 #
 # 1. the exact log-probability of the recorded trajectory (TraceRL / CJ-GRPO, docs/math.md §4.1);
 # 2. why the position-selection term $S_t$ cancels under random remasking, and how much it does not
 #    under low-confidence remasking;
-# 3. dTRPO's two reductions (arXiv 2603.18806): ratio reduction, then state reduction with one step per
-#    block, which is unbiased when scaled by $T_B$. We enumerate every step choice to check this and
-#    measure its variance;
+# 3. dTRPO's two reductions (arXiv 2603.18806): ratio reduction, then state reduction with one step
+#    per block, which is unbiased when scaled by $T_B$. We enumerate every step choice to check this
+#    and measure its variance;
 # 4. dTRPO's single forward pass with block attention, checked against one pass per block;
 # 5. the ELBO of VRPO / BGPO as the average over decoding orders of the trajectory log-likelihood, a
 #    lower bound of $\log p$;
 # 6. all the estimators side by side on the same responses.
 #
-# Run it as `python tutorials/02_trajectory_likelihoods.py` (about a minute on one CPU thread) or open it
-# as a notebook.
-# `MINIDTRPO_TUTORIAL_QUICK=1` makes it a smoke test of a few seconds. The checks run in float64, so
-# "equal" means equal to about 1e-10.
+# Run it as `python tutorials/02_trajectory_likelihoods.py` (about a minute on one CPU thread) or
+# open it as a notebook. `MINIDTRPO_TUTORIAL_QUICK=1` makes it a smoke test of a few seconds. The
+# checks run in float64, so "equal" means equal to about 1e-10.
 
 # %%
 import copy
@@ -32,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-QUICK = os.environ.get("MINIDTRPO_TUTORIAL_QUICK", "0") == "1"  # tiny model, few steps: a smoke test
+# tiny model, few steps: a smoke test
+QUICK = os.environ.get("MINIDTRPO_TUTORIAL_QUICK", "0") == "1"
 
 try:  # as a script: this file's folder; as a notebook, the kernel starts in the notebook's folder
     HERE = Path(__file__).resolve().parent
@@ -50,8 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from minidtrpo import MaskedDiffusionTransformer, Trajectory, generate
-from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, reduced_trajectory_logprob,
-                                  sample_block_steps, sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
+from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob,
+                                  reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks,
+                                  sample_prompt_mask, trajectory_logprob)
 from minidtrpo.train import SFTConfig, load, model_config, train_sft
 
 torch.manual_seed(0)
@@ -59,9 +60,9 @@ print(f"quick mode: {QUICK}; figures go to {OUT}")
 
 # %% [markdown]
 # We need a model that has learned something: a short supervised run on sudoku (block layout, as in
-# tutorial 1 but smaller). The **reference** policy $\pi_{\mathrm{ref}}$ is that model in float64. The
-# **policy** $\pi_\theta$ is a nearby model, the same weights plus small Gaussian noise, standing in for
-# the policy after a few RL updates.
+# tutorial 1 but smaller). The **reference** policy $\pi_{\mathrm{ref}}$ is that model in float64.
+# The **policy** $\pi_\theta$ is a nearby model, the same weights plus small Gaussian noise,
+# standing in for the policy after a few RL updates.
 
 # %%
 if QUICK:
@@ -79,31 +80,34 @@ with torch.no_grad():  # θ = θ_ref + N(0, 0.01²) per parameter
         p.add_(0.01 * torch.randn(p.shape, generator=noise, dtype=p.dtype))
 P, L, b, M = task.prompt_len, task.response_len, task.block_size, task.vocab.mask_id
 N_B = L // b
-print(f"reference: test exact {metrics['exact']:.2f}; P = {P}, L = {L}, b = {b}, N_B = {N_B} blocks")
+print(f"reference: test exact {metrics['exact']:.2f}; "
+      f"P = {P}, L = {L}, b = {b}, N_B = {N_B} blocks")
 
 
 def rollout(model, n, steps_per_block, remasking="low_confidence", seed=0):
     """n test puzzles decoded at temperature 1 (as RL samples them), trajectories recorded."""
     prompts = task.sample(n, "test", generator=torch.Generator().manual_seed(seed))[0]
-    return generate(model, prompts, steps_per_block=steps_per_block, temperature=1.0, remasking=remasking,
-                    generator=torch.Generator().manual_seed(seed))
+    return generate(model, prompts, steps_per_block=steps_per_block, temperature=1.0,
+                    remasking=remasking, generator=torch.Generator().manual_seed(seed))
 
 
 # %% [markdown]
 # ## 1. The exact trajectory log-probability
 #
-# The sampler of tutorial 1 turns the all-masked state $\tau_0$ into $\tau_T = y$ in $T = N_B T_B$ steps.
-# (The library counts steps forward: `traj.state(t)` is the state *before* step t. docs/math.md §0 counts the
-# diffusion way, from $\tau_T$ down to $\tau_0$. The sums are the same.) Step t picks a set $I_t$ of positions
-# of the current block and fills them with tokens drawn from $\mu_\theta$, so
+# The sampler of tutorial 1 turns the all-masked state $\tau_0$ into $\tau_T = y$ in $T = N_B T_B$
+# steps. (The library and docs/math.md §0 count steps forward: `traj.state(t)` is the state
+# *before* step t. The papers count the diffusion way, from $\tau_T$ down to $\tau_0$. The sums are
+# the same.) Step t picks a set $I_t$ of positions of the current block and fills them with tokens
+# drawn from $\mu_\theta$, so
 # $$\log \pi_\theta(\tau \mid x) = \sum_{t=0}^{T-1}\Big[\log S_t(I_t \mid \tau_t)
 #   + \sum_{i \in I_t} \log \mu_\theta(y_i \mid x, \tau_t)\Big],$$
-# where $S_t$ is the probability that the sampler chose exactly the positions $I_t$. Leave $S_t$ aside for
-# now (§2). The token part needs the model at every state $\tau_t$, which means T forward passes if done
-# naively. Because the sampler recorded $\log\mu_\theta(y_i \mid x, \tau_t)$ as `logp_at_reveal`, the
-# estimator, run on the sampling model, must reproduce $\sum_i$ `logp_at_reveal` exactly (docs/math.md §6 P1).
-# `estimators.trajectory_logprob` needs only $T_B$ passes of [x ; y ; ỹ] in the block layout, because pass s
-# scores within-block step s of every block at once (see §4).
+# where $S_t$ is the probability that the sampler chose exactly the positions $I_t$. Leave $S_t$
+# aside for now (§2). The token part needs the model at every state $\tau_t$, which means T forward
+# passes if done naively. Because the sampler recorded $\log\mu_\theta(y_i \mid x, \tau_t)$ as
+# `logp_at_reveal`, the estimator, run on the sampling model, must reproduce $\sum_i$
+# `logp_at_reveal` exactly (docs/math.md §6 P1). `estimators.trajectory_logprob` needs only $T_B$
+# passes of [x ; y ; ỹ] in the block layout, because pass s scores within-block step s of every
+# block at once (see §4).
 
 # %%
 T_B = 4
@@ -117,46 +121,56 @@ for t in range(T):  # the naive way: one plain forward pass per state τ_t
     naive += torch.where(traj.unmask_step == t, tok, 0.0).sum(1)  # Σ_{i∈I_t} log μ(y_i | x, τ_t)
     passes += 1
 recorded = traj.logp_at_reveal.sum(1)
-print(f"log π_ref(τ | x), token part, first 4 rollouts: {[round(v, 4) for v in exact_lib[:4].tolist()]}")
+print(f"log π_ref(τ | x), token part, first 4 rollouts: "
+      f"{[round(v, 4) for v in exact_lib[:4].tolist()]}")
 print(f"|library − Σ logp_at_reveal| ≤ {(exact_lib - recorded).abs().max():.1e}, "
       f"|library − naive loop| ≤ {(exact_lib - naive).abs().max():.1e}")
-print(f"cost per response: naive {passes} passes of {P + L} tokens; library {T_B} passes of {P + 2 * L} tokens")
+print(f"cost per response: naive {passes} passes of {P + L} tokens; "
+      f"library {T_B} passes of {P + 2 * L} tokens")
 assert torch.allclose(exact_lib, recorded, rtol=0, atol=1e-10)
 assert torch.allclose(exact_lib, naive, rtol=0, atol=1e-10)
 
 # %% [markdown]
 # ## 2. Why $S_t$ cancels under random remasking
 #
-# With **random remasking** the sampler reveals $k_t$ of the $m_t$ masked positions of the block uniformly
-# at random, so $S_t = 1/\binom{m_t}{k_t}$. This does not depend on θ, and in any ratio it cancels:
+# With **random remasking** the sampler reveals $k_t$ of the $m_t$ masked positions of the block
+# uniformly at random, so $S_t = 1/\binom{m_t}{k_t}$. This does not depend on θ, and in any ratio it
+# cancels:
 # $$\log\frac{\pi_\theta(\tau_{t+1}\mid\tau_t)}{\pi_{\mathrm{ref}}(\tau_{t+1}\mid\tau_t)}
-#   = \sum_{i\in I_t}\big[\log\mu_\theta(y_i\mid x,\tau_t) - \log\mu_{\mathrm{ref}}(y_i\mid x,\tau_t)\big].$$
-# This is dTRPO's **ratio reduction** (claim i). With $T_B = 2$ and $b = 4$, each block's first step picks
-# 2 of 4 positions ($\log S = -\log 6$) and its second step takes the remaining 2 ($\log S = 0$).
+#   = \sum_{i\in I_t}\big[\log\mu_\theta(y_i\mid x,\tau_t)
+#   - \log\mu_{\mathrm{ref}}(y_i\mid x,\tau_t)\big].$$
+# This is dTRPO's **ratio reduction** (claim i). With $T_B = 2$ and $b = 4$, each block's first step
+# picks 2 of 4 positions ($\log S = -\log 6$) and its second step takes the remaining 2
+# ($\log S = 0$).
 #
 # With **low-confidence remasking** the chosen positions are the most confident candidates, so $S_t$
 # depends on θ and does not cancel. `trajectory_logprob(..., position_term=True)` computes it (the
-# derivation is in its docstring). Below we measure how far the token-only log-ratio is from the full one.
+# derivation is in its docstring). Below we measure how far the token-only log-ratio is from the
+# full one.
 
 # %%
 traj_r = rollout(ref, 8, 2, remasking="random", seed=1)
-with_s = {m: trajectory_logprob(m, traj_r, position_term=True, per_step=True) for m in (policy, ref)}  # (B, T)
+with_s = {m: trajectory_logprob(m, traj_r, position_term=True, per_step=True)
+          for m in (policy, ref)}  # (B, T)
 tokens_only = {m: trajectory_logprob(m, traj_r, per_step=True) for m in (policy, ref)}
 log_s = with_s[ref] - tokens_only[ref]  # (B, T) log S_t alone
-print(f"random remasking, T_B = 2: log S_t of the first 4 steps = {[round(v, 4) for v in log_s[0, :4].tolist()]}, "
-      f"−log C(4, 2) = {-math.log(6):.4f}")
+print(f"random remasking, T_B = 2: log S_t of the first 4 steps = "
+      f"{[round(v, 4) for v in log_s[0, :4].tolist()]}, −log C(4, 2) = {-math.log(6):.4f}")
 assert torch.allclose(log_s[:, 0::2], torch.full_like(log_s[:, 0::2], -math.log(6)), atol=1e-12)
 assert torch.allclose(log_s[:, 1::2], torch.zeros_like(log_s[:, 1::2]), atol=1e-12)
 ratio_full = with_s[policy] - with_s[ref]
 ratio_tok = tokens_only[policy] - tokens_only[ref]
-print(f"per-step log-ratio with S_t vs without: max |Δ| = {(ratio_full - ratio_tok).abs().max():.1e}")
+print(f"per-step log-ratio with S_t vs without: "
+      f"max |Δ| = {(ratio_full - ratio_tok).abs().max():.1e}")
 assert torch.allclose(ratio_full, ratio_tok, rtol=0, atol=1e-10)
 
 traj_lc = rollout(ref, 8, 2, remasking="low_confidence", seed=1)
-full_lc = trajectory_logprob(policy, traj_lc, position_term=True) - trajectory_logprob(ref, traj_lc, position_term=True)
+full_lc = (trajectory_logprob(policy, traj_lc, position_term=True)
+           - trajectory_logprob(ref, traj_lc, position_term=True))
 tok_lc = trajectory_logprob(policy, traj_lc) - trajectory_logprob(ref, traj_lc)
 print(f"low-confidence remasking, T_B = 2: mean |log-ratio with S_t − token-only| = "
-      f"{(full_lc - tok_lc).abs().mean():.4f} (mean |token-only log-ratio| = {tok_lc.abs().mean():.4f}): "
+      f"{(full_lc - tok_lc).abs().mean():.4f} "
+      f"(mean |token-only log-ratio| = {tok_lc.abs().mean():.4f}): "
       f"the ratio reduction is an approximation here")
 
 # %% [markdown]
@@ -166,24 +180,28 @@ print(f"low-confidence remasking, T_B = 2: mean |log-ratio with S_t − token-on
 # $$\Delta(\tau) = \sum_{b=0}^{N_B-1}\sum_{s=0}^{T_B-1} r_{b,s},\qquad
 #   r_{b,s} = \sum_{i \in I_{b,s}}\big[\log\mu_\theta(y_i \mid x, \tau_{bT_B+s})
 #   - \log\mu_{\mathrm{ref}}(y_i \mid x, \tau_{bT_B+s})\big].$$
-# dTRPO draws **one** step $s_b \sim U\{0, \dots, T_B-1\}$ per block, independently, and keeps only that
-# state:
+# dTRPO draws **one** step $s_b \sim U\{0, \dots, T_B-1\}$ per block, independently, and keeps only
+# that state:
 # $$\hat D(x, y) = c\sum_b r_{b, s_b},\qquad
-#   \mathbb E_s[\hat D] = c \sum_b \frac{1}{T_B}\sum_s r_{b,s} = \Delta(\tau)\quad\text{for } c = T_B .$$
+#   \mathbb E_s[\hat D] = c \sum_b \frac{1}{T_B}\sum_s r_{b,s}
+#   = \Delta(\tau)\quad\text{for } c = T_B .$$
 # The blocks' steps are independent and $\hat D$ is a sum over blocks, so its variance is
-# $T_B^2 \sum_b \mathrm{Var}_{s}(r_{b,s})$. Each block's share is the variance over s of the conditional mean
-# $\mathbb E[\hat D \mid s_b = s]$. The variance is zero for $T_B = 1$, where the reduced trajectory *is*
-# the trajectory, and the factor $T_B^2$ makes it grow with $T_B$. (The paper writes c = 1 and absorbs $T_B$
-# into β; `scale="one"`.)
+# $T_B^2 \sum_b \mathrm{Var}_{s}(r_{b,s})$. Each block's share is the variance over s of the
+# conditional mean $\mathbb E[\hat D \mid s_b = s]$. The variance is zero for $T_B = 1$, where the
+# reduced trajectory *is* the trajectory, and the factor $T_B^2$ makes it grow with $T_B$. (The
+# paper writes c = 1 and absorbs $T_B$ into β; `scale="one"`.)
 #
-# The check: for $T_B = 1, 2, 4$ we enumerate all $T_B^{N_B}$ choices of $(s_0, \dots, s_{N_B-1})$. We compare
-# the average of $\hat D$ over them with the exact log-ratio of §1, and its variance with the sum of the
-# per-block shares. We use random remasking, so that the exact log-ratio is the full one (§2).
+# The check: for $T_B = 1, 2, 4$ we enumerate all $T_B^{N_B}$ choices of $(s_0, \dots, s_{N_B-1})$.
+# We compare the average of $\hat D$ over them with the exact log-ratio of §1, and its variance with
+# the sum of the per-block shares. We use random remasking, so that the exact log-ratio is the full
+# one (§2).
 
 # %%
 def all_step_choices(traj):
-    """Every (s_0..s_{N_B−1}) with the trajectory repeated for each: (C·B) rows and steps (C·B, N_B)."""
-    combos = torch.tensor(list(itertools.product(range(traj.steps_per_block), repeat=traj.num_blocks)))  # (C, N_B)
+    """Every (s_0..s_{N_B−1}) with the trajectory repeated for each: (C·B) rows and steps
+    (C·B, N_B)."""
+    combos = torch.tensor(list(itertools.product(range(traj.steps_per_block),
+                                                 repeat=traj.num_blocks)))  # (C, N_B)
     B = traj.tokens.shape[0]
     return traj.index(torch.arange(B).repeat(len(combos))), combos.repeat_interleave(B, 0), combos
 
@@ -194,21 +212,27 @@ for T_B in (1, 2, 4):
     exact = trajectory_logprob(policy, traj_e) - trajectory_logprob(ref, traj_e)  # (B,) Δ(τ)
     big, steps, combos = all_step_choices(traj_e)
     C = len(combos)
-    d_hat = dtrpo_logratio(policy, ref, big, steps).view(C, -1)  # (C, B) D̂ for every choice, c = T_B
+    # (C, B) D̂ for every choice, c = T_B
+    d_hat = dtrpo_logratio(policy, ref, big, steps).view(C, -1)
     variance[T_B] = d_hat.var(0, unbiased=False).mean().item()
-    # E[D̂ | s_b = s] for every block b and step s: (N_B, T_B, B); its variance over s is block b's share
-    cond = torch.stack([torch.stack([d_hat[combos[:, blk] == s].mean(0) for s in range(T_B)]) for blk in range(N_B)])
-    assert torch.allclose(d_hat.var(0, unbiased=False), cond.var(1, unbiased=False).sum(0), rtol=0, atol=1e-9)
+    # E[D̂ | s_b = s] for every block b and step s: (N_B, T_B, B); its variance over s is
+    # block b's share
+    cond = torch.stack([torch.stack([d_hat[combos[:, blk] == s].mean(0) for s in range(T_B)])
+                        for blk in range(N_B)])
+    assert torch.allclose(d_hat.var(0, unbiased=False), cond.var(1, unbiased=False).sum(0),
+                          rtol=0, atol=1e-9)
     print(f"T_B = {T_B}: {C:3d} choices; exact Δ = {[round(v, 4) for v in exact.tolist()]}, "
           f"mean over choices of D̂ = {[round(v, 4) for v in d_hat.mean(0).tolist()]}, "
           f"Var_s[D̂] = {variance[T_B]:.4f}")
     assert torch.allclose(d_hat.mean(0), exact, rtol=0, atol=1e-9)
-    assert torch.allclose(dtrpo_logratio(policy, ref, big, steps, scale="one").view(C, -1) * T_B, d_hat, atol=1e-12)
+    assert torch.allclose(dtrpo_logratio(policy, ref, big, steps, scale="one").view(C, -1) * T_B,
+                          d_hat, atol=1e-12)
     if T_B == 4:
         d_hat_tb4, exact_tb4 = d_hat, exact
 assert variance[1] < 1e-20  # one step per block: D̂ is the exact log-ratio
 
-fig, axes = plt.subplots(1, d_hat_tb4.shape[1], figsize=(3.2 * d_hat_tb4.shape[1], 2.8), squeeze=False)
+fig, axes = plt.subplots(1, d_hat_tb4.shape[1], figsize=(3.2 * d_hat_tb4.shape[1], 2.8),
+                         squeeze=False)
 for i, ax in enumerate(axes[0]):
     ax.hist(d_hat_tb4[:, i].numpy(), bins=30, color="tab:blue", alpha=0.7)
     ax.axvline(exact_tb4[i].item(), color="k", lw=1.5, label="exact Δ")
@@ -224,13 +248,14 @@ print(f"saved {OUT / '02_dtrpo_unbiased.png'}")
 # %% [markdown]
 # ## 4. One forward pass for all blocks (block attention)
 #
-# The state before step $bT_B + s_b$ has blocks < b decoded, block b partly masked ($\tilde y_b^{(s_b)}$)
-# and blocks > b fully masked. In the block layout nothing attends to later blocks, so block b's
-# predictions depend only on $(x, y_{<b}, \tilde y_b^{(s_b)})$. The sequence [x ; y ; ỹ], with every block of
-# ỹ in its own sampled state and the attention mask of tutorial 1, therefore scores every block's state in
-# **one** pass of length P + 2L, instead of $N_B$ passes of length P + L. In the full layout the true
-# state also contains the masked later blocks, which everyone sees, so the single pass is only an
-# approximation there. We check both on the same inputs.
+# The state before step $bT_B + s_b$ has blocks < b decoded, block b partly masked
+# ($\tilde y_b^{(s_b)}$) and blocks > b fully masked. In the block layout nothing attends to later
+# blocks, so block b's predictions depend only on $(x, y_{<b}, \tilde y_b^{(s_b)})$. The sequence
+# [x ; y ; ỹ], with every block of ỹ in its own sampled state and the attention mask of tutorial 1,
+# therefore scores every block's state in **one** pass of length P + 2L, instead of $N_B$ passes of
+# length P + L. In the full layout the true state also contains the masked later blocks, which
+# everyone sees, so the single pass is only an approximation there. We check both on the same
+# inputs.
 
 # %%
 traj_s = rollout(ref, 64 if not QUICK else 8, 4, seed=3)
@@ -242,7 +267,8 @@ for single in (True, False):
     timing[single, "s"] = time.perf_counter() - t0
 gap = (timing[True] - timing[False]).abs().max().item()
 print(f"block layout, float64: single pass vs {N_B} per-block passes: max |Δ| = {gap:.1e} "
-      f"({timing[True, 's'] * 1e3:.0f} ms vs {timing[False, 's'] * 1e3:.0f} ms for {len(steps)} responses)")
+      f"({timing[True, 's'] * 1e3:.0f} ms vs {timing[False, 's'] * 1e3:.0f} ms "
+      f"for {len(steps)} responses)")
 assert gap < 1e-10
 ref32 = copy.deepcopy(ref).float()
 gap32 = (reduced_trajectory_logprob(ref32, traj_s, steps) -
@@ -253,7 +279,8 @@ assert gap32 < 1e-5
 full_model = MaskedDiffusionTransformer(model_config(task, layout="full", d_model=32, n_layers=2),
                                         verbose=False).double()
 with torch.no_grad():
-    full_model.head.weight.mul_(20.0)  # an untrained stand-in with confident, non-uniform predictions
+    # an untrained stand-in with confident, non-uniform predictions
+    full_model.head.weight.mul_(20.0)
 full_gap = (reduced_trajectory_logprob(full_model, traj_s, steps) -
             reduced_trajectory_logprob(full_model, traj_s, steps, single_pass=False)).abs()
 print(f"full layout (untrained stand-in): mean |single − per-block| = {full_gap.mean():.4f}, "
@@ -263,29 +290,30 @@ assert full_gap.max() > 1e-6
 # %% [markdown]
 # ## 5. The ELBO: the likelihood averaged over decoding orders (VRPO, BGPO)
 #
-# VRPO and BGPO do not score the trajectory that was sampled. They score y through the masked-diffusion
-# ELBO of tutorial 1:
+# VRPO and BGPO do not score the trajectory that was sampled. They score y through the
+# masked-diffusion ELBO of tutorial 1:
 # $$\mathrm{ELBO}(y) = \sum_{m=1}^{L} \mathbb E_{|S| = m}
 #   \Big[\frac{1}{m}\sum_{i \in S}\log\mu_\theta(y_i \mid x, y_S)\Big].$$
-# Consider a **random-order** sampler, which reveals one uniformly random masked position per step. Order
-# σ has probability $P(\sigma) = \prod_t S_t = 1/L!$. At the step where m positions are still masked,
-# the masked set S is a uniform m-subset and the revealed position is uniform in S, so averaging the
-# trajectory log-likelihood over σ gives exactly the ELBO. By Jensen's inequality it then bounds the
-# log-likelihood of y:
+# Consider a **random-order** sampler, which reveals one uniformly random masked position per step.
+# Order σ has probability $P(\sigma) = \prod_t S_t = 1/L!$. At the step where m positions are still
+# masked, the masked set S is a uniform m-subset and the revealed position is uniform in S, so
+# averaging the trajectory log-likelihood over σ gives exactly the ELBO. By Jensen's inequality it
+# then bounds the log-likelihood of y:
 # $$\log p_\theta(y \mid x) = \log \sum_\sigma P(\sigma)\, p_\sigma(y)
 #   \;\ge\; \sum_\sigma P(\sigma)\,\log p_\sigma(y)
 #   = \mathbb E_\sigma[\log\pi_\theta(\tau_\sigma)] = \mathrm{ELBO}(y).$$
 # In the block layout the orders are taken inside each block (blocks left to right), with
-# $P(\sigma) = (1/b!)^{N_B}$, and the ELBO is the sum of per-block ELBOs. Block b's term depends only on its
-# own order (block attention; checked below with mixed orders), so averaging over the $b! = 24$ orders
-# applied to every block at once gives the same mean as all $24^{N_B}$ combinations. The likelihood
-# factorises too: $\log p(y) = \sum_b \log \frac{1}{24}\sum_{\sigma_b} p_{\sigma_b}(y_b)$.
+# $P(\sigma) = (1/b!)^{N_B}$, and the ELBO is the sum of per-block ELBOs. Block b's term depends
+# only on its own order (block attention; checked below with mixed orders), so averaging over the
+# $b! = 24$ orders applied to every block at once gives the same mean as all $24^{N_B}$
+# combinations. The likelihood factorises too:
+# $\log p(y) = \sum_b \log \frac{1}{24}\sum_{\sigma_b} p_{\sigma_b}(y_b)$.
 #
-# VRPO and BGPO estimate the ELBO by Monte Carlo (docs/math.md §4.3): n masks with stratified sizes $m_j$,
-# $\ell^{(j)} = \frac{1}{m_j}\sum_{i\in S_j}\log\mu_\theta(y_i \mid x, y^{(j)})$, and
-# $\hat B = \frac1n\sum_j \ell^{(j)}$. Then $L\hat B$ is an unbiased estimate of the ELBO. Three checks:
-# the exact ELBO, computed by enumerating masks, equals the average over orders; it lies below $\log p$;
-# and $L \hat B$ converges to it.
+# VRPO and BGPO estimate the ELBO by Monte Carlo (docs/math.md §4.3): n masks with stratified sizes
+# $m_j$, $\ell^{(j)} = \frac{1}{m_j}\sum_{i\in S_j}\log\mu_\theta(y_i \mid x, y^{(j)})$, and
+# $\hat B = \frac1n\sum_j \ell^{(j)}$. Then $L\hat B$ is an unbiased estimate of the ELBO. Three
+# checks: the exact ELBO, computed by enumerating masks, equals the average over orders; it lies
+# below $\log p$; and $L \hat B$ converges to it.
 
 # %%
 traj_o = rollout(ref, 2 if QUICK else 4, 4, seed=4)
@@ -303,74 +331,89 @@ ell = elbo_terms(ref, x, y, masks.expand(B, -1, -1))  # (B, 60)
 elbo = sum(ell[:, (sizes == k) & (masks[:, blk * b:(blk + 1) * b].any(1))].mean(1)
            for blk in range(N_B) for k in range(1, b + 1))  # (B,)
 
-# every order σ of the 4 positions of a block, applied to all blocks: 24 one-token-per-step trajectories
+# every order σ of the 4 positions of a block, applied to all blocks: 24 one-token-per-step
+# trajectories
 orders = list(itertools.permutations(range(b)))
-rank = torch.tensor([[order.index(j) for j in range(b)] for order in orders])  # (24, b) step of each position
+# (24, b) step of each position
+rank = torch.tensor([[order.index(j) for j in range(b)] for order in orders])
 unmask_step = (torch.arange(N_B)[:, None] * b + rank[:, None, :]).flatten(1)  # (24, L)
 O = len(orders)
-traj_sigma = Trajectory(tokens=traj_o.tokens.repeat_interleave(O, 0), unmask_step=unmask_step.repeat(B, 1),
-                        logp_at_reveal=torch.zeros(B * O, L, dtype=torch.float64), prompt_len=P, block_size=b,
-                        steps_per_block=b, temperature=1.0, remasking="random", mask_id=M)
+traj_sigma = Trajectory(tokens=traj_o.tokens.repeat_interleave(O, 0),
+                        unmask_step=unmask_step.repeat(B, 1),
+                        logp_at_reveal=torch.zeros(B * O, L, dtype=torch.float64), prompt_len=P,
+                        block_size=b, steps_per_block=b, temperature=1.0, remasking="random",
+                        mask_id=M)
 order_ll = trajectory_logprob(ref, traj_sigma).view(B, O)  # (B, 24) log π(τ_σ), token part
-per_block = trajectory_logprob(ref, traj_sigma, position_term=True, per_step=True)  # (B·24, T) incl. log S_t
+# (B·24, T) incl. log S_t
+per_block = trajectory_logprob(ref, traj_sigma, position_term=True, per_step=True)
 per_block = per_block.view(B, O, N_B, b).sum(-1)  # (B, 24, N_B) log P(σ_b) + log p_σb(y_b)
 log_p = per_block.logsumexp(1).sum(-1)  # (B,) log p(y) of the random-order sampler
-tokens_block = trajectory_logprob(ref, traj_sigma, per_step=True).view(B, O, N_B, b).sum(-1)  # (B, 24, N_B)
-assert torch.allclose(per_block - tokens_block, torch.full_like(per_block, -math.log(24)), atol=1e-12)  # P(σ_b) = 1/4!
+tokens_block = trajectory_logprob(ref, traj_sigma, per_step=True)  # (B·24, T)
+tokens_block = tokens_block.view(B, O, N_B, b).sum(-1)  # (B, 24, N_B)
+assert torch.allclose(per_block - tokens_block, torch.full_like(per_block, -math.log(24)),
+                      atol=1e-12)  # P(σ_b) = 1/4!
 
 # block b's term depends on its own order only: mix different orders across blocks and compare
-mixed = torch.randint(0, O, (8, N_B), generator=torch.Generator().manual_seed(5))  # 8 random (σ_0..σ_3)
+# 8 random (σ_0..σ_3)
+mixed = torch.randint(0, O, (8, N_B), generator=torch.Generator().manual_seed(5))
 mixed_steps = (torch.arange(N_B)[:, None] * b + rank[mixed]).flatten(1)  # (8, L)
 traj_mixed = Trajectory(tokens=traj_o.tokens[:1].expand(8, -1), unmask_step=mixed_steps,
-                        logp_at_reveal=torch.zeros(8, L, dtype=torch.float64), prompt_len=P, block_size=b,
-                        steps_per_block=b, temperature=1.0, remasking="random", mask_id=M)
+                        logp_at_reveal=torch.zeros(8, L, dtype=torch.float64), prompt_len=P,
+                        block_size=b, steps_per_block=b, temperature=1.0, remasking="random",
+                        mask_id=M)
 mixed_block = trajectory_logprob(ref, traj_mixed, per_step=True).view(8, N_B, b).sum(-1)  # (8, N_B)
 assert torch.allclose(mixed_block, tokens_block[0, mixed, torch.arange(N_B)], rtol=0, atol=1e-10)
 
 R = 50 if QUICK else 400
-mc_masks = sample_elbo_masks(B * R, L, 4, torch.Generator().manual_seed(0))  # (B·R, 4, L), n = 4 stratified
+# (B·R, 4, L), n = 4 stratified
+mc_masks = sample_elbo_masks(B * R, L, 4, torch.Generator().manual_seed(0))
 with torch.no_grad():
-    mc = elbo_terms(ref, x.repeat(R, 1), y.repeat(R, 1), mc_masks, normalize=False).mean(1).view(R, B)  # L·B̂
-print(f"{'response':>8} {'exact ELBO':>11} {'mean over 24 orders':>20} {'log p(y)':>9} {'log p − ELBO':>13} "
-      f"{'L·B̂ (n=4): mean ± s.e.':>26}")
+    mc = elbo_terms(ref, x.repeat(R, 1), y.repeat(R, 1), mc_masks, normalize=False)  # (B·R, 4)
+    mc = mc.mean(1).view(R, B)  # L·B̂
+print(f"{'response':>8} {'exact ELBO':>11} {'mean over 24 orders':>20} {'log p(y)':>9} "
+      f"{'log p − ELBO':>13} {'L·B̂ (n=4): mean ± s.e.':>26}")
 for i in range(B):
-    print(f"{i:>8} {elbo[i]:>11.4f} {order_ll[i].mean():>20.4f} {log_p[i]:>9.4f} {log_p[i] - elbo[i]:>13.2e} "
-          f"{mc[:, i].mean():>10.4f} ± {mc[:, i].std() / math.sqrt(R):.4f} ({R} draws)")
+    print(f"{i:>8} {elbo[i]:>11.4f} {order_ll[i].mean():>20.4f} {log_p[i]:>9.4f} "
+          f"{log_p[i] - elbo[i]:>13.2e} {mc[:, i].mean():>10.4f} ± "
+          f"{mc[:, i].std() / math.sqrt(R):.4f} ({R} draws)")
 assert torch.allclose(order_ll.mean(1), elbo, rtol=0, atol=1e-10)
-assert (elbo <= log_p + 1e-10).all()  # Jensen (equality only if every order gives y the same probability)
+# Jensen (equality only if every order gives y the same probability)
+assert (elbo <= log_p + 1e-10).all()
 assert ((mc.mean(0) - elbo).abs() < 4 * mc.std(0) / math.sqrt(R)).all()
 
 # %% [markdown]
-# **Which orders the ELBO averages over matters for training.** In the full layout every position sees
-# every other, so docs/math.md §4.3's uniform masks average over *all* $L!$ orders, including the many in which a
-# later block is half revealed while an earlier one is still masked: states a block-by-block sampler never
-# visits. Passing `block_size=b` to `sample_elbo_masks` and `elbo_terms` keeps the earlier blocks clean
-# and the later ones masked and scores one block per sample: the ELBO of the block-by-block orders (its
-# own P11 test). For BGPO on full-layout sudoku this one change is the difference between losing 8 points
-# and gaining 10 at the same learning rate (README, "Objectives head to head"); `rl` and `dpo` use it by
-# default in the full layout (`--elbo_masks=auto`).
+# **Which orders the ELBO averages over matters for training.** In the full layout every position
+# sees every other, so docs/math.md §4.3's uniform masks average over *all* $L!$ orders, including
+# the many in which a later block is half revealed while an earlier one is still masked: states a
+# block-by-block sampler never visits. Passing `block_size=b` to `sample_elbo_masks` and
+# `elbo_terms` keeps the earlier blocks clean and the later ones masked and scores one block per
+# sample: the ELBO of the block-by-block orders (its own P11 test). For BGPO on full-layout sudoku
+# this one change is the difference between losing 8 points and gaining 10 at the same learning rate
+# (README, "Objectives head to head"); `rl` and `dpo` use it by default in the full layout
+# (`--elbo_masks=auto`).
 
 # %% [markdown]
 # ## 6. All the estimators on the same responses
 #
-# The same 8 rollouts of $\pi_{\mathrm{ref}}$ (temperature 1, low-confidence, $T_B = 4$), scored every way
-# the library offers. Forward passes are counted per response and per model:
+# The same 8 rollouts of $\pi_{\mathrm{ref}}$ (temperature 1, low-confidence, $T_B = 4$), scored
+# every way the library offers. Forward passes are counted per response and per model:
 #
-# | estimator | estimates | passes |
-# |---|---|---|
-# | exact trajectory (§1) | $\log\pi(\tau)$ of the decoding order (token part) | $T_B$ of length P + 2L |
-# | dTRPO (§3–4), $T_B\,\times$ reduced | the same, unbiased, one random state per block | 1 of length P + 2L |
-# | ELBO (§5), $L\,\times$ mean of $\ell^{(j)}$ | the random-order bound, unbiased | n of length P + 2L |
-# | d1 one-step | $\sum_i \log\mu(y_i \mid x', M\ldots M)$, a mean-field guess | 1 of length P + L |
+# - exact trajectory (§1) estimates $\log\pi(\tau)$ of the decoding order (token part), in $T_B$
+#   passes of length P + 2L;
+# - dTRPO (§3–4), $T_B\,\times$ reduced, estimates the same, unbiased, one random state per block,
+#   in 1 pass of length P + 2L;
+# - ELBO (§5), $L\,\times$ mean of $\ell^{(j)}$, estimates the random-order bound, unbiased, in n
+#   passes of length P + 2L;
+# - d1 one-step estimates $\sum_i \log\mu(y_i \mid x', M\ldots M)$, a mean-field guess, in 1 pass
+#   of length P + L.
 #
 # (Functions: `trajectory_logprob`, `reduced_trajectory_logprob`, `elbo_terms`, `one_step_logprob`.)
 #
 # For the random estimators we draw 200 times (50 in quick mode) and print the mean ± the standard
-# deviation of one draw.
-# The log-likelihoods answer different questions. The decoding order chosen by a low-confidence sampler
-# is not a random order, so the trajectory log-probability and the ELBO need not agree. d1's one-step
-# value ignores the order entirely. What RL uses is the log-*ratio* between two nearby policies, in the
-# second table.
+# deviation of one draw. The log-likelihoods answer different questions. The decoding order chosen
+# by a low-confidence sampler is not a random order, so the trajectory log-probability and the ELBO
+# need not agree. d1's one-step value ignores the order entirely. What RL uses is the log-*ratio*
+# between two nearby policies, in the second table.
 
 # %%
 traj_c = rollout(ref, 8, 4, seed=5)
@@ -391,7 +434,8 @@ def scores(model):
                 * reduced_trajectory_logprob(model, rep, rep_steps).view(D, Bc),
                 "ELBO L·B̂ (n = 4)": elbo_terms(model, rep.prompts, rep.responses, elbo_masks,
                                               normalize=False).mean(1).view(D, Bc),
-                "d1 one-step": one_step_logprob(model, rep.prompts, rep.responses, prompt_masks).view(D, Bc)}
+                "d1 one-step": one_step_logprob(model, rep.prompts, rep.responses,
+                                                prompt_masks).view(D, Bc)}
 
 
 s_ref, s_pol = scores(ref), scores(policy)
@@ -405,9 +449,11 @@ for title, table in (("log-likelihood of y under π_ref", s_ref),
                      ("log-ratio log π_θ − log π_ref", {k: s_pol[k] - s_ref[k] for k in s_ref})):
     print(f"\n{title}:\n{'response':>8} " + " ".join(f"{k:>18}" for k in table))
     for i in range(Bc):
-        print(f"{i:>8} " + " ".join(f"{fmt(v[i] if v.dim() == 1 else v[:, i]):>18}" for v in table.values()))
+        print(f"{i:>8} " + " ".join(f"{fmt(v[i] if v.dim() == 1 else v[:, i]):>18}"
+                                    for v in table.values()))
 
-# dTRPO's mean over draws is the exact value (within Monte Carlo error): the unbiasedness of §3 on these rollouts
+# dTRPO's mean over draws is the exact value (within Monte Carlo error): the unbiasedness of §3 on
+# these rollouts
 d_ratio = s_pol["dTRPO (c = T_B)"] - s_ref["dTRPO (c = T_B)"]  # (D, Bc)
 exact_ratio = s_pol["exact trajectory"] - s_ref["exact trajectory"]
 assert ((d_ratio.mean(0) - exact_ratio).abs() <= 4 * d_ratio.std(0) / math.sqrt(D) + 1e-9).all()
@@ -415,16 +461,18 @@ gap_orders = (s_ref["exact trajectory"] - s_ref["ELBO L·B̂ (n = 4)"].mean(0)).
 print(f"\nmean over responses of [decoding-order log-prob − ELBO estimate] = {gap_orders:.3f}")
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-for ax, (title, table) in zip(axes, (("log-likelihood under π_ref", s_ref),
-                                      ("log-ratio π_θ / π_ref", {k: s_pol[k] - s_ref[k] for k in s_ref}))):
+panels = (("log-likelihood under π_ref", s_ref),
+          ("log-ratio π_θ / π_ref", {k: s_pol[k] - s_ref[k] for k in s_ref}))
+for ax, (title, table) in zip(axes, panels):
     exact_v = table["exact trajectory"]
     for name, v in table.items():
         if v.dim() == 2:  # the random estimators: mean ± std of one draw
-            ax.errorbar(exact_v.numpy(), v.mean(0).numpy(), yerr=v.std(0).numpy(), fmt="o", ms=4, capsize=2,
-                        label=name)
+            ax.errorbar(exact_v.numpy(), v.mean(0).numpy(), yerr=v.std(0).numpy(), fmt="o", ms=4,
+                        capsize=2, label=name)
     lo, hi = exact_v.min().item(), exact_v.max().item()
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = exact trajectory")
-    ax.set(title=title, xlabel="exact trajectory value", ylabel="estimator (mean ± std of one draw)")
+    ax.set(title=title, xlabel="exact trajectory value",
+           ylabel="estimator (mean ± std of one draw)")
     ax.legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(OUT / "02_estimators.png", dpi=110)
@@ -434,15 +482,15 @@ print(f"saved {OUT / '02_estimators.png'}")
 # %% [markdown]
 # ## Summary
 #
-# - The exact trajectory log-probability costs $T_B$ passes per response (block layout) and reproduces
-#   the sampler's own numbers.
-# - Under random remasking the position term $S_t$ cancels exactly. Under low-confidence remasking it
-#   does not, and the printed gap shows by how much.
-# - dTRPO's $\hat D$ with $c = T_B$ is unbiased for the exact log-ratio at the cost of **one** pass, and
-#   its variance grows with $T_B$.
-# - The ELBO of VRPO / BGPO is the expected log-likelihood over random decoding orders, below $\log p$,
-#   and is estimated without bias by the stratified Monte Carlo average.
+# - The exact trajectory log-probability costs $T_B$ passes per response (block layout) and
+#   reproduces the sampler's own numbers.
+# - Under random remasking the position term $S_t$ cancels exactly. Under low-confidence remasking
+#   it does not, and the printed gap shows by how much.
+# - dTRPO's $\hat D$ with $c = T_B$ is unbiased for the exact log-ratio at the cost of **one** pass,
+#   and its variance grows with $T_B$.
+# - The ELBO of VRPO / BGPO is the expected log-likelihood over random decoding orders, below
+#   $\log p$, and is estimated without bias by the stratified Monte Carlo average.
 #
 # `python -m minidtrpo estimators --help` measures bias, noise, gradient agreement and cost of every
-# estimator against the exact log-ratio at a larger scale. Tutorial 3 puts these estimators into the RL
-# objectives.
+# estimator against the exact log-ratio at a larger scale. Tutorial 3 puts these estimators into the
+# RL objectives.

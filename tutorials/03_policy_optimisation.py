@@ -2,21 +2,21 @@
 # # Tutorial 3: the policy-optimisation objectives
 #
 # Tutorial 2 showed how to score a response of the diffusion LM. This tutorial builds the objectives
-# that use those scores, each a pure function in `minidtrpo.objectives`, and checks the property that
-# justifies each one:
+# that use those scores, each a pure function in `minidtrpo.objectives`, and checks the property
+# that justifies each one:
 #
 # 1. GRPO's group-relative advantages;
-# 2. the clipped surrogate (PPO / GRPO): on-policy its ratio is identically 1, and its gradient is the
-#    REINFORCE gradient;
+# 2. the clipped surrogate (PPO / GRPO): on-policy its ratio is identically 1, and its gradient is
+#    the REINFORCE gradient;
 # 3. DPO on dTRPO's trajectory log-ratio: its loss is log 2 at θ = ref;
-# 4. BGPO's bound (arXiv 2510.11683), $e^\delta \ge 1 + \delta$. On-policy it matches the exp-of-mean ELBO
-#    objective in value and gradient, and it lets the Monte Carlo samples be backpropagated one at a time.
-#    We measure the activation memory autograd keeps for n = 1, 4, 16;
+# 4. BGPO's bound (arXiv 2510.11683), $e^\delta \ge 1 + \delta$. On-policy it matches the
+#    exp-of-mean ELBO objective in value and gradient, and it lets the Monte Carlo samples be
+#    backpropagated one at a time. We measure the activation memory autograd keeps for n = 1, 4, 16;
 # 5. a few iterations of online RL on sudoku with the library's `rl.train_rl`.
 #
-# Run it as `python tutorials/03_policy_optimisation.py` (about a minute on one CPU thread) or open it
-# as a notebook.
-# `MINIDTRPO_TUTORIAL_QUICK=1` makes it a smoke test of a few seconds. The gradient checks run in float64.
+# Run it as `python tutorials/03_policy_optimisation.py` (about a minute on one CPU thread) or open
+# it as a notebook. `MINIDTRPO_TUTORIAL_QUICK=1` makes it a smoke test of a few seconds. The
+# gradient checks run in float64.
 
 # %%
 import copy
@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-QUICK = os.environ.get("MINIDTRPO_TUTORIAL_QUICK", "0") == "1"  # tiny model, few steps: a smoke test
+# tiny model, few steps: a smoke test
+QUICK = os.environ.get("MINIDTRPO_TUTORIAL_QUICK", "0") == "1"
 
 try:  # as a script: this file's folder; as a notebook, the kernel starts in the notebook's folder
     HERE = Path(__file__).resolve().parent
@@ -56,18 +57,20 @@ print(f"quick mode: {QUICK}; figures go to {OUT}")
 
 
 def grads(value, model):
-    """∇_θ value as a list of tensors, one per parameter (the graph is kept for a second gradient)."""
+    """∇_θ value as a list of tensors, one per parameter (the graph is kept for a second
+    gradient)."""
     return torch.autograd.grad(value, list(model.parameters()), retain_graph=True)
 
 
 def max_grad_gap(g1, g2):
     """max |g1 − g2| relative to max |g2| over all parameters."""
-    return max((a - b).abs().max().item() for a, b in zip(g1, g2)) / max(b.abs().max().item() for b in g2)
+    gap = max((a - b).abs().max().item() for a, b in zip(g1, g2))
+    return gap / max(b.abs().max().item() for b in g2)
 
 
 # %% [markdown]
-# The starting point of RL is a supervised (SFT) model, trained here for a short while on sudoku in the
-# block layout. `model64` is a float64 copy, used for the exact checks.
+# The starting point of RL is a supervised (SFT) model, trained here for a short while on sudoku in
+# the block layout. `model64` is a float64 copy, used for the exact checks.
 
 # %%
 if QUICK:
@@ -85,16 +88,19 @@ print(f"SFT start: test exact {sft_metrics['exact']:.2f}, reward {sft_metrics['r
 # %% [markdown]
 # ## 1. GRPO advantages
 #
-# For each prompt we sample a **group** of G responses and compare each reward with the rest of its group:
-# $$A_i = \frac{r_i - \mathrm{mean}_{\mathrm{group}}(r)}{\mathrm{std}_{\mathrm{group}}(r) + 10^{-6}} .$$
+# For each prompt we sample a **group** of G responses and compare each reward with the rest of its
+# group:
+# $$A_i = \frac{r_i - \mathrm{mean}_{\mathrm{group}}(r)}
+#   {\mathrm{std}_{\mathrm{group}}(r) + 10^{-6}} .$$
 # The group mean is the baseline, so no value network is needed. A group whose rewards are all equal
 # carries no signal: every A is exactly 0, and the library reports the share of such groups as
-# `zero_adv_frac`. (`scale_std=False` skips the division, as d1 and Dr. GRPO do.) Below, 4 puzzles × G = 8
-# rollouts at temperature 1:
+# `zero_adv_frac`. (`scale_std=False` skips the division, as d1 and Dr. GRPO do.) Below, 4
+# puzzles × G = 8 rollouts at temperature 1:
 
 # %%
 G = 8
-prompts = task.sample(4, "train", generator=torch.Generator().manual_seed(1))[0].repeat_interleave(G, 0)  # (4G, P)
+prompts = task.sample(4, "train", generator=torch.Generator().manual_seed(1))[0]
+prompts = prompts.repeat_interleave(G, 0)  # (4G, P)
 traj = generate(model64, prompts, temperature=1.0, generator=torch.Generator().manual_seed(2))
 rewards = task.reward(traj.prompts, traj.responses).double()  # (4G,)
 adv, adv_stats = grpo_advantages(rewards, G)
@@ -105,30 +111,36 @@ for g in range(4):
     if (r == r[0]).all():
         assert (a == 0).all()  # flat group: exactly zero, no gradient
     else:
-        assert abs(a.mean().item()) < 1e-9 and abs(a.std().item() - 1) < 1e-4  # mean 0, std 1 per group
+        # mean 0, std 1 per group
+        assert abs(a.mean().item()) < 1e-9 and abs(a.std().item() - 1) < 1e-4
         assert torch.allclose(a, (r - r.mean()) / (r.std() + 1e-6))  # the formula, by hand
 print(f"stats: {adv_stats}")
 flat, _ = grpo_advantages(torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.25, 1.0, 0.5]), 4)
 print(f"a flat group and a mixed one: A = {[round(v, 3) for v in flat.tolist()]}")
 assert (flat[:4] == 0).all() and flat[4:].abs().min() > 0
 centred, _ = grpo_advantages(rewards, G, scale_std=False)  # d1 / Dr. GRPO: r − mean_group(r)
-assert torch.allclose(centred, (rewards.view(-1, G) - rewards.view(-1, G).mean(1, keepdim=True)).flatten())
+assert torch.allclose(centred,
+                      (rewards.view(-1, G) - rewards.view(-1, G).mean(1, keepdim=True)).flatten())
 
 # %% [markdown]
 # ## 2. The clipped surrogate, on-policy
 #
-# With a sequence log-likelihood estimate $\log\hat\pi_\theta$ (here the exact trajectory log-probability
-# of tutorial 2) and the values $\log\hat\pi_{\mathrm{old}}$ recorded when the responses were sampled:
+# With a sequence log-likelihood estimate $\log\hat\pi_\theta$ (here the exact trajectory
+# log-probability of tutorial 2) and the values $\log\hat\pi_{\mathrm{old}}$ recorded when the
+# responses were sampled:
 # $$\rho_i = \exp(\log\hat\pi_\theta(y_i) - \log\hat\pi_{\mathrm{old}}(y_i)),\qquad
-#   \mathcal L = -\frac1B\sum_i \min\big(\rho_i A_i,\ \mathrm{clip}(\rho_i, 1-\epsilon, 1+\epsilon) A_i\big).$$
+#   \mathcal L = -\frac1B\sum_i
+#   \min\big(\rho_i A_i,\ \mathrm{clip}(\rho_i, 1-\epsilon, 1+\epsilon) A_i\big).$$
 # On the first step after sampling, θ = θ_old, so $\rho \equiv 1$. That is inside the clip range, so
-# the min takes $\rho A$, and since $\nabla\rho = \rho\,\nabla\log\hat\pi_\theta = \nabla\log\hat\pi_\theta$,
+# the min takes $\rho A$, and since
+# $\nabla\rho = \rho\,\nabla\log\hat\pi_\theta = \nabla\log\hat\pi_\theta$,
 # $$\nabla\mathcal L = -\frac1B\sum_i A_i\,\nabla\log\hat\pi_\theta(y_i),$$
-# the REINFORCE gradient with the group mean as baseline. The same argument shows that the loss *value*
-# on-policy is $-\mathrm{mean}(A) = 0$, whatever the policy's quality. A policy-gradient loss is not a
-# progress signal; watch the reward.
+# the REINFORCE gradient with the group mean as baseline. The same argument shows that the loss
+# *value* on-policy is $-\mathrm{mean}(A) = 0$, whatever the policy's quality. A policy-gradient
+# loss is not a progress signal; watch the reward.
 #
-# The old values are free: the sampler recorded them, $\log\hat\pi_{\mathrm{old}} = \sum_i$ `logp_at_reveal`.
+# The old values are free: the sampler recorded them, $\log\hat\pi_{\mathrm{old}} = \sum_i$
+# `logp_at_reveal`.
 
 # %%
 logp = trajectory_logprob(model64, traj)  # (B,) with its graph
@@ -137,14 +149,15 @@ loss, stats = clipped_pg_loss(logp, logp_old, adv, eps=0.2)
 ratio = torch.exp(logp - logp_old)
 g_clip, g_reinforce = grads(loss, model64), grads(-(adv * logp).mean(), model64)
 print(f"on-policy: max |ρ − 1| = {(ratio - 1).abs().max():.1e}, clip_frac = {stats['clip_frac']}, "
-      f"loss = {loss.item():.1e}; ∇ clipped loss vs REINFORCE: relative gap {max_grad_gap(g_clip, g_reinforce):.1e}")
+      f"loss = {loss.item():.1e}; ∇ clipped loss vs REINFORCE: "
+      f"relative gap {max_grad_gap(g_clip, g_reinforce):.1e}")
 assert (ratio - 1).abs().max() < 1e-10 and abs(loss.item()) < 1e-9
 assert max_grad_gap(g_clip, g_reinforce) < 1e-8
 
 # %% [markdown]
 # Off-policy (later optimizer steps on the same rollouts), the clip removes the incentive to move ρ
-# further: with A > 0 the objective is flat for ρ > 1 + ε, and with A < 0 it is flat for ρ < 1 − ε. We feed
-# `clipped_pg_loss` a range of log-ratios and differentiate:
+# further: with A > 0 the objective is flat for ρ > 1 + ε, and with A < 0 it is flat for ρ < 1 − ε.
+# We feed `clipped_pg_loss` a range of log-ratios and differentiate:
 
 # %%
 log_rho = torch.linspace(-0.6, 0.6, 121, dtype=torch.float64, requires_grad=True)
@@ -159,30 +172,35 @@ for a in (1.0, -1.0):
     assert (d_obj[clipped_side] == 0).all() and (d_obj[~clipped_side] != 0).all()
     ax.plot(rho.numpy(), objective.detach().numpy(), label=f"A = {a:+.0f}")
 ax.axvspan(0.8, 1.2, color="0.9", label="[1 − ε, 1 + ε]")
-ax.set(xlabel="ρ = π_θ / π_old", ylabel="min(ρA, clip(ρ, 1 ± ε)A)", title="clipped surrogate, ε = 0.2")
+ax.set(xlabel="ρ = π_θ / π_old", ylabel="min(ρA, clip(ρ, 1 ± ε)A)",
+       title="clipped surrogate, ε = 0.2")
 ax.legend()
 fig.tight_layout()
 fig.savefig(OUT / "03_clipped_surrogate.png", dpi=110)
 plt.close(fig)
-print(f"zero gradient exactly on the clipped side, for both signs of A; saved {OUT / '03_clipped_surrogate.png'}")
+print("zero gradient exactly on the clipped side, for both signs of A; "
+      f"saved {OUT / '03_clipped_surrogate.png'}")
 
 # %% [markdown]
 # ## 3. DPO with dTRPO's log-ratio
 #
-# Offline preference optimisation (dTRPO's experiments) needs pairs (chosen $y_w$, rejected $y_l$) and a
-# frozen reference. We sample G responses per prompt from the reference and pair the best with the
-# worst wherever their rewards differ. The loss is DPO's, with the trajectory log-ratio replaced by
-# dTRPO's $\hat D$ (tutorial 2, one pass per response and model):
+# Offline preference optimisation (dTRPO's experiments) needs pairs (chosen $y_w$, rejected $y_l$)
+# and a frozen reference. We sample G responses per prompt from the reference and pair the best with
+# the worst wherever their rewards differ. The loss is DPO's, with the trajectory log-ratio replaced
+# by dTRPO's $\hat D$ (tutorial 2, one pass per response and model):
 # $$\mathcal L = -\,\mathbb E\,\log\sigma\big(\beta\,[\hat D(x, y_w) - \hat D(x, y_l)]\big).$$
-# At θ = ref both $\hat D$ are 0, so $\mathcal L = \log 2$. Since $\frac{d}{dm}[-\log\sigma(m)] = -\tfrac12$
-# at m = 0, the gradient there is $-\frac\beta2\,\mathrm{mean}\,\nabla(\hat D_w - \hat D_l)$: the first step
-# raises the chosen responses' log-ratio relative to the rejected ones'.
+# At θ = ref both $\hat D$ are 0, so $\mathcal L = \log 2$. Since
+# $\frac{d}{dm}[-\log\sigma(m)] = -\tfrac12$ at m = 0, the gradient there is
+# $-\frac\beta2\,\mathrm{mean}\,\nabla(\hat D_w - \hat D_l)$: the first step raises the chosen
+# responses' log-ratio relative to the rejected ones'.
 
 # %%
 ref64 = model64.requires_grad_(False)
 policy = copy.deepcopy(ref64).requires_grad_(True)  # θ = ref
-pair_prompts = task.sample(8, "train", generator=torch.Generator().manual_seed(3))[0].repeat_interleave(G, 0)
-pool = generate(ref64, pair_prompts, steps_per_block=2, temperature=1.0, generator=torch.Generator().manual_seed(4))
+pair_prompts = task.sample(8, "train", generator=torch.Generator().manual_seed(3))[0]
+pair_prompts = pair_prompts.repeat_interleave(G, 0)
+pool = generate(ref64, pair_prompts, steps_per_block=2, temperature=1.0,
+                generator=torch.Generator().manual_seed(4))
 r = task.reward(pool.prompts, pool.responses).view(-1, G)  # (prompts, G)
 keep = r.max(1).values > r.min(1).values  # prompts whose responses differ in reward
 best, worst = r.argmax(1), r.argmin(1)
@@ -195,34 +213,39 @@ beta = 0.5
 d_w, d_l = dtrpo_logratio(policy, ref64, chosen, s_w), dtrpo_logratio(policy, ref64, rejected, s_l)
 loss, stats = dpo_loss(d_w, d_l, beta)
 g_dpo, g_expected = grads(loss, policy), grads(-(beta / 2) * (d_w - d_l).mean(), policy)
-print(f"{int(keep.sum())} pairs; at θ = ref: loss = {loss.item():.12f}, log 2 = {math.log(2):.12f}; "
+print(f"{int(keep.sum())} pairs; at θ = ref: loss = {loss.item():.12f}, "
+      f"log 2 = {math.log(2):.12f}; "
       f"∇ vs −(β/2)·∇mean(D̂_w − D̂_l): relative gap {max_grad_gap(g_dpo, g_expected):.1e}")
 assert abs(loss.item() - math.log(2)) < 1e-12 and max_grad_gap(g_dpo, g_expected) < 1e-8
 grad_norm = torch.sqrt(sum((g ** 2).sum() for g in g_dpo))
 with torch.no_grad():  # one small gradient step on the DPO loss: length 0.01 in parameter space
     for p, g in zip(policy.parameters(), g_dpo):
         p -= 0.01 * g / grad_norm
-    d_w2, d_l2 = dtrpo_logratio(policy, ref64, chosen, s_w), dtrpo_logratio(policy, ref64, rejected, s_l)
+    d_w2 = dtrpo_logratio(policy, ref64, chosen, s_w)
+    d_l2 = dtrpo_logratio(policy, ref64, rejected, s_l)
 loss2, stats2 = dpo_loss(d_w2, d_l2, beta)
-print(f"after one step: loss {loss2.item():.4f} (< log 2), margin β·(D̂_w − D̂_l) = {stats2['margin']:+.4f}")
+print(f"after one step: loss {loss2.item():.4f} (< log 2), "
+      f"margin β·(D̂_w − D̂_l) = {stats2['margin']:+.4f}")
 assert loss2.item() < math.log(2) and stats2["margin"] > 0
 
 # %% [markdown]
 # ## 4. BGPO: a linear bound that backpropagates one sample at a time
 #
 # BGPO works with the ELBO of tutorial 2. With n Monte Carlo masks shared by the policy and the old
-# policy, let $d_j = \ell^{(j)}_\theta - \ell^{(j)}_{\mathrm{old}}$. The natural on-policy objective is the
-# exp-of-mean ratio ("VRPO-OL"):
+# policy, let $d_j = \ell^{(j)}_\theta - \ell^{(j)}_{\mathrm{old}}$. The natural on-policy objective
+# is the exp-of-mean ratio ("VRPO-OL"):
 # $$\hat R = A\,\exp\Big(\frac1n\sum_j d_j\Big).$$
 # Its gradient couples all n samples through the exponential, so all n graphs must stay alive until
-# backward, and memory grows with n. BGPO maximises a lower bound that is a **sum** of per-sample terms:
+# backward, and memory grows with n. BGPO maximises a lower bound that is a **sum** of per-sample
+# terms:
 # $$\hat R_{\mathrm{lb}} = \sum_j g_j,\qquad g_j = \begin{cases}
 #   A\,(1 + d_j)/n & A \ge 0 \quad (e^\delta \ge 1+\delta,\ \text{tangent at } 0)\\
-#   A\,e^{d_j}/n & A < 0 \quad (\text{Jensen: } e^{\mathrm{mean}\,d} \le \mathrm{mean}\,e^{d})\end{cases}$$
+#   A\,e^{d_j}/n & A < 0 \quad (\text{Jensen: } e^{\mathrm{mean}\,d} \le \mathrm{mean}\,e^{d})
+#   \end{cases}$$
 # In both cases $g$ sums to at most $\hat R$ (for A < 0, multiplying Jensen by A flips it). Each
 # $g_j$ depends on one sample, so we can backpropagate sample j and free its graph before building
-# sample j + 1. On-policy every $d_j = 0$, and the values and gradients of both objectives equal $A$ and
-# $\frac{A}{n}\sum_j \nabla \ell^{(j)}_\theta$.
+# sample j + 1. On-policy every $d_j = 0$, and the values and gradients of both objectives equal $A$
+# and $\frac{A}{n}\sum_j \nabla \ell^{(j)}_\theta$.
 #
 # First the two inequalities, numerically:
 
@@ -238,7 +261,8 @@ fig, ax = plt.subplots(figsize=(5, 3.5))
 ax.plot(delta.numpy(), delta.exp().numpy(), label="e^δ (exp-of-mean ratio)")
 ax.plot(delta.numpy(), (1 + delta).numpy(), "--", label="1 + δ (BGPO, A ≥ 0)")
 ax.axvline(0, color="0.7", lw=0.8)
-ax.set(xlabel="δ = mean_j d_j", ylabel="ratio surrogate", title="BGPO's tangent-line bound, equal at δ = 0")
+ax.set(xlabel="δ = mean_j d_j", ylabel="ratio surrogate",
+       title="BGPO's tangent-line bound, equal at δ = 0")
 ax.legend()
 fig.tight_layout()
 fig.savefig(OUT / "03_bgpo_bound.png", dpi=110)
@@ -247,8 +271,8 @@ print(f"saved {OUT / '03_bgpo_bound.png'}")
 
 # %% [markdown]
 # Now on the model, with advantages of both signs. On-policy ($\ell_{\mathrm{old}}$ from the same
-# weights) we check three things: the bound's value equals the exp-of-mean objective's; its gradient is
-# the same; and `bgpo_accumulate`, which runs backward once per sample, leaves the same `.grad`.
+# weights) we check three things: the bound's value equals the exp-of-mean objective's; its gradient
+# is the same; and `bgpo_accumulate`, which runs backward once per sample, leaves the same `.grad`.
 # Off-policy, with θ moved a little, the bound lies below $\hat R$ for every sequence.
 
 # %%
@@ -264,10 +288,12 @@ terms, _ = bgpo_loss_terms(ell, ell_old, A)  # Σ terms = −mean_i R̂_lb,i
 base, _ = elbo_ratio_loss(ell, ell_old, A)  # −mean_i R̂_i
 g_bgpo, g_base = grads(terms.sum(), elbo_model), grads(base, elbo_model)
 elbo_model.zero_grad()
-total, _ = bgpo_accumulate(lambda j: elbo_terms(elbo_model, x, y, masks[:, j:j + 1])[:, 0], ell_old, A)
+total, _ = bgpo_accumulate(lambda j: elbo_terms(elbo_model, x, y, masks[:, j:j + 1])[:, 0],
+                           ell_old, A)
 g_acc = [p.grad for p in elbo_model.parameters()]
-print(f"on-policy: bound {-terms.sum().item():.10f} vs exp-of-mean {-base.item():.10f} (= mean A = {A.mean():.10f}); "
-      f"gradient gap {max_grad_gap(g_bgpo, g_base):.1e}; per-sample accumulation gap {max_grad_gap(g_acc, g_base):.1e}")
+print(f"on-policy: bound {-terms.sum().item():.10f} vs exp-of-mean {-base.item():.10f} "
+      f"(= mean A = {A.mean():.10f}); gradient gap {max_grad_gap(g_bgpo, g_base):.1e}; "
+      f"per-sample accumulation gap {max_grad_gap(g_acc, g_base):.1e}")
 assert abs(terms.sum().item() - base.item()) < 1e-12 and abs(total.item() - base.item()) < 1e-12
 assert max_grad_gap(g_bgpo, g_base) < 1e-8 and max_grad_gap(g_acc, g_base) < 1e-8
 
@@ -285,12 +311,13 @@ assert (bound <= exact + 1e-12).all()
 
 # %% [markdown]
 # **Memory.** `torch.autograd.graph.saved_tensors_hooks` sees every tensor that autograd saves for
-# backward. We count their bytes while they are alive and keep the peak. This is the activation memory, on
-# any device. For n = 1, 4, 16 samples per response, BGPO's per-sample accumulation stays flat, while the
-# exp-of-mean objective keeps all n graphs at once.
+# backward. We count their bytes while they are alive and keep the peak. This is the activation
+# memory, on any device. For n = 1, 4, 16 samples per response, BGPO's per-sample accumulation stays
+# flat, while the exp-of-mean objective keeps all n graphs at once.
 
 # %%
-from minidtrpo.meters import SavedBytes  # a saved_tensors_hooks pair that counts bytes alive and at peak
+# a saved_tensors_hooks pair that counts bytes alive and at peak
+from minidtrpo.meters import SavedBytes
 
 
 mem_model = copy.deepcopy(model).requires_grad_(True)  # float32, as in training
@@ -303,7 +330,8 @@ for n in (1, 4, 16):
     for name in peaks:
         with SavedBytes() as meter:
             if name.startswith("BGPO"):
-                bgpo_accumulate(lambda j: elbo_terms(mem_model, xm, ym, masks[:, j:j + 1])[:, 0], ell_old, Am)
+                bgpo_accumulate(lambda j: elbo_terms(mem_model, xm, ym, masks[:, j:j + 1])[:, 0],
+                                ell_old, Am)
             else:
                 elbo_ratio_loss(elbo_terms(mem_model, xm, ym, masks), ell_old, Am)[0].backward()
         peaks[name][n] = meter.peak / 2**20
@@ -326,22 +354,24 @@ print(f"saved {OUT / '03_bgpo_memory.png'}")
 # %% [markdown]
 # ## 5. A few iterations of online RL
 #
-# `rl.train_rl` runs the whole loop. Each iteration samples `num_prompts` puzzles × G rollouts from the
-# current policy, scores them with the task reward, computes GRPO advantages, drops flat groups, and
-# takes an optimizer step. For `objective="full_trajectory"` the step uses the clipped surrogate on the
-# exact trajectory log-probability (§2). For `"bgpo"` it uses the per-sample bound on the ELBO (§4). Each
-# run writes `metrics.jsonl`, `curves.png` and a checkpoint to its `out_dir`, and evaluates greedily on
-# the test set at the start and at the end.
+# `rl.train_rl` runs the whole loop. Each iteration samples `num_prompts` puzzles × G rollouts from
+# the current policy, scores them with the task reward, computes GRPO advantages, drops flat groups,
+# and takes an optimizer step. For `objective="full_trajectory"` the step uses the clipped surrogate
+# on the exact trajectory log-probability (§2). For `"bgpo"` it uses the per-sample bound on the
+# ELBO (§4). Each run writes `metrics.jsonl`, `curves.png` and a checkpoint to its `out_dir`, and
+# evaluates greedily on the test set at the start and at the end.
 #
 # **Be warned:** 20 iterations (2 in quick mode) of 8 puzzles × 8 rollouts are far too few to see
-# learning. The test scores before and after are printed, but differences of this size are noise, and so
-# are the swings of the per-iteration reward, which is measured on different puzzles every iteration.
-# What this section shows is the loop and its logged metrics (`rl.METRICS` defines each one).
+# learning. The test scores before and after are printed, but differences of this size are noise,
+# and so are the swings of the per-iteration reward, which is measured on different puzzles every
+# iteration. What this section shows is the loop and its logged metrics (`rl.METRICS` defines each
+# one).
 
 # %%
 ITERS = 2 if QUICK else 20
-rl_common = dict(init=str(SFT_CKPT), num_prompts=4 if QUICK else 8, num_generations=G, max_iters=ITERS,
-                 eval_every=0, eval_n=16 if QUICK else 200, kl_rollouts=0, lr=1e-4, device="cpu", seed=0)
+rl_common = dict(init=str(SFT_CKPT), num_prompts=4 if QUICK else 8, num_generations=G,
+                 max_iters=ITERS, eval_every=0, eval_n=16 if QUICK else 200, kl_rollouts=0,
+                 lr=1e-4, device="cpu", seed=0)
 history = {}
 for objective in ("full_trajectory", "bgpo"):
     out_dir = OUT / f"03_rl_{objective}"
@@ -354,15 +384,17 @@ for objective in ("full_trajectory", "bgpo"):
     print(f"\n{objective}: {time.perf_counter() - t0:.0f} s")
     print(f"{'iter':>4} {'reward_mean':>11} {'exact':>6} {'zero_adv_frac':>13} {'update_s':>8}")
     for r in history[objective]:
-        print(f"{r['iter']:>4} {r['reward_mean']:>11.3f} {r['exact']:>6.3f} {r['zero_adv_frac']:>13.2f} "
-              f"{r['update_s']:>8.2f}")
-    print(f"test exact: {tests[0]['test_exact']:.3f} at the start, {tests[-1]['test_exact']:.3f} after {ITERS} "
-          f"iterations ({rl_common['eval_n']} puzzles, greedy)")
+        print(f"{r['iter']:>4} {r['reward_mean']:>11.3f} {r['exact']:>6.3f} "
+              f"{r['zero_adv_frac']:>13.2f} {r['update_s']:>8.2f}")
+    print(f"test exact: {tests[0]['test_exact']:.3f} at the start, "
+          f"{tests[-1]['test_exact']:.3f} after {ITERS} iterations "
+          f"({rl_common['eval_n']} puzzles, greedy)")
     assert len(history[objective]) == ITERS
 
 fig, ax = plt.subplots(figsize=(5.5, 3.5))
 for objective, rows in history.items():
-    ax.plot([r["iter"] for r in rows], [r["reward_mean"] for r in rows], "o-", ms=3, label=objective)
+    ax.plot([r["iter"] for r in rows], [r["reward_mean"] for r in rows], "o-", ms=3,
+            label=objective)
 ax.set(xlabel="iteration", ylabel="mean reward of the rollouts", ylim=(0, 1),
        title=f"{ITERS} iterations: too few to see learning")
 ax.legend()
@@ -381,5 +413,7 @@ cc = CompareConfig()
 n_runs = len(cc.objectives.split(",")) * len(cc.seeds.split(","))
 print(f"python -m minidtrpo compare: {n_runs} runs ({cc.objectives.count(',') + 1} objectives × "
       f"{len(cc.seeds.split(','))} seeds) × {cc.budget:.0f} s + {cc.sft_budget:.0f} s of SFT "
-      f"≈ {(n_runs * cc.budget + cc.sft_budget) / 60:.0f} minutes of training, plus evaluation and pair sampling")
-print("options: python -m minidtrpo compare --help (e.g. --objectives=full_trajectory,bgpo --budget=120 --seeds=0)")
+      f"≈ {(n_runs * cc.budget + cc.sft_budget) / 60:.0f} minutes of training, "
+      "plus evaluation and pair sampling")
+print("options: python -m minidtrpo compare --help "
+      "(e.g. --objectives=full_trajectory,bgpo --budget=120 --seeds=0)")

@@ -1,0 +1,185 @@
+"""Every bad input is refused before any work: exit code 2, one line on stderr naming the option or
+the file and what is valid, no traceback, and no file created or changed.
+
+The table has two parts: invocations generated from the config dataclasses (each option's type,
+choices and bounds, across every command), and hand-written ones for the rules between options and
+for missing, empty, truncated, corrupt and wrong-kind files, and run folders that belong to another
+run. A non-finite run (`--lr=1e30`) stops itself with one line and exit code 3 and never writes a
+non-finite checkpoint.
+"""
+
+import dataclasses
+import json
+import os
+import typing
+
+import pytest
+import torch
+
+from minidtrpo.__main__ import COMMANDS, main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+TINY = ["--d_model=32", "--n_layers=2", "--n_heads=2", "--batch_size=16", "--eval_n=8",
+        "--device=cpu"]
+
+
+def below(f, hints):
+    """A value just outside the field's declared bounds (None if it has none)."""
+    bounds, typ = f.metadata.get("bounds", {}), hints[f.name]
+    step = 1 if typ is int else 0.5
+    for op, edge in bounds.items():
+        return {"ge": edge - step, "gt": edge, "le": edge + step, "lt": edge}[op]
+    return None
+
+
+def generated():
+    """(argv, expected words) for every option of every command: wrong type, bad choice, bound."""
+    cases = []
+    for name, (config, _, _) in COMMANDS.items():
+        hints = typing.get_type_hints(config)
+        cases.append(([name, "--no_such_option=1"], "unknown option --no_such_option"))
+        for f in dataclasses.fields(config):
+            typ = hints[f.name]
+            if typ in (int, float):
+                cases.append(([name, f"--{f.name}=abc"], f"--{f.name}='abc' is not a valid"))
+            if typ is bool:
+                cases.append(([name, f"--{f.name}=maybe"], "is not a boolean"))
+            if f.metadata.get("choices"):
+                cases.append(([name, f"--{f.name}=nonsense"], "choose one of"))
+            value = below(f, hints)
+            if value is not None:
+                cases.append(([name, f"--{f.name}={value}"], f"--{f.name}="))
+        cases.append(([name, "--device=tpu"], "the devices this machine has"))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, single_thread):
+    """A tiny checkpoint, its pairs, an addition checkpoint, an rl run folder and damaged files."""
+    root = tmp_path_factory.mktemp("files")
+    main(["sft", "--task=sudoku", *TINY, "--max_steps=2", f"--out_dir={root / 'sft'}"])
+    main(["sft", "--task=addition", *TINY, "--max_steps=2", f"--out_dir={root / 'add'}"])
+    good = str(root / "sft" / "checkpoint.pt")
+    main(["pairs", f"--init={good}", "--num_prompts=8", "--num_generations=4", "--device=cpu",
+          f"--out={root / 'pairs.pt'}"])
+    main(["rl", f"--init={good}", "--num_prompts=2", "--num_generations=2", "--max_iters=1",
+          "--eval_n=8", "--kl_rollouts=0", "--device=cpu", f"--out_dir={root / 'rl'}"])
+    data = open(good, "rb").read()
+    (root / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (root / "random.pt").write_bytes(os.urandom(4096))
+    (root / "empty.pt").write_bytes(b"")
+    (root / "a_folder").mkdir()
+    (root / "list.pt").write_bytes(b"")
+    torch.save([1, 2, 3], root / "list.pt")
+    return root
+
+
+def handwritten(r):
+    """(argv, expected words): rules between options, and files of every wrong kind."""
+    good, pairs = f"{r}/sft/checkpoint.pt", f"{r}/pairs.pt"
+    bad_files = {"missing": f"{r}/nope.pt", "truncated": f"{r}/truncated.pt",
+                 "random": f"{r}/random.pt", "empty": f"{r}/empty.pt", "folder": f"{r}/a_folder",
+                 "list": f"{r}/list.pt"}
+    cases = [
+        (["sft", "--block_size=3"], "divisor of the response length"),
+        (["sft", "--steps_per_block=99"], "--steps_per_block=99"),
+        (["sft", "--eval_every=0", "--steps_per_block=99"], "--steps_per_block=99"),
+        (["sft", "--n_heads=3"], "--n_heads=3"),
+        (["sft", "--task_options=max_blanks=99"], "max_blanks=99"),
+        (["sft", "--task_options=nope=1"], "nope"),
+        (["sft", "--task=addition", "--task_options=digits=x"], "digits"),
+        (["sft", "--task_options=max_blanks"], "key=value"),
+        (["rl", "--objective=bgpo", "--beta=0.1"], "--beta=0.1"),
+        (["rl", f"--init={good}", "--steps_per_block=99", f"--out_dir={r}/x"], "0..4"),
+        (["dpo", f"--init={good}", f"--pairs={pairs}", "--steps_per_block=9", f"--out_dir={r}/x"],
+         "0..4"),
+        (["eval", f"--ckpt={good}", "--steps_per_block=5"], "0..4"),
+        (["compare", "--seeds=a"], "--seeds"), (["compare", "--seeds="], "--seeds"),
+        (["compare", "--objectives=ppo"], "--objectives"),
+        (["compare", "--lr_overrides=diffu_grpo=abc"], "--lr_overrides"),
+        (["compare", "--lr_overrides=ppo=1e-4"], "--lr_overrides"),
+        (["compare", "--rl_args=out_dir=/elsewhere"], "--rl_args"),
+        (["compare", "--dpo_args=nope=1"], "unknown option --nope"),
+        (["compare", "--sft_args=lr=fast"], "--lr='fast'"),
+        (["compare", f"--init={r}/nope.pt", f"--out_dir={r}/c"], "no such file"),
+        (["sft", "--resume", f"--out_dir={r}/empty_run"], "no such file"),
+        (["rl", f"--init={good}", "--resume", f"--out_dir={r}/sft"], "holds another run"),
+        (["dpo", f"--init={good}", f"--pairs={pairs}", "--resume", f"--out_dir={r}/rl"],
+         "holds another run"),
+        (["rl", f"--init={r}/add/checkpoint.pt", "--resume", f"--out_dir={r}/rl"],
+         "holds another run"),
+        (["dpo", f"--init={r}/add/checkpoint.pt", f"--pairs={pairs}", f"--out_dir={r}/x"],
+         "pairs"),
+        (["dpo", f"--init={good}", f"--pairs={good}", f"--out_dir={r}/x"], "a checkpoint"),
+        (["eval", f"--ckpt={pairs}"], "a pairs file"),
+    ]
+    for kind, path in bad_files.items():
+        cases += [(["eval", f"--ckpt={path}"], path), (["estimators", f"--ckpt={path}"], path),
+                  (["rl", f"--init={path}", f"--out_dir={r}/x"], path),
+                  (["pairs", f"--init={path}", f"--out={r}/x.pt"], path),
+                  (["dpo", f"--init={path}", f"--pairs={pairs}", f"--out_dir={r}/x"], path),
+                  (["dpo", f"--init={good}", f"--pairs={path}", f"--out_dir={r}/x"], path),
+                  (["sft", f"--init={path}", f"--out_dir={r}/x"], path)]
+    return cases
+
+
+def tree(root):
+    """Every file below root with its size and modification time."""
+    return {os.path.join(d, n): (os.stat(os.path.join(d, n)).st_size,
+                                 os.stat(os.path.join(d, n)).st_mtime_ns)
+            for d, _, names in os.walk(root) for n in names}
+
+
+def test_at_least_100_bad_invocations_each_one_line_exit_2_nothing_written(files, tmp_path,
+                                                                            monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # default output folders (runs/...) would land here
+    cases = generated() + handwritten(files)
+    assert len(cases) >= 100
+    before, failures = (tree(files), tree(tmp_path)), []
+    for argv, words in cases:
+        capsys.readouterr()
+        try:
+            main(argv)
+            failures.append(f"{argv}: ran")
+            continue
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        if code != 2 or len(err) != 1 or not err[0].startswith("error: ") or words not in err[0]:
+            failures.append(f"{argv}: exit {code}, stderr {err}")
+    assert not failures, "\n".join(failures)
+    assert (tree(files), tree(tmp_path)) == before  # no file created, changed or removed
+
+
+def test_non_finite_training_stops_with_one_line_and_keeps_the_last_finite_checkpoint(files,
+                                                                                      tmp_path,
+                                                                                      capsys):
+    good = f"{files}/sft/checkpoint.pt"
+    out = tmp_path / "rl"
+    with pytest.raises(SystemExit) as e:
+        main(["rl", f"--init={good}", "--lr=1e30", "--num_prompts=4", "--num_generations=4",
+              "--eval_n=8", "--kl_rollouts=0", "--max_iters=40", "--device=cpu",
+              f"--out_dir={out}"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    iters = [r for r in rows if "test_exact" not in r]
+    assert all(r["skipped_steps"] >= 1 for r in iters[-10:])  # ten in a row, each one undone
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["iter"] == 0  # the start, the last finite state saved
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_a_live_run_holds_its_folder(files, tmp_path):
+    """A second run in a folder whose lock names a live process is refused; a dead one's lock is
+    taken over (here: this test process is the live one, pid 2**22 + 1 is not)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "lock").write_text(str(os.getpid()))
+    with pytest.raises(SystemExit) as e:
+        main(["sft", *TINY, "--max_steps=1", f"--out_dir={out}"])
+    assert e.value.code == 2
+    (out / "lock").write_text(str(2**22 + 1))
+    main(["sft", *TINY, "--max_steps=1", f"--out_dir={out}"])
+    assert not (out / "lock").exists() and (out / "checkpoint.pt").exists()
