@@ -238,7 +238,8 @@ def compare(cfg: CompareConfig) -> str:
     if cfg.init:
         load(cfg.init)  # a missing or damaged start stops here, before any run
     for cls, text, prog in [(SFTConfig, cfg.sft_args, "sft"), (RLConfig, cfg.rl_args, "rl"),
-                            (DPOConfig, cfg.dpo_args, "dpo"), (PairsConfig, cfg.pairs_args, "pairs")]:
+                            (DPOConfig, cfg.dpo_args, "dpo"),
+                            (PairsConfig, cfg.pairs_args, "pairs")]:
         parse(cls, _options(text), prog)  # a bad pass-through option stops here, before any run
     os.makedirs(cfg.out_dir, exist_ok=True)
     init = cfg.init or sft_start(cfg)

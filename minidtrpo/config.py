@@ -95,14 +95,14 @@ class Config:
 
 
 def _bounds_text(f) -> str:
-    """'an int >= 1', 'a number > 0 and <= 1': what a field's bounds allow, for messages and --help."""
+    """'an int >= 1', 'a number > 0 and <= 1': what a field's bounds allow (messages, --help)."""
     kind = "an int" if type(f.default) is int else "a number"
     bounds = f.metadata.get("bounds", {})
     return f"{kind} " + " and ".join(f"{_OPS[k][0]} {v:g}" for k, v in bounds.items())
 
 
 def device_problem(name: str):
-    """None if `name` is a device this machine has (auto, cpu, cuda, cuda:N, mps), else the valid ones."""
+    """None if this machine has device `name` (auto, cpu, cuda, cuda:N, mps), else what it has."""
     have = ["auto", "cpu"] + (["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
                               if torch.cuda.is_available() else [])
     have += ["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() \

@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import (BadInput, Config, arg, atomic_save, autocast, device_problem, fail, pick_device,
-                     read_saved)
+from .config import (BadInput, Config, arg, atomic_save, autocast, device_problem, fail,
+                     pick_device, read_saved)
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms,
                          reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
                          sample_elbo_masks, trajectory_logprob)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, check, device_problem,
-                     parse_options, pick_device, read_saved, write_json)
+from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, check,
+                     device_problem, parse_options, pick_device, read_saved, write_json)
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .sampling import Trajectory, generate
@@ -92,7 +92,7 @@ class SFTConfig(RunConfig):
 
 
 def task_from(name: str, options: str):
-    """The task `name` with its `key=value,...` options; a bad option raises one clear ValueError."""
+    """The task `name` with its `key=value,...` options; a bad option: one clear ValueError."""
     try:
         return get_task(name, **parse_options(options))
     except ValueError as e:

@@ -1,6 +1,6 @@
-"""Interrupted runs lose nothing: sft, rl and dpo killed (SIGINT or SIGKILL) at some point of a real run,
-then resumed with --resume, write the same metrics.jsonl as a run that was never interrupted (timing fields
-aside), with no row lost or repeated, and leave no temporary file behind."""
+"""Interrupted runs lose nothing: sft, rl and dpo killed (SIGINT or SIGKILL) at some point of a real
+run, then resumed with --resume, write the same metrics.jsonl as a run that was never interrupted
+(timing fields aside), with no row lost or repeated, and leave no temporary file behind."""
 
 import json
 import os
@@ -15,8 +15,8 @@ from minidtrpo.__main__ import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TIMING = {"train_seconds", "tokens_per_s", "rollout_s", "update_s", "rss_mb", "cuda_peak_mb"}
-SFT = ["sft", "--task=sudoku", "--d_model=32", "--n_layers=2", "--n_heads=2", "--batch_size=32", "--eval_n=8",
-       "--eval_every=7", "--device=cpu"]
+SFT = ["sft", "--task=sudoku", "--d_model=32", "--n_layers=2", "--n_heads=2", "--batch_size=32",
+       "--eval_n=8", "--eval_every=7", "--device=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,11 @@ def command(kind, start):
     if kind == "sft":
         return [*SFT, "--max_steps=150"]
     if kind == "rl":
-        return ["rl", f"--init={ckpt}", "--objective=bgpo", "--num_prompts=4", "--num_generations=4",
-                "--n_mc=2", "--eval_n=8", "--eval_every=3", "--kl_rollouts=4", "--max_iters=24", "--device=cpu"]
-    return ["dpo", f"--init={ckpt}", f"--pairs={pairs}", "--batch_size=4", "--eval_n=8", "--eval_every=5",
-            "--epochs=100", "--max_iters=60", "--device=cpu"]
+        return ["rl", f"--init={ckpt}", "--objective=bgpo", "--num_prompts=4",
+                "--num_generations=4", "--n_mc=2", "--eval_n=8", "--eval_every=3",
+                "--kl_rollouts=4", "--max_iters=24", "--device=cpu"]
+    return ["dpo", f"--init={ckpt}", f"--pairs={pairs}", "--batch_size=4", "--eval_n=8",
+            "--eval_every=5", "--epochs=100", "--max_iters=60", "--device=cpu"]
 
 
 def untimed(out_dir):
@@ -49,8 +50,8 @@ def untimed(out_dir):
 def run_and_kill(argv, out_dir, sig, after_rows):
     """Start the run as a subprocess; send `sig` once metrics.jsonl holds `after_rows` rows."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "minidtrpo", *argv, f"--out_dir={out_dir}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "minidtrpo", *argv, f"--out_dir={out_dir}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path, deadline = os.path.join(out_dir, "metrics.jsonl"), time.time() + 120
     while proc.poll() is None and time.time() < deadline:
         if os.path.exists(path) and sum(1 for _ in open(path)) >= after_rows:
@@ -65,10 +66,11 @@ def test_killed_and_resumed_run_writes_the_same_metrics(kind, start, tmp_path):
     argv = command(kind, start)
     main([*argv, f"--out_dir={tmp_path / 'straight'}"])
     expected = untimed(tmp_path / "straight")
-    for k, (sig, after_rows) in enumerate([(signal.SIGKILL, 10), (signal.SIGINT, 17), (signal.SIGKILL, 26)]):
+    points = [(signal.SIGKILL, 10), (signal.SIGINT, 17), (signal.SIGKILL, 26)]  # rows logged
+    for k, (sig, after_rows) in enumerate(points):
         out = tmp_path / f"killed{k}"
         code = run_and_kill(argv, out, sig, after_rows)
-        assert code == (-9 if sig == signal.SIGKILL else 130), "the run ended before it was interrupted"
+        assert code == (-9 if sig == signal.SIGKILL else 130), "it ended before the signal"
         assert len(untimed(out)) < len(expected)
         main([*argv, f"--out_dir={out}", "--resume"])
         assert untimed(out) == expected, f"{sig!r} after {after_rows} rows"
