@@ -91,9 +91,6 @@ class DPOConfig(RunConfig):
                           "full layout; docs/math.md §4.3)", ELBO_MASKS)
     batch_size: int = arg(16, "pairs per optimizer step", ge=1)
     epochs: float = arg(3.0, "passes over the pairs (capped: departure 5)", gt=0)
-    lr: float = arg(1e-4, "AdamW learning rate, constant", gt=0)
-    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
-    grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0)
     max_iters: int = arg(100_000, "stop after this many optimizer steps (also capped by epochs)",
                          ge=1)
     eval_every: int = arg(20, "evaluate and checkpoint every this many steps (0: at the end)",

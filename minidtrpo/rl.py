@@ -81,9 +81,6 @@ class RLConfig(RunConfig):
     steps_per_block: int = arg(0, "sampler steps per block T_B for rollouts and evaluation (0: b)",
                                ge=0)
     num_iterations: int = arg(1, "optimizer steps per rollout batch μ (1 = on-policy)", ge=1)
-    lr: float = arg(1e-4, "AdamW learning rate, constant (tune per objective: README)", gt=0)
-    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
-    grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0)
     clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; inert on-policy)",
                           ge=0)
     beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, diffu_grpo only)",

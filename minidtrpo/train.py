@@ -51,6 +51,10 @@ class RunConfig(Config):
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
     out_dir: str = arg("runs/run", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves")
     resume: bool = arg(False, "continue the run saved in out_dir")
+    lr: float = arg(1e-4, "AdamW learning rate (rl, dpo: constant; tune per objective: README)",
+                    gt=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
+    grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0)
 
 
 @dataclass
@@ -70,8 +74,6 @@ class SFTConfig(RunConfig):
     min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of lr (cosine decay)",
                               ge=0, le=1)
     warmup_steps: int = arg(50, "linear warm-up steps", ge=0)
-    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
-    grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0)
     ema: float = arg(0.99, "EMA decay of the evaluated weights (0: no EMA)", ge=0, lt=1)
     max_steps: int = arg(100_000, "stop after this many optimizer steps", ge=1)
     eval_every: int = arg(100, "evaluate and checkpoint every this many steps (0: at the end)",
