@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minidtrpo.config import Config, arg, device_problem, parse, pick_device
+from minidtrpo.config import Config, arg, device_problem, folder_problem, parse, pick_device
 from minidtrpo.model import LAYOUTS, MaskedDiffusionTransformer
 from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
 from minidtrpo.rl import UPDATES, RLConfig
@@ -119,7 +119,8 @@ class BenchConfig(Config):
                                valid=lambda g: None if g % 2 == 0 else "an even int")
     repeat: int = arg(3, "timed runs per update (the median is reported)", ge=1)
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
-    out: str = arg("runs/bench_objectives", "folder for the JSON and the figure")
+    out: str = arg("runs/bench_objectives", "folder for the JSON and the figure",
+                   valid=folder_problem)
 
 
 def main():

@@ -20,7 +20,8 @@ class EvalConfig(Config):
     ckpt: str = arg("runs/sft/checkpoint.pt", "checkpoint to evaluate")
     split: str = arg("test", "which problems", ("train", "test"))
     n: int = arg(500, "number of problems", ge=1)
-    seed: int = arg(0, "seed of the problem set (and of sampling when temperature > 0)")
+    seed: int = arg(0, "seed of the problem set (and of sampling when temperature > 0)", ge=0,
+                    lt=2**31)
     temperature: float = arg(0.0, "sampling temperature (0 = greedy)", ge=0)
     steps_per_block: int = arg(0, "sampler steps per block (0: one token per step)", ge=0)
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)

@@ -16,12 +16,15 @@ Choices:
    command after an interruption continues it.
 """
 
+import math
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
-from .config import Config, arg, check, device_problem, fail, parse, parse_options, read_saved
+from .config import (Config, RunStopped, arg, check, device_problem, folder_problem, parse,
+                     parse_options, read_saved)
 from .model import LAYOUTS
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .rl import OBJECTIVES, RLConfig, train_rl
@@ -64,7 +67,8 @@ class CompareConfig(Config):
     max_iters: int = arg(100_000, "also stop a run after this many iterations", ge=1)
     subprocess: bool = arg(True, "one subprocess per run (clean peak memory); false: in-process")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
-    out_dir: str = arg("runs/compare", "folder of the runs, compare.md and compare.png")
+    out_dir: str = arg("runs/compare", "folder of the runs, compare.md and compare.png",
+                       valid=folder_problem)
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,7 +97,7 @@ def _options(text: str) -> list[str]:
     return [f"--{item}" for item in filter(None, text.split(","))]
 
 
-def _reusable(folder: str, config) -> str:
+def reusable(folder: str, config) -> str:
     """'done' if folder holds a finished run of this config, 'partial' if an unfinished one, else
     'new'. An option added after the run was saved counts as its default value."""
     ckpt = os.path.join(folder, "checkpoint.pt")
@@ -106,13 +110,35 @@ def _reusable(folder: str, config) -> str:
     return "done" if state["finished"] else "partial"
 
 
+def sft_argv(cfg: CompareConfig) -> list[str]:
+    return [f"--task={cfg.task}", f"--task_options={cfg.task_options}", f"--layout={cfg.layout}",
+            f"--time_budget={cfg.sft_budget}", f"--eval_n={cfg.eval_n}", f"--device={cfg.device}",
+            f"--out_dir={os.path.join(cfg.out_dir, 'sft')}", *_options(cfg.sft_args)]
+
+
+def pairs_argv(cfg: CompareConfig, init: str, seed: int) -> list[str]:
+    return [f"--init={init}", f"--seed={seed}", f"--device={cfg.device}",
+            f"--out={os.path.join(cfg.out_dir, f'pairs_seed{seed}.pt')}", *_options(cfg.pairs_args)]
+
+
+def run_argv(cfg: CompareConfig, name: str, seed: int, init: str) -> tuple[str, type, list[str]]:
+    """(command, its config class, its options) of objective `name` for one seed."""
+    argv = [f"--init={init}", f"--seed={seed}", f"--time_budget={cfg.budget}",
+            f"--max_iters={cfg.max_iters}", "--eval_every=0", f"--eval_every_s={cfg.eval_every_s}",
+            f"--eval_n={cfg.eval_n}", f"--device={cfg.device}",
+            f"--out_dir={os.path.join(cfg.out_dir, name, f'seed{seed}')}"]
+    lr = parse_options(cfg.lr_overrides).get(name)
+    argv += [f"--lr={lr}"] if lr is not None else []
+    if name in OBJECTIVES:
+        return "rl", RLConfig, [*argv, f"--objective={name}", *_options(cfg.rl_args)]
+    pairs = os.path.join(cfg.out_dir, f"pairs_seed{seed}.pt")
+    return "dpo", DPOConfig, [*argv, f"--pairs={pairs}", f"--estimator={name[4:]}",
+                              *_options(cfg.dpo_args)]
+
+
 def sft_start(cfg: CompareConfig) -> str:
     """The SFT checkpoint every objective starts from: trained once, then reused."""
-    folder = os.path.join(cfg.out_dir, "sft")
-    path = os.path.join(folder, "checkpoint.pt")
-    argv = [f"--task={cfg.task}", f"--task_options={cfg.task_options}", f"--layout={cfg.layout}",
-            f"--time_budget={cfg.sft_budget}", f"--eval_n={cfg.eval_n}", f"--device={cfg.device}",
-            f"--out_dir={folder}", *_options(cfg.sft_args)]
+    path = os.path.join(cfg.out_dir, "sft", "checkpoint.pt")
     # an interrupted SFT start is resumed; a finished one (or one saved before checkpoints said
     # whether they were) is reused, whatever its options
     partial = os.path.exists(path) and not read_saved(path, "a checkpoint", CHECKPOINT).get(
@@ -120,48 +146,36 @@ def sft_start(cfg: CompareConfig) -> str:
     if os.path.exists(path) and not partial:
         print(f"SFT start: reusing {path} (delete it to train a new one)")
         return path
-    train_sft(parse(SFTConfig, argv + ["--resume"] * partial, "sft"))
+    train_sft(parse(SFTConfig, sft_argv(cfg) + ["--resume"] * partial, "sft"))
     return path
 
 
 def pairs_file(cfg: CompareConfig, init: str, seed: int) -> str:
     """Pairs for the DPO runs of one seed, sampled once from the start (outside the budget)."""
-    path = os.path.join(cfg.out_dir, f"pairs_seed{seed}.pt")
-    pcfg = parse(PairsConfig, [f"--init={init}", f"--seed={seed}", f"--device={cfg.device}",
-                               f"--out={path}", *_options(cfg.pairs_args)], "pairs")
-    if not os.path.exists(path) or read_saved(path, "a pairs file", ("config",))["config"] != \
-            asdict(pcfg):
+    pcfg = parse(PairsConfig, pairs_argv(cfg, init, seed), "pairs")
+    if not os.path.exists(pcfg.out) or \
+            read_saved(pcfg.out, "a pairs file", ("config",))["config"] != asdict(pcfg):
         make_pairs(pcfg)
-    return path
+    return pcfg.out
 
 
 def run_one(cfg: CompareConfig, name: str, seed: int, init: str) -> str:
     """Run (or reuse, or resume) one objective for one seed; returns its folder."""
-    folder = os.path.join(cfg.out_dir, name, f"seed{seed}")
-    common = [f"--init={init}", f"--seed={seed}", f"--time_budget={cfg.budget}",
-              f"--max_iters={cfg.max_iters}", "--eval_every=0",
-              f"--eval_every_s={cfg.eval_every_s}", f"--eval_n={cfg.eval_n}",
-              f"--device={cfg.device}", f"--out_dir={folder}"]
-    lr = parse_options(cfg.lr_overrides).get(name)
-    common += [f"--lr={lr}"] if lr is not None else []
-    if name in OBJECTIVES:
-        kind, cls, argv = "rl", RLConfig, [*common, f"--objective={name}", *_options(cfg.rl_args)]
-    else:
-        argv = [*common, f"--pairs={pairs_file(cfg, init, seed)}", f"--estimator={name[4:]}",
-                *_options(cfg.dpo_args)]
-        kind, cls = "dpo", DPOConfig
-    # parse first: a bad option fails before any run
-    status = _reusable(folder, parse(cls, argv, kind))
-    print(f"\n=== {name}, seed {seed}: {status} run in {folder}")
+    kind, cls, argv = run_argv(cfg, name, seed, init)
+    if kind == "dpo":
+        pairs_file(cfg, init, seed)
+    run_cfg = parse(cls, argv, kind)
+    status = reusable(run_cfg.out_dir, run_cfg)
+    print(f"\n=== {name}, seed {seed}: {status} run in {run_cfg.out_dir}")
     if status == "done":
-        return folder
+        return run_cfg.out_dir
     argv += ["--resume"] if status == "partial" else []
     if cfg.subprocess:
         if subprocess.run([sys.executable, "-m", "minidtrpo", kind, *argv]).returncode != 0:
-            fail(f"the {name} run (seed {seed}) failed; see its output above")
+            raise RunStopped(f"the {name} run (seed {seed}) failed; see its output above")
     else:
         (train_rl if kind == "rl" else train_dpo)(parse(cls, argv, kind))
-    return folder
+    return run_cfg.out_dir
 
 
 def summarise(folder: str) -> dict:
@@ -185,20 +199,37 @@ def summarise(folder: str) -> dict:
                       for r in evals]}
 
 
+# two-sided 95% quantiles of Student's t with n − 1 degrees of freedom, n = 2..10 seeds (then 1.96)
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def interval(values: list[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean of `values` (t, n − 1 dof); NaN for one
+    value. It says how far the mean over these seeds may be from the mean over all seeds."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    # CI = mean ± t_{0.975, n−1} · s / √n,  s the sample standard deviation
+    return T95.get(n, 1.96) * statistics.stdev(values) / math.sqrt(n)
+
+
 def table(results: dict) -> str:
-    """Markdown table: one row per objective, seeds pooled (mean, [min–max] of the final exact)."""
-    head = ("| objective | start exact | final exact, mean [min–max] | final reward | "
-            "rollout s/iter | update s/iter | passes/response | peak saved MB | peak RSS MB | "
-            "iterations |")
+    """Markdown table: one row per objective, seeds pooled (final exact: mean ± 95% interval, and
+    [min–max] over seeds)."""
+    head = ("| objective | seeds | start exact | final exact, mean ± 95% CI [min–max] | "
+            "final reward | rollout s/iter | update s/iter | passes/response | peak saved MB | "
+            "peak RSS MB | iterations |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, runs in results.items():
         def mean(key, fmt):
             value = sum(r[key] for r in runs) / len(runs)
             return "—" if value != value else format(value, fmt)  # NaN (DPO: no rollouts): a dash
         finals = [100 * r["final_exact"] for r in runs]
-        lines.append(f"| {name} | {100 * float(mean('start_exact', '')):.1f}% | "
-                     f"{sum(finals) / len(finals):.1f}% [{min(finals):.1f}–{max(finals):.1f}] | "
-                     f"{mean('final_reward', '.3f')} | {mean('rollout_s', '.2f')} | "
+        half = interval(finals)
+        ci = "" if half != half else f" ± {half:.1f}"
+        lines.append(f"| {name} | {len(runs)} | {100 * float(mean('start_exact', '')):.1f}% | "
+                     f"{statistics.fmean(finals):.1f}%{ci} [{min(finals):.1f}–{max(finals):.1f}] "
+                     f"| {mean('final_reward', '.3f')} | {mean('rollout_s', '.2f')} | "
                      f"{mean('update_s', '.2f')} | {mean('passes', '.1f')} | "
                      f"{mean('peak_saved_mb', '.0f')} | {mean('rss_mb', '.0f')} | "
                      f"{mean('iters', '.0f')} |")
@@ -235,12 +266,18 @@ def plot(results: dict, path: str):
 def compare(cfg: CompareConfig) -> str:
     """Run the head-to-head; returns the markdown table (also printed and written to compare.md)."""
     names, seeds = cfg.objectives.split(","), [int(s) for s in cfg.seeds.split(",")]
+    # every command this head-to-head will run, parsed with its exact options before any of them
+    init = cfg.init or os.path.join(cfg.out_dir, "sft", "checkpoint.pt")
+    if not cfg.init:
+        parse(SFTConfig, sft_argv(cfg), "sft")
+    for name in names:
+        for seed in seeds:
+            kind, cls, argv = run_argv(cfg, name, seed, init)
+            parse(cls, argv, kind)
+            if kind == "dpo":
+                parse(PairsConfig, pairs_argv(cfg, init, seed), "pairs")
     if cfg.init:
         load(cfg.init)  # a missing or damaged start stops here, before any run
-    for cls, text, prog in [(SFTConfig, cfg.sft_args, "sft"), (RLConfig, cfg.rl_args, "rl"),
-                            (DPOConfig, cfg.dpo_args, "dpo"),
-                            (PairsConfig, cfg.pairs_args, "pairs")]:
-        parse(cls, _options(text), prog)  # a bad pass-through option stops here, before any run
     os.makedirs(cfg.out_dir, exist_ok=True)
     init = cfg.init or sft_start(cfg)
     results = {name: [summarise(run_one(cfg, name, seed, init)) for seed in seeds]
@@ -249,7 +286,7 @@ def compare(cfg: CompareConfig) -> str:
     command = ("python -m minidtrpo compare "
                + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
-        f.write(f"# Head-to-head on {cfg.task}\n\n`{command}`\n\nstart: `{init}`; "
+        f.write(f"# Head-to-head\n\n`{command}`\n\nstart: `{init}`; "
                 f"{cfg.budget:g} training seconds per run; seeds {cfg.seeds}; final checkpoint, "
                 f"greedy decoding of {cfg.eval_n} test problems.\n\n"
                 f"{text}\n\n![compare](compare.png)\n")

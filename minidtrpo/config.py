@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import operator
 import os
 import re
@@ -42,6 +43,8 @@ def read_saved(path: str, what: str, keys: tuple, device="cpu") -> dict:
     """torch.load(path, weights_only=True), checked: a missing, empty, damaged or wrong-kind file
     raises BadInput with one line naming the path and what was expected."""
     kinds = {"model": "a checkpoint", "chosen": "a pairs file"}  # a key each kind always holds
+    if not path:
+        raise BadInput(f"an empty path where {what} was expected")
     if not os.path.isfile(path):
         raise BadInput(f"{path}: {'a directory' if os.path.isdir(path) else 'no such file'}; "
                        f"expected {what}")
@@ -82,8 +85,13 @@ class Config:
     between fields in their own __post_init__ (calling this one first)."""
 
     def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
+            value, meta, typ = getattr(self, f.name), f.metadata, hints[f.name]
+            if not isinstance(value, typ) and not (typ is float and type(value) is int):
+                raise ValueError(f"--{f.name}={value!r} is not valid; valid: a {typ.__name__}")
+            if typ is float and not math.isfinite(value):  # inf would pass every bound
+                raise ValueError(f"--{f.name}={value!r} is not valid; valid: a finite number")
             if meta.get("choices") and value not in meta["choices"]:
                 raise ValueError(f"--{f.name}={value!r} is not valid; choose one of "
                                  f"{', '.join(map(str, meta['choices']))}")
@@ -101,6 +109,30 @@ def _bounds_text(f) -> str:
     return f"{kind} " + " and ".join(f"{_OPS[k][0]} {v:g}" for k, v in bounds.items())
 
 
+def path_problem(path: str):
+    """None if a run may write `path` (a file or a folder of files): not empty, not an existing
+    file where a folder is wanted or vice versa is checked by the caller; its nearest existing
+    ancestor must be a writable folder. Else what is valid."""
+    if not path:
+        return "a path (not empty)"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        return f"a path under a writable folder ({parent} is not one)"
+    return None
+
+
+def folder_problem(path: str):
+    """`valid=` of an output folder: writable, and not an existing file."""
+    return "a folder, not an existing file" if os.path.isfile(path) else path_problem(path)
+
+
+def file_problem(path: str):
+    """`valid=` of an output file: writable, and not an existing folder."""
+    return "a file, not an existing folder" if os.path.isdir(path) else path_problem(path)
+
+
 def device_problem(name: str):
     """None if this machine has device `name` (auto, cpu, cuda, cuda:N, mps), else what it has."""
     have = ["auto", "cpu"] + (["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
@@ -112,7 +144,7 @@ def device_problem(name: str):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + message over several lines; we print one
-        fail(re.sub(r"^argument [-\w]+: ", "", message))  # our messages name the option themselves
+        fail(re.sub(r"^argument [-\w]+: (?=--)", "", message))  # ours name the option themselves
 
 
 def _converter(name: str, typ):
@@ -207,6 +239,7 @@ def autocast(device: torch.device):
 
 def atomic_save(obj, path: str):
     """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: no two writers share a temporary file
     try:
         torch.save(obj, tmp)

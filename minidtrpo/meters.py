@@ -6,6 +6,7 @@ forward rows (a forward pre-hook), the process's peak RSS and, on CUDA, the peak
 by the online and offline updates, the estimator report and bench/.
 """
 
+import sys
 import time
 
 import torch
@@ -78,8 +79,9 @@ class Meters:
         out = {"passes_per_response": self.rows / max(responses, 1),
                "peak_saved_mb": self.saved.peak / 2**20}
         try:
-            import resource  # Unix only; ru_maxrss is in KiB on Linux
-            out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            import resource  # Unix only; ru_maxrss is in bytes on macOS, in KiB elsewhere
+            unit = 1 if sys.platform == "darwin" else 1024
+            out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
         except ImportError:
             pass
         if self.device.type == "cuda":

@@ -40,9 +40,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from einops import rearrange, repeat
 
-from .config import (BadInput, Config, arg, atomic_save, autocast, device_problem, fail,
-                     pick_device, read_saved)
+from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, device_problem,
+                     file_problem, folder_problem, pick_device, read_saved)
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms,
                          reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
                          sample_elbo_masks, trajectory_logprob)
@@ -61,13 +62,15 @@ class PairsConfig(Config):
     num_prompts: int = arg(512, "training prompts", ge=1)
     num_generations: int = arg(8, "responses per prompt G; the best and the worst become a pair",
                                ge=2)
-    temperature: float = arg(1.0, "sampling temperature τ", ge=0)
+    temperature: float = arg(1.0, "sampling temperature τ (> 0: greedy pairs would be equal)",
+                             gt=0)
     remasking: str = arg("low_confidence", "which positions a sampler step reveals", REMASKING)
     steps_per_block: int = arg(0, "sampler steps per block T_B (0: block_size)", ge=0)
     batch_size: int = arg(64, "prompts decoded together", ge=1)
-    seed: int = arg(0, "seed of the prompts and of the sampler")
+    seed: int = arg(0, "seed of the prompts and of the sampler", ge=0, lt=2**31)
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
-    out: str = arg("runs/pairs.pt", "output file (torch.load(..., weights_only=True))")
+    out: str = arg("runs/pairs.pt", "output file (torch.load(..., weights_only=True))",
+                   valid=file_problem)
 
 
 @dataclass
@@ -96,7 +99,8 @@ class DPOConfig(RunConfig):
     eval_every: int = arg(20, "evaluate and checkpoint every this many steps (0: at the end)",
                           ge=0)
     out_dir: str = arg(
-        "runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
+        "runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png",
+        valid=folder_problem)
 
 
 def fingerprint(model) -> str:
@@ -119,10 +123,11 @@ def make_pairs(cfg: PairsConfig) -> dict:
     for start in range(0, cfg.num_prompts, cfg.batch_size):
         n = min(cfg.batch_size, cfg.num_prompts - start)
         prompts, _ = task.sample(n, "train", generator=data_gen)
-        traj, r, _ = rollout(ref, task, prompts.repeat_interleave(G, 0).to(device),
-                             temperature=cfg.temperature, remasking=cfg.remasking,
-                             steps_per_block=cfg.steps_per_block, generator=sample_gen)
-        r = r.view(n, G)  # (n, G)
+        prompts = repeat(prompts, "p l -> (p g) l", g=G).to(device)  # (n·G, P), groups of G
+        traj, r, _ = rollout(ref, task, prompts, temperature=cfg.temperature,
+                             remasking=cfg.remasking, steps_per_block=cfg.steps_per_block,
+                             generator=sample_gen)
+        r = rearrange(r, "(p g) -> p g", g=G)  # (n, G) one row per prompt
         differ = r.amax(1) > r.amin(1)  # groups whose rewards differ: the only informative pairs
         first = torch.arange(n, device=device) * G  # row of each group's first response
         chosen.append(traj.index((first + r.argmax(1))[differ]))  # y_w: the best of the group
@@ -131,8 +136,8 @@ def make_pairs(cfg: PairsConfig) -> dict:
     chosen, rejected, rewards = (Trajectory.cat(chosen).to("cpu"),
                                  Trajectory.cat(rejected).to("cpu"), torch.cat(rewards))
     if len(chosen.tokens) == 0:
-        fail(f"no pair: all {cfg.num_prompts} groups had equal rewards "
-             "(raise temperature or num_generations)")
+        raise RunStopped(f"no pair: all {cfg.num_prompts} groups had equal rewards "
+                         "(raise temperature or num_generations)")
     n_pairs = len(chosen.tokens)
     summary = {"pairs": n_pairs, "prompts": cfg.num_prompts, "pair_frac": n_pairs / cfg.num_prompts,
                "chosen_reward": rewards[:, 0].mean().item(),
@@ -262,6 +267,6 @@ def train_dpo(cfg: DPOConfig) -> dict:
                 "update_s": elapsed(t0, device), **meters.summary(responses=len(both.tokens))}
 
     max_iters = min(cfg.max_iters, math.ceil(cfg.epochs * per_epoch))
-    return run_loop(cfg, "dpo", models={"model": policy, "ref_model": ref}, task=task, opt=opt,
-                    generators=gens, iteration=iteration, max_iters=max_iters, device=device,
-                    bar_keys=("loss", "reward_accuracy", "margin"))
+    return run_loop(cfg, "dpo", models={"model": policy}, frozen={"ref_model": ref}, task=task,
+                    opt=opt, generators=gens, iteration=iteration, max_iters=max_iters,
+                    device=device, bar_keys=("loss", "reward_accuracy", "margin"))

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .config import Config, arg, device_problem, pick_device, write_json
+from .config import Config, arg, device_problem, folder_problem, pick_device, write_json
 from .estimators import (dtrpo_logratio, elbo_terms, one_step_logprob, sample_block_steps,
                          sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
 from .meters import SavedBytes, elapsed
@@ -61,9 +61,11 @@ class ReportConfig(Config):
                          ge=0)
     prompt_mask_p: float = arg(
         0.15, "one-step estimator: probability of masking each prompt token (d1)", ge=0, le=1)
-    seed: int = arg(0, "seed of prompts, rollouts, perturbation and estimator draws")
+    seed: int = arg(0, "seed of prompts, rollouts, perturbation and estimator draws", ge=0,
+                    lt=2**31)
     out_dir: str = arg(
-        "runs/estimators", "folder for estimators.md, estimators.json and estimators.png")
+        "runs/estimators", "folder for estimators.md, estimators.json and estimators.png",
+        valid=folder_problem)
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
     threads: int = arg(1, "CPU intra-op threads while the report runs (0: torch's default); on a "
                           "busy shared CPU one thread is the fastest and keeps the timings "

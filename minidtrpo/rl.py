@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange, repeat
 
-from .config import arg, autocast, check, pick_device
+from .config import arg, autocast, check, folder_problem, pick_device
 from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_terms, one_step_logprob,
                          sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
 from .meters import Meters, elapsed
@@ -75,8 +75,8 @@ class RLConfig(RunConfig):
     num_prompts: int = arg(16, "training prompts per iteration", ge=1)
     num_generations: int = arg(8, "rollouts per prompt G (the GRPO group; one has no advantage)",
                                ge=2)
-    temperature: float = arg(1.0, "rollout temperature τ; 0 = greedy (every group would be flat)",
-                             ge=0)
+    temperature: float = arg(1.0, "rollout temperature τ (> 0: greedy groups would be flat)",
+                             gt=0)
     remasking: str = arg("low_confidence", "which positions a sampler step reveals", REMASKING)
     steps_per_block: int = arg(0, "sampler steps per block T_B for rollouts and evaluation (0: b)",
                                ge=0)
@@ -101,7 +101,8 @@ class RLConfig(RunConfig):
         16, "rollouts per iteration scored by the initial model for kl_ref (0: off)", ge=0)
     max_iters: int = arg(1000, "stop after this many iterations", ge=1)
     out_dir: str = arg(
-        "runs/rl", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png")
+        "runs/rl", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png",
+        valid=folder_problem)
 
     def __post_init__(self):
         super().__post_init__()
@@ -280,6 +281,6 @@ def train_rl(cfg: RLConfig) -> dict:
                 "skipped_steps": sum(not math.isfinite(n) for n in grad_norms),  # not stepped
                 **meters.summary(responses=int(keep.sum()))}
 
-    return run_loop(cfg, "rl", models={"model": policy, "ref_model": ref}, task=task, opt=opt,
-                    generators=gens, iteration=iteration, max_iters=cfg.max_iters, device=device,
-                    bar_keys=("reward_mean", "exact", "zero_adv_frac"))
+    return run_loop(cfg, "rl", models={"model": policy}, frozen={"ref_model": ref}, task=task,
+                    opt=opt, generators=gens, iteration=iteration, max_iters=cfg.max_iters,
+                    device=device, bar_keys=("reward_mean", "exact", "zero_adv_frac"))

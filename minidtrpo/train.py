@@ -18,9 +18,12 @@ Shapes: B batch, P prompt length, L response length, V vocab.
 """
 
 import copy
+import fcntl
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, check,
-                     device_problem, parse_options, pick_device, read_saved, write_json)
+                     device_problem, folder_problem, parse_options, pick_device, read_saved,
+                     write_json)
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .sampling import Trajectory, generate
@@ -39,7 +43,7 @@ from .tasks import TASKS, get_task
 @dataclass
 class RunConfig(Config):
     """What every kind of run (sft, rl, dpo) shares."""
-    seed: int = arg(0, "seed of every generator of the run (one per purpose)")
+    seed: int = arg(0, "seed of every generator of the run (one per purpose)", ge=0, lt=2**31)
     time_budget: float = arg(0.0, "stop after this many training seconds, evaluation excluded "
                                   "(0: no limit)", ge=0)
     eval_every: int = arg(10, "evaluate and checkpoint every this many iterations (0: at the end)",
@@ -49,7 +53,8 @@ class RunConfig(Config):
     eval_n: int = arg(500, "fixed test problems per evaluation (greedy decoding)", ge=1)
     steps_per_block: int = arg(0, "sampler steps per block T_B at evaluation (0: block_size)", ge=0)
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
-    out_dir: str = arg("runs/run", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves")
+    out_dir: str = arg("runs/run", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves",
+                       valid=folder_problem)
     resume: bool = arg(False, "continue the run saved in out_dir")
     lr: float = arg(1e-4, "AdamW learning rate (rl, dpo: constant; tune per objective: README)",
                     gt=0)
@@ -78,7 +83,8 @@ class SFTConfig(RunConfig):
     max_steps: int = arg(100_000, "stop after this many optimizer steps", ge=1)
     eval_every: int = arg(100, "evaluate and checkpoint every this many steps (0: at the end)",
                           ge=0)
-    out_dir: str = arg("runs/sft", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves")
+    out_dir: str = arg("runs/sft", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves",
+                       valid=folder_problem)
     compile: bool = arg(False, "torch.compile the model (opt-in)")
 
     def __post_init__(self):
@@ -180,26 +186,16 @@ def read_metrics(path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON; the log is damaged") from None
+                raise BadInput(f"{path}: line {i + 1} is not JSON; the log is damaged") from None
             print(f"warning: {path}: dropped a damaged last line (a run was killed writing it)")
     return rows
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
 def remove_stale_files(out_dir):
-    """Temporary files that a killed process left behind (their names end in .<pid>.tmp)."""
+    """Temporary files a killed run left behind. Called under the folder's lock, so no live run
+    is writing any of them."""
     for name in os.listdir(out_dir):
-        pid = name.split(".")[-2] if name.endswith(".tmp") and name.count(".") >= 2 else ""
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if name.endswith(".tmp"):
             os.remove(os.path.join(out_dir, name))
 
 
@@ -207,55 +203,72 @@ MAX_BAD_ITERS = 10  # a run stops after this many iterations in a row with a non
 
 
 class FolderLock:
-    """One run per folder: out_dir/lock holds the pid of the run using it. A lock whose process is
-    gone (a killed run) is taken over; a live one refuses the second run with BadInput."""
+    """One run per folder: the run holds an exclusive lock on out_dir/lock (fcntl.flock, released
+    by the kernel when the process ends, killed or not); a second run there gets BadInput."""
 
     def __init__(self, folder):
         self.path = os.path.join(folder, "lock")
 
     def __enter__(self):
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one winner
-            except FileExistsError:
-                text = open(self.path).read().strip()
-                if text.isdigit() and pid_alive(int(text)):
-                    raise BadInput(f"{os.path.dirname(self.path)} is in use by a live run (pid "
-                                   f"{text}); wait for it or choose another --out_dir") from None
-                os.remove(self.path)  # its process is gone
-                continue
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            return self
-        raise BadInput(f"{self.path}: could not take the lock; another run is starting there")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            pid = self.file.read().strip()
+            self.file.close()
+            raise BadInput(f"{os.path.dirname(self.path)} is in use by a live run (pid {pid}); "
+                           "wait for it or choose another --out_dir") from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
 
     def __exit__(self, *exc):
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        self.file.close()  # releases the lock; the file stays, empty of meaning
+
+
+# options that may differ when a run is resumed (how long and how often, where); any other
+# difference means another run
+RESUMABLE = {"resume", "time_budget", "max_iters", "max_steps", "epochs", "eval_every",
+             "eval_every_s", "device", "out_dir"}
 
 
 def resume_state(cfg, kind, models, task, device) -> dict:
     """The checkpoint of the run in cfg.out_dir, after checking that it is a run of this kind, task,
-    options and model; BadInput names what differs (nothing is changed before this passes)."""
+    model and options (RESUMABLE aside); BadInput names what differs. Nothing is changed before."""
     path = os.path.join(cfg.out_dir, "checkpoint.pt")
     state = read_saved(path, f"a checkpoint of a {kind} run to resume",
-                       (*CHECKPOINT, "kind", "optimizer", "rng", "iter"), device)
+                       (*CHECKPOINT, "kind", "optimizer", "rng", "iter", "config"), device)
     ours = {"kind": kind, "task": task.name, "task_options": dict(task.options),
-            "model_config": asdict(models["model"].config)}
-    differ = [f"{k} {state[k]!r} (this run: {v!r})" for k, v in ours.items() if state[k] != v]
+            "model_config": asdict(models["model"].config),
+            **{k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}}
+    saved = {**state, **state["config"]}
+    differ = [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
+              if saved.get(k) != v]
     if differ:
         raise BadInput(f"--resume: {cfg.out_dir} holds another run: " + "; ".join(differ))
     return state
 
 
+def interrupt_on_sigterm():
+    """SIGTERM (timeout, a scheduler, docker stop) ends a run like Ctrl-C: snapshot saved."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, device,
-             bar_keys=(), eval_at_start=True) -> dict:
+             frozen=None, bar_keys=(), eval_at_start=True) -> dict:
     """Call iteration(it, train_seconds) for it = 0, 1, ... until max_iters or cfg.time_budget; log,
     evaluate, checkpoint. Returns the last evaluation's metrics.
 
-    models: {name: module} saved in every checkpoint; models["model"] is evaluated and is what
-    `load` returns. iteration(...) -> the metrics row of that iteration, its timed seconds in
-    rollout_s and update_s and its non-finite (skipped) optimizer steps in skipped_steps. Every
+    models: {name: module} that training changes, saved in every checkpoint; models["model"] is
+    evaluated and is what `load` returns. frozen: {name: module} saved too, never changed (the
+    reference), so left out of snapshots. iteration(...) -> the metrics row of that iteration,
+    its timed seconds in rollout_s and update_s and its non-finite (skipped) optimizer steps in
+    skipped_steps. Every
     random draw must come from `generators`: their states, the models and the optimizer go into
     every checkpoint, so a run interrupted and resumed (cfg.resume) writes the same metrics as an
     uninterrupted one. Ctrl-C saves the state as of the last finished iteration (a snapshot) and
@@ -265,29 +278,34 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
     """
     state = resume_state(cfg, kind, models, task, device) if cfg.resume else None
     os.makedirs(cfg.out_dir, exist_ok=True)
+    interrupt_on_sigterm()
     with FolderLock(cfg.out_dir):
-        return _loop(cfg, kind, models, task, opt, generators, iteration, max_iters, device,
-                     bar_keys, eval_at_start, state)
+        return _loop(cfg, kind, models, frozen or {}, task, opt, generators, iteration, max_iters,
+                     device, bar_keys, eval_at_start, state)
 
 
-def _loop(cfg, kind, models, task, opt, generators, iteration, max_iters, device, bar_keys,
-          eval_at_start, state):
+def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters, device,
+          bar_keys, eval_at_start, state):
     remove_stale_files(cfg.out_dir)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     run = {"iter": 0, "train_seconds": 0.0, "pending_eval": eval_at_start,  # evaluate next?
            "bad_streak": 0, "skipped_steps": 0}  # non-finite iterations in a row, steps in all
     if state is not None:
-        load_run_state(state, models, opt, generators)
+        load_run_state(state, {**models, **frozen}, opt, generators)
         run.update({k: state.get(k, v) for k, v in run.items()})
         # rows written after the checkpoint are redone: drop them (and an unfinished evaluation's)
-        rows = [r for r in read_metrics(metrics_path) if r["iter"] < run["iter"] or
+        rows = [r for r in read_metrics(metrics_path) if r.get("iter", -1) < run["iter"] or
                 (r["iter"] == run["iter"] and not (run["pending_eval"] and "test_exact" in r))]
-        with open(metrics_path, "w") as f:
+        tmp = f"{metrics_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, metrics_path)  # a kill during the rewrite leaves the old log whole
         print(f"resumed {ckpt_path} at iteration {run['iter']}")
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run starts a fresh log
+    else:  # a fresh run starts a fresh log, and an old run's checkpoint must not be resumed
+        for path in (metrics_path, ckpt_path):
+            if os.path.exists(path):
+                os.remove(path)
     write_json(asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
     print("config:", json.dumps(asdict(cfg)))
     test_prompts = task.test_set(cfg.eval_n)[0].to(device)
@@ -300,7 +318,8 @@ def _loop(cfg, kind, models, task, opt, generators, iteration, max_iters, device
     def save(state):  # "finished" tells a caller (compare) a complete run from an interrupted one
         if not finite(models.values()):  # never reached (bad iterations are undone): a guard
             raise RunStopped(f"not saving {ckpt_path}: a weight is not finite")
-        atomic_save({**state, "finished": done(state) and not state["pending_eval"], "kind": kind,
+        atomic_save({**state, **{name: m.state_dict() for name, m in frozen.items()},
+                     "finished": done(state) and not state["pending_eval"], "kind": kind,
                      "model_config": asdict(models["model"].config), "task": task.name,
                      "task_options": dict(task.options), "config": asdict(cfg)}, ckpt_path)
 
@@ -365,9 +384,10 @@ def _loop(cfg, kind, models, task, opt, generators, iteration, max_iters, device
         bar.close()
         if os.path.exists(metrics_path):
             plot_run(metrics_path, os.path.join(cfg.out_dir, "curves.png"), bar_keys)
-    if not metrics:  # resumed a finished run: report its last evaluation
-        last = [r for r in read_metrics(metrics_path) if "test_exact" in r][-1]
-        metrics = {"exact": last["test_exact"], "reward": last["test_reward"], "n": cfg.eval_n}
+    evals = [r for r in read_metrics(metrics_path) if "test_exact" in r]
+    if not metrics and evals:  # resumed a finished run (or stopped): report its last evaluation
+        metrics = {"exact": evals[-1]["test_exact"], "reward": evals[-1]["test_reward"],
+                   "n": cfg.eval_n}
     print(json.dumps({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 1),
                       "skipped_steps": run["skipped_steps"], **metrics,
                       **({"stopped": stopped} if stopped else {})}))
@@ -474,7 +494,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     if cfg.init:  # continue from earlier weights (same architecture) on this config's task
         init_model, _ = load(cfg.init)
         if asdict(init_model.config) != asdict(model.config):
-            raise ValueError(f"--init={cfg.init} has model {asdict(init_model.config)}; this run "
+            raise BadInput(f"--init={cfg.init} has model {asdict(init_model.config)}; this run "
                              f"asks for {asdict(model.config)} (set --layout, --d_model, ...)")
         model.load_state_dict(init_model.state_dict())
     model.to(device)

@@ -11,6 +11,8 @@ non-finite checkpoint.
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -112,6 +114,17 @@ def handwritten(r):
          "pairs"),
         (["dpo", f"--init={good}", f"--pairs={good}", f"--out_dir={r}/x"], "a checkpoint"),
         (["eval", f"--ckpt={pairs}"], "a pairs file"),
+        (["eval", "--ckpt="], "an empty path"),
+        (["sft", f"--init={r}/add/checkpoint.pt", f"--out_dir={r}/x"], "--init="),
+        (["sft", "--out_dir="], "--out_dir"),
+        (["sft", f"--out_dir={good}"], "not an existing file"),
+        (["pairs", f"--init={good}", f"--out={r}/a_folder"], "not an existing folder"),
+        (["pairs", f"--init={good}", f"--out={good}/x.pt"], "not one"),
+        (["dpo", "--epochs=inf"], "a finite number"), (["sft", "--lr=nan"], "a finite number"),
+        (["sft", "--seed=-1"], "--seed=-1"), (["sft", "--seed=18446744073709551615"], "--seed"),
+        (["rl", "--temperature=0"], "--temperature=0.0"), (["sft", "--seed"], "--seed"),
+        (["compare", "--rl_args=beta=0.1", "--objectives=bgpo"], "--beta=0.1"),
+        (["compare", "--objectives="], "--objectives"),
     ]
     for kind, path in bad_files.items():
         cases += [(["eval", f"--ckpt={path}"], path), (["estimators", f"--ckpt={path}"], path),
@@ -171,15 +184,43 @@ def test_non_finite_training_stops_with_one_line_and_keeps_the_last_finite_check
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
-def test_a_live_run_holds_its_folder(files, tmp_path):
-    """A second run in a folder whose lock names a live process is refused; a dead one's lock is
-    taken over (here: this test process is the live one, pid 2**22 + 1 is not)."""
+def test_a_live_run_holds_its_folder(tmp_path):
+    """A second run in a folder whose lock a live process holds is refused; once that process is
+    gone (here: killed) the kernel has released the lock and a run may start there."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "lock").write_text(str(os.getpid()))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / "lock")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(SystemExit) as e:
         main(["sft", *TINY, "--max_steps=1", f"--out_dir={out}"])
-    assert e.value.code == 2
-    (out / "lock").write_text(str(2**22 + 1))
+    assert e.value.code == 2 and not (out / "checkpoint.pt").exists()
+    holder.kill()
+    holder.wait()
     main(["sft", *TINY, "--max_steps=1", f"--out_dir={out}"])
-    assert not (out / "lock").exists() and (out / "checkpoint.pt").exists()
+    assert (out / "checkpoint.pt").exists()
+
+
+HOLD_LOCK = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write("12345"); f.flush()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_resume_refuses_other_options(files, tmp_path, capsys):
+    """--resume with an objective other than the saved run's is another run: one line, exit 2."""
+    good = f"{files}/sft/checkpoint.pt"
+    argv = ["rl", f"--init={good}", "--num_prompts=2", "--num_generations=2", "--max_iters=1",
+            "--eval_n=8", "--kl_rollouts=0", "--device=cpu", f"--out_dir={tmp_path}"]
+    main(argv)
+    before = tree(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--objective=bgpo", "--max_iters=2", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "objective='full_trajectory' there" in err[0]
+    assert tree(tmp_path) == before

@@ -4,6 +4,7 @@ run, then resumed with --resume, write the same metrics.jsonl as a run that was 
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -43,18 +44,30 @@ def command(kind, start):
 
 
 def untimed(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+    """The log's rows without timing fields (a last line cut short by a kill is left out)."""
+    rows = []
+    for line in open(os.path.join(out_dir, "metrics.jsonl")):
+        try:
+            rows.append({k: v for k, v in json.loads(line).items() if k not in TIMING})
+        except json.JSONDecodeError:
+            pass
+    return rows
 
 
 def run_and_kill(argv, out_dir, sig, after_rows):
-    """Start the run as a subprocess; send `sig` once metrics.jsonl holds `after_rows` rows."""
+    """Start the run as a subprocess; send `sig` once metrics.jsonl holds `after_rows` rows (an
+    int), or `after_rows` seconds after its first checkpoint (a float)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "minidtrpo", *argv, f"--out_dir={out_dir}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path, deadline = os.path.join(out_dir, "metrics.jsonl"), time.time() + 120
+    ckpt, saved_at = os.path.join(out_dir, "checkpoint.pt"), None
     while proc.poll() is None and time.time() < deadline:
-        if os.path.exists(path) and sum(1 for _ in open(path)) >= after_rows:
+        if saved_at is None and os.path.exists(ckpt):
+            saved_at = time.time()
+        if (saved_at is not None and time.time() - saved_at >= after_rows)  \
+                if isinstance(after_rows, float) else \
+                (os.path.exists(path) and sum(1 for _ in open(path)) >= after_rows):
             proc.send_signal(sig)
             break
         time.sleep(0.005)
@@ -66,12 +79,15 @@ def test_killed_and_resumed_run_writes_the_same_metrics(kind, start, tmp_path):
     argv = command(kind, start)
     main([*argv, f"--out_dir={tmp_path / 'straight'}"])
     expected = untimed(tmp_path / "straight")
-    points = [(signal.SIGKILL, 10), (signal.SIGINT, 17), (signal.SIGKILL, 26)]  # rows logged
+    # three points keyed to rows logged, and one at a random moment (anywhere: inside a save or a
+    # log line too); seeded, so a failure can be replayed
+    points = [(signal.SIGKILL, 10), (signal.SIGINT, 17), (signal.SIGKILL, 26),
+              (signal.SIGKILL, random.Random(kind).uniform(0.0, 0.6))]
     for k, (sig, after_rows) in enumerate(points):
         out = tmp_path / f"killed{k}"
         code = run_and_kill(argv, out, sig, after_rows)
         assert code == (-9 if sig == signal.SIGKILL else 130), "it ended before the signal"
         assert len(untimed(out)) < len(expected)
         main([*argv, f"--out_dir={out}", "--resume"])
-        assert untimed(out) == expected, f"{sig!r} after {after_rows} rows"
+        assert untimed(out) == expected, f"{sig!r} after {after_rows} rows or seconds"
         assert not [name for name in os.listdir(out) if name.endswith(".tmp")]

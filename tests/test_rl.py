@@ -18,7 +18,7 @@ import minidtrpo.rl as rl_module
 import minidtrpo.train as train_module
 from conftest import perturbed, random_prompts, tiny_model
 from minidtrpo.__main__ import main
-from minidtrpo.compare import _reusable
+from minidtrpo.compare import reusable, interval
 from minidtrpo.estimators import reduced_trajectory_logprob, trajectory_logprob
 from minidtrpo.objectives import dpo_loss
 from minidtrpo.preference import dpo_full_trajectory
@@ -225,7 +225,7 @@ def test_compare_in_process(full_ckpt, tmp_path):
           "--lr_overrides=diffu_grpo=1e-5", "--subprocess=false", "--device=cpu",
           f"--out_dir={tmp_path}"])
     text = open(tmp_path / "compare.md").read()
-    assert ("| diffu_grpo |" in text and "| dpo_dtrpo |" in text
+    assert ("| diffu_grpo | 2 |" in text and "| dpo_dtrpo | 2 |" in text and " ± " in text
             and os.path.exists(tmp_path / "compare.png"))
     assert json.load(open(tmp_path / "diffu_grpo" / "seed1" / "config.json"))["lr"] == 1e-5
     with pytest.raises(SystemExit) as e:
@@ -236,11 +236,11 @@ def test_compare_in_process(full_ckpt, tmp_path):
     folder = tmp_path / "diffu_grpo" / "seed0"
     state = torch.load(folder / "checkpoint.pt", weights_only=True)
     cfg = RLConfig(**state["config"])
-    assert _reusable(str(folder), cfg) == "done"
+    assert reusable(str(folder), cfg) == "done"
     del state["config"]["elbo_masks"]
     torch.save(state, folder / "checkpoint.pt")
-    assert _reusable(str(folder), cfg) == "done"
-    assert _reusable(str(folder), RLConfig(**{**state["config"], "elbo_masks": "uniform"})) == "new"
+    assert reusable(str(folder), cfg) == "done"
+    assert reusable(str(folder), RLConfig(**{**state["config"], "elbo_masks": "uniform"})) == "new"
 
 
 @pytest.mark.slow
@@ -286,3 +286,9 @@ def test_flat_memory_exact_dpo_equals_autograd(layout):
     for g_flat, g_plain, p in zip(grads[True], grads[False], policy.parameters()):
         torch.testing.assert_close(g_flat, g_plain, rtol=1e-8, atol=1e-12)
         torch.testing.assert_close(g_flat, p.grad, rtol=1e-6, atol=1e-10)
+
+
+def test_compare_interval_is_the_t_interval_of_the_mean():
+    """[1, 2, 3]: mean 2, sample std 1, t_{0.975, 2} = 4.303, so the half-width is 4.303 / √3."""
+    assert abs(interval([1.0, 2.0, 3.0]) - 4.303 / 3 ** 0.5) < 1e-12
+    assert interval([5.0]) != interval([5.0])  # one seed: no interval (NaN)

@@ -1,4 +1,4 @@
-"""Smoke runs of every tutorial (STYLE §11): each runs top to bottom as a script in quick mode.
+"""Smoke runs of every tutorial: each runs top to bottom as a script in quick mode.
 
 A tutorial checks its own claims with asserts, so exit code 0 means every check in it passed.
 Quick mode (MINIDTRPO_TUTORIAL_QUICK=1) shrinks models and budgets so that each tutorial takes
