@@ -25,7 +25,7 @@ from minidtrpo.config import Config, arg, autocast, device_problem, parse, pick_
 from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
 from minidtrpo.sampling import generate
 from minidtrpo.tasks import get_task
-from minidtrpo.train import model_config, sft_loss
+from minidtrpo.train import clip_and_step, model_config, sft_loss
 
 
 def sync(device):
@@ -59,9 +59,10 @@ def matmul_rate(device, n=1024) -> float:
 
 def bench_sft(device, batch_size=128, steps=10) -> dict:
     task = get_task("sudoku")
-    torch.manual_seed(0)
-    model = MaskedDiffusionTransformer(model_config(task)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the global RNG as it was
+        torch.manual_seed(0)
+        model = MaskedDiffusionTransformer(model_config(task)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))  # as train_sft
     gen = torch.Generator().manual_seed(0)
     noise = torch.Generator(device).manual_seed(0)
 
@@ -69,9 +70,8 @@ def bench_sft(device, batch_size=128, steps=10) -> dict:
         prompts, answers = (x.to(device) for x in task.sample(batch_size, generator=gen))
         with autocast(device):
             loss, _ = sft_loss(model, prompts, answers, noise)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        clip_and_step(model, opt, 1.0)  # the optimizer step of train_sft's iteration
 
     seconds = timed(step, device, repeat=steps)
     # sft_loss's sequence
@@ -81,10 +81,11 @@ def bench_sft(device, batch_size=128, steps=10) -> dict:
 
 
 def bench_sampler(device, batch_size=256, response_len=64, block_size=8) -> dict:
-    torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=48, mask_id=47, prompt_len=16, response_len=response_len,
                       block_size=block_size)
-    model = MaskedDiffusionTransformer(cfg, verbose=False).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MaskedDiffusionTransformer(cfg, verbose=False).to(device)
     # a fresh init predicts almost uniformly; spread its logits so that float rounding does not
     # decide near-ties, as it would not for a trained model
     with torch.no_grad():

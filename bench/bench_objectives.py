@@ -70,7 +70,7 @@ def measure(fn, policy, ref, device, responses: int, repeat: int) -> dict:
 
 
 def online(name, n_mc, policy, ref, traj, adv, device, repeat) -> dict:
-    cfg = RLConfig(objective=name, n_mc=n_mc)
+    cfg = RLConfig(objective=name, n_mc=n_mc or 1)  # n_mc 0: an objective without ELBO samples
     gen = torch.Generator(device).manual_seed(0)
 
     def update():
@@ -130,9 +130,10 @@ def main():
         ref, task = load(args.ckpt, device)
     else:
         task = get_task("sudoku")
-        torch.manual_seed(0)
-        ref = MaskedDiffusionTransformer(model_config(task, layout=args.layout),
-                                         verbose=False).to(device)
+        with torch.random.fork_rng(devices=[]):  # a seeded init; the global RNG left as it was
+            torch.manual_seed(0)
+            ref = MaskedDiffusionTransformer(model_config(task, layout=args.layout),
+                                             verbose=False).to(device)
         with torch.no_grad():
             ref.head.weight.mul_(20.0)  # a fresh init predicts almost uniformly; spread its logits
     ref.requires_grad_(False)

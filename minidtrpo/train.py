@@ -238,7 +238,7 @@ def resume_state(cfg, kind, models, task, device) -> dict:
     """The checkpoint of the run in cfg.out_dir, after checking that it is a run of this kind, task,
     model and options (RESUMABLE aside); BadInput names what differs. Nothing is changed before."""
     path = os.path.join(cfg.out_dir, "checkpoint.pt")
-    state = read_saved(path, f"a checkpoint of a {kind} run to resume",
+    state = read_saved(path, f"the checkpoint of a run ({kind}) to resume",
                        (*CHECKPOINT, "kind", "optimizer", "rng", "iter", "config"), device)
     ours = {"kind": kind, "task": task.name, "task_options": dict(task.options),
             "model_config": asdict(models["model"].config),
