@@ -22,7 +22,7 @@ Departures:
 4. The k3 KL penalty (β) is clipped_pg_loss's (full_trajectory, diffu_grpo); bgpo and vrpo_ol
    refuse β > 0 (BGPO trains without KL).
 5. Groups with all-equal rewards (A = 0) are dropped; if none is left the update is skipped.
-   A constant learning rate, AdamW, gradient clipping.
+   AdamW, gradient clipping, a constant learning rate (optionally ramped up over `warmup_iters`).
 6. `nll_revealed`, an entropy stand-in at no extra pass, is below the mean entropy (low confidence
    reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
 7. On-policy, diffu_grpo, bgpo and vrpo_ol take the old values from the graph pass, detached
@@ -99,6 +99,8 @@ class RLConfig(RunConfig):
                                ge=0, le=1)
     kl_rollouts: int = arg(
         16, "rollouts per iteration scored by the initial model for kl_ref (0: off)", ge=0)
+    warmup_iters: int = arg(0, "learning rate ramped linearly over this many first iterations "
+                               "(0: constant from the start)", ge=0)
     max_iters: int = arg(1000, "stop after this many iterations", ge=1)
     out_dir: str = arg(
         "runs/rl", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png",
@@ -247,6 +249,10 @@ def train_rl(cfg: RLConfig) -> dict:
     G = cfg.num_generations
 
     def iteration(it, train_seconds):
+        # lr_it = lr · min(1, (it + 1) / warmup_iters): set from `it` alone, so resume is exact
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (it + 1) / cfg.warmup_iters) if cfg.warmup_iters \
+                else cfg.lr
         # ---- rollouts: G responses per prompt from the current policy, scored by the task
         t0 = time.perf_counter()
         prompts, _ = task.sample(cfg.num_prompts, "train", generator=gens["prompts"])
@@ -257,7 +263,8 @@ def train_rl(cfg: RLConfig) -> dict:
         adv, adv_stats = grpo_advantages(rewards, G, scale_std=cfg.scale_std)  # (B,)
         signal = rearrange(adv, "(p g) -> p g", g=G).ne(0).any(1)  # (B/G,) groups with a signal
         keep = repeat(signal, "p -> (p g)", g=G)  # (B,)
-        row = {**adv_stats, "exact": exact.float().mean().item(), "kept": int(keep.sum()),
+        row = {**adv_stats, "lr": opt.param_groups[0]["lr"], "exact": exact.float().mean().item(),
+               "kept": int(keep.sum()),
                "nll_revealed": -traj.logp_at_reveal.mean().item(),
                "rollout_s": elapsed(t0, device)}
         if cfg.kl_rollouts > 0:  # untimed diagnostic on π_θ's trajectories

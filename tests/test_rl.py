@@ -292,3 +292,10 @@ def test_compare_interval_is_the_t_interval_of_the_mean():
     """[1, 2, 3]: mean 2, sample std 1, t_{0.975, 2} = 4.303, so the half-width is 4.303 / √3."""
     assert abs(interval([1.0, 2.0, 3.0]) - 4.303 / 3 ** 0.5) < 1e-12
     assert interval([5.0]) != interval([5.0])  # one seed: no interval (NaN)
+
+
+def test_rl_warmup_ramps_the_learning_rate(full_ckpt, tmp_path):
+    main(["rl", f"--init={full_ckpt}", "--objective=diffu_grpo", "--lr=3e-4", "--warmup_iters=3",
+          "--max_iters=4", "--eval_every=0", f"--out_dir={tmp_path}", *TINY_RL])
+    lrs = [r["lr"] for r in rows(tmp_path) if "test_exact" not in r]
+    assert lrs == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])  # lr · (it + 1) / 3, then lr
