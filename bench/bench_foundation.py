@@ -25,7 +25,8 @@ from minidtrpo.config import Config, arg, autocast, device_problem, parse, pick_
 from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
 from minidtrpo.sampling import generate
 from minidtrpo.tasks import get_task
-from minidtrpo.train import clip_and_step, model_config, sft_loss
+from minidtrpo.sft import model_config, sft_loss
+from minidtrpo.train import clip_and_step
 
 
 def sync(device):

@@ -40,7 +40,8 @@ from minidtrpo.rl import UPDATES, RLConfig
 from minidtrpo.sampling import Trajectory
 from minidtrpo.tasks import get_task
 from minidtrpo.meters import Meters
-from minidtrpo.train import load, model_config, rollout
+from minidtrpo.sft import model_config
+from minidtrpo.train import load, rollout
 
 
 def sync(device):

@@ -11,7 +11,8 @@ from .config import BadInput, Config, RunStopped, arg, device_problem, fail, par
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .report import ReportConfig, run_report
 from .rl import RLConfig, train_rl
-from .train import SFTConfig, check_steps, evaluate, load, train_sft
+from .sft import SFTConfig, train_sft
+from .train import check_steps, evaluate, load
 
 
 @dataclass
@@ -42,7 +43,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 COMMANDS = {  # name: (options, what runs them, one line of help)
-    "sft": (SFTConfig, train_sft, "supervised masked-diffusion training (minidtrpo/train.py)"),
+    "sft": (SFTConfig, train_sft, "supervised masked-diffusion training (minidtrpo/sft.py)"),
     "eval": (EvalConfig, run_eval, "evaluate a checkpoint (prints one JSON line)"),
     "rl": (RLConfig, train_rl, "online RL: full_trajectory | bgpo | diffu_grpo | vrpo_ol (rl.py)"),
     "pairs": (PairsConfig, make_pairs, "sample (best, worst) pairs with trajectories"),

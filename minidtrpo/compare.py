@@ -29,7 +29,9 @@ from .model import LAYOUTS
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .rl import OBJECTIVES, RLConfig, train_rl
 from .tasks import TASKS
-from .train import CHECKPOINT, SFTConfig, load, read_metrics, train_sft
+from .folders import CHECKPOINT, read_metrics
+from .sft import SFTConfig, train_sft
+from .train import load
 
 DPO = ("dpo_dtrpo", "dpo_full_trajectory", "dpo_vrpo")
 SET_BY_COMPARE = {"out_dir", "out", "init", "pairs", "seed", "time_budget", "device", "resume",

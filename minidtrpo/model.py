@@ -28,7 +28,7 @@ LAYOUTS = ("block", "full")
 
 @dataclass
 class ModelConfig:
-    # The data's shape comes from the caller (train.model_config reads it off a task): no defaults.
+    # The data's shape comes from the caller (sft.model_config reads it off a task): no defaults.
     vocab_size: int  # V: every token id the data uses, MASK included
     mask_id: int  # id of the MASK token (its logit is forced to -inf)
     prompt_len: int  # P: fixed prompt length in tokens

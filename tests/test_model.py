@@ -73,7 +73,7 @@ def test_sft_loss_block_layout_matches_naive():
     plain pass over [x ; clean blocks < k ; noisy block k] (the true sampler state), and the loss
     is the 1/t-weighted masked negative log-likelihood. sft_loss's single pass (last clean block
     dropped) must agree."""
-    from minidtrpo.train import sft_loss
+    from minidtrpo.sft import sft_loss
     model = tiny_model("block")
     P, L, b = 6, 8, 4
     prompts, answers = (random_prompts(3),

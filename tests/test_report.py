@@ -12,7 +12,7 @@ import math
 import pytest
 
 from minidtrpo.__main__ import main
-from minidtrpo.train import SFTConfig, train_sft
+from minidtrpo.sft import SFTConfig, train_sft
 
 
 @pytest.fixture(scope="module", params=["block", "full"])

@@ -24,7 +24,8 @@ from minidtrpo.objectives import dpo_loss
 from minidtrpo.preference import dpo_full_trajectory
 from minidtrpo.rl import OBJECTIVES, RLConfig
 from minidtrpo.sampling import Trajectory, generate
-from minidtrpo.train import SFTConfig, load, train_sft
+from minidtrpo.sft import SFTConfig, train_sft
+from minidtrpo.train import load
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TIMING = {"train_seconds", "rollout_s", "update_s", "rss_mb", "cuda_peak_mb"}  # differ between runs

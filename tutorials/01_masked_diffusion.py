@@ -8,7 +8,7 @@
 #    layout that trains the block model;
 # 3. the masked-diffusion loss of LLaDA (arXiv 2502.09992, eq. 3–4): why only masked positions
 #    count, and where the 1/t weight comes from;
-# 4. a short supervised run on 4×4 sudoku with the library's `train.train_sft`;
+# 4. a short supervised run on 4×4 sudoku with the library's `sft.train_sft`;
 # 5. decoding with `generate`, and the `Trajectory` it records, shown step by step;
 # 6. the KV-cached sampler, checked token for token against the uncached one.
 #
@@ -47,7 +47,8 @@ from minidtrpo import MaskedDiffusionTransformer, generate, get_task
 from minidtrpo.model import clean_noisy_mask, layout_mask
 from minidtrpo.sampling import reveal_schedule
 from minidtrpo.tasks import TASKS
-from minidtrpo.train import SFTConfig, evaluate, load, model_config, sft_loss, train_sft
+from minidtrpo.sft import SFTConfig, model_config, sft_loss, train_sft
+from minidtrpo.train import evaluate, load
 
 torch.manual_seed(0)  # parameter initialisation of the models built in this file
 print(f"quick mode: {QUICK}; figures go to {OUT}")
@@ -232,7 +233,7 @@ assert gap < 1e-6
 # $$q_t(y_t \mid y) = \prod_{i=1}^{L}
 #   \big[\,t\,\mathbb 1(y_t^i = M) + (1-t)\,\mathbb 1(y_t^i = y^i)\big].$$
 #
-# **Loss** (LLaDA eq. 3–4, docs/math.md §2), which `train.sft_loss` computes:
+# **Loss** (LLaDA eq. 3–4, docs/math.md §2), which `sft.sft_loss` computes:
 # $$\mathcal L_{\mathrm{SFT}}(\theta)
 #   = -\,\mathbb E_{t \sim U(\varepsilon, 1)}\;\mathbb E_{y_t \sim q_t}
 #   \Big[\frac{1}{t} \sum_{i:\, y_t^i = M} \log \mu_\theta(y^i \mid x, y_t)\Big] \Big/ L .$$
@@ -311,7 +312,7 @@ assert abs(per_token.item() - math.log(47)) < 0.3
 # %% [markdown]
 # ## 4. Supervised training on sudoku
 #
-# `train.train_sft` trains on freshly generated puzzles at every step, with AdamW, warm-up and
+# `sft.train_sft` trains on freshly generated puzzles at every step, with AdamW, warm-up and
 # cosine decay, and an EMA of the weights, which is the model that gets evaluated and saved. It uses
 # the block layout with the [x ; y ; ỹ] trick above. It prints its config, shows a progress bar, and
 # at the end decodes the held-out test puzzles greedily (their solution grids never occur in

@@ -53,7 +53,8 @@ from minidtrpo import MaskedDiffusionTransformer, Trajectory, generate
 from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob,
                                   reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks,
                                   sample_prompt_mask, trajectory_logprob)
-from minidtrpo.train import SFTConfig, load, model_config, train_sft
+from minidtrpo.sft import SFTConfig, model_config, train_sft
+from minidtrpo.train import load
 
 torch.manual_seed(0)
 print(f"quick mode: {QUICK}; figures go to {OUT}")

@@ -50,7 +50,9 @@ from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, sample_block_steps
 from minidtrpo.objectives import (bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
                                   grpo_advantages)
 from minidtrpo.rl import RLConfig, bgpo_accumulate, train_rl
-from minidtrpo.train import SFTConfig, load, read_metrics, train_sft
+from minidtrpo.folders import read_metrics
+from minidtrpo.sft import SFTConfig, train_sft
+from minidtrpo.train import load
 
 torch.manual_seed(0)
 print(f"quick mode: {QUICK}; figures go to {OUT}")

@@ -1,0 +1,93 @@
+"""A run folder: its lock (one live run per folder), its metrics log, and the checks that a folder
+being resumed holds the same run. Used by train.run_loop.
+"""
+
+import fcntl
+import json
+import os
+import signal
+import threading
+from dataclasses import asdict
+
+from .config import BadInput, read_saved
+
+CHECKPOINT = ("model", "model_config", "task", "task_options")  # what every checkpoint holds
+
+
+def read_metrics(path) -> list[dict]:
+    """The rows of a metrics.jsonl; a last line cut short by a kill is dropped, with a warning."""
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise BadInput(f"{path}: line {i + 1} is not JSON; the log is damaged") from None
+            print(f"warning: {path}: dropped a damaged last line (a run was killed writing it)")
+    return rows
+
+
+def remove_stale_files(out_dir):
+    """Temporary files a killed run left behind. Called under the folder's lock, so no live run
+    is writing any of them."""
+    for name in os.listdir(out_dir):
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(out_dir, name))
+
+
+class FolderLock:
+    """One run per folder: the run holds an exclusive lock on out_dir/lock (fcntl.flock, released
+    by the kernel when the process ends, killed or not); a second run there gets BadInput."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, "lock")
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            pid = self.file.read().strip()
+            self.file.close()
+            raise BadInput(f"{os.path.dirname(self.path)} is in use by a live run (pid {pid}); "
+                           "wait for it or choose another --out_dir") from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock; the file stays, empty of meaning
+
+
+# options that may differ when a run is resumed (how long and how often, where); any other
+# difference means another run
+RESUMABLE = {"resume", "time_budget", "max_iters", "max_steps", "epochs", "eval_every",
+             "eval_every_s", "device", "out_dir"}
+
+
+def resume_state(cfg, kind, models, task, device) -> dict:
+    """The checkpoint of the run in cfg.out_dir, after checking that it is a run of this kind, task,
+    model and options (RESUMABLE aside); BadInput names what differs. Nothing is changed before."""
+    path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    state = read_saved(path, f"the checkpoint of a run ({kind}) to resume",
+                       (*CHECKPOINT, "kind", "optimizer", "rng", "iter", "config"), device)
+    ours = {"kind": kind, "task": task.name, "task_options": dict(task.options),
+            "model_config": asdict(models["model"].config),
+            **{k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}}
+    saved = {**state, **state["config"]}
+    differ = [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
+              if saved.get(k) != v]
+    if differ:
+        raise BadInput(f"--resume: {cfg.out_dir} holds another run: " + "; ".join(differ))
+    return state
+
+
+def interrupt_on_sigterm():
+    """SIGTERM (timeout, a scheduler, docker stop) ends a run like Ctrl-C: snapshot saved."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,176 @@
+"""Supervised masked-diffusion training (SFT), one iteration of train.run_loop per optimizer step.
+
+SFT (docs/math.md §2; LLaDA, arXiv 2502.09992, eq. 3–4): t ~ U(ε, 1), mask each response token
+independently with probability t, predict the masked tokens, weight by 1/t. Departures:
+1. Only the response is ever masked (the prompt is the condition), as in LLaDA's SFT.
+2. Block layout: the input is [x ; y ; y_t] with the block-diffusion mask (BD3-LM, arXiv
+   2503.09573), so noisy block k is predicted from the clean blocks < k, the state the sampler
+   shows it. One t per sequence is shared by all its blocks.
+3. Fresh task examples every step (an infinite stream), AdamW, warm-up then cosine decay, gradient
+   clipping, and an exponential moving average (EMA) of the weights: what is evaluated and saved.
+
+Shapes: B batch, P prompt length, L response length, V vocab.
+"""
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import BadInput, arg, autocast, check, folder_problem, parse_options, pick_device
+from .meters import elapsed
+from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
+from .tasks import TASKS, get_task
+from .train import RunConfig, clip_and_step, load, run_loop
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """Supervised masked-diffusion training (SFT) of the toy dLLM on one task."""
+    task: str = arg("sudoku", "task to train on", TASKS)
+    # key=value pairs, because each task has its own options (validated by the task's constructor)
+    task_options: str = arg("", "task options as key=value,... (e.g. digits=4 or max_blanks=12)")
+    layout: str = arg("block", "attention layout", LAYOUTS)
+    d_model: int = arg(128, "residual width", ge=1)
+    n_layers: int = arg(4, "transformer blocks", ge=1)
+    n_heads: int = arg(4, "attention heads", ge=1)
+    block_size: int = arg(0, "response tokens per block b (0: the task's default)", ge=0)
+    init: str = arg("", "start from this checkpoint's weights (same architecture)")
+    batch_size: int = arg(128, "sequences per step", ge=1)
+    lr: float = arg(2e-3, "peak AdamW learning rate", gt=0)
+    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of lr (cosine decay)",
+                              ge=0, le=1)
+    warmup_steps: int = arg(50, "linear warm-up steps", ge=0)
+    ema: float = arg(0.99, "EMA decay of the evaluated weights (0: no EMA)", ge=0, lt=1)
+    max_steps: int = arg(100_000, "stop after this many optimizer steps", ge=1)
+    eval_every: int = arg(100, "evaluate and checkpoint every this many steps (0: at the end)",
+                          ge=0)
+    out_dir: str = arg("runs/sft", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves",
+                       valid=folder_problem)
+    compile: bool = arg(False, "torch.compile the model (opt-in)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        task = task_from(self.task, self.task_options)
+        b = self.block_size or task.block_size
+        check(task.response_len % b == 0, "block_size", self.block_size,
+              f"0 or a divisor of the response length {task.response_len}")
+        check(self.steps_per_block <= b, "steps_per_block", self.steps_per_block,
+              f"0..{b}, the block size")
+        check(self.d_model % self.n_heads == 0 and self.d_model // self.n_heads % 2 == 0,
+              "n_heads", self.n_heads, f"a divisor of d_model={self.d_model} giving even heads")
+
+
+def task_from(name: str, options: str):
+    """The task `name` with its `key=value,...` options; a bad option: one clear ValueError."""
+    try:
+        return get_task(name, **parse_options(options))
+    except ValueError as e:
+        raise ValueError(f"--task_options={options!r}: {e}") from None
+
+
+def sft_loss(model, prompts, answers, generator=None, eps: float = 1e-3):
+    """Masked-diffusion loss of a batch (prompts (B, P), answers (B, L)) -> (loss, stats)."""
+    cfg = model.config
+    B, L = answers.shape
+    P = prompts.shape[1]
+    device = answers.device
+    t = eps + (1 - eps) * torch.rand(B, 1, generator=generator, device=device)  # (B, 1) t ~ U(ε, 1)
+    masked = torch.rand(B, L, generator=generator, device=device) < t  # (B, L) each masked w.p. t
+    noisy = answers.masked_fill(masked, cfg.mask_id)  # y_t
+    if cfg.layout == "block":  # [x ; y ; y_t]: the clean copy and the noisy copy share position ids
+        # No noisy block looks at the last clean block (noisy block k sees clean blocks < k), so
+        # it is left out: [x ; y_{<last} ; y_t], P + 2L − b tokens, same logits for fewer FLOPs.
+        C = L - cfg.block_size  # clean tokens kept
+        tokens = torch.cat([prompts, answers[:, :C], noisy], dim=1)  # (B, P+C+L)
+        positions = torch.cat([torch.arange(P + C, device=device),
+                               torch.arange(P, P + L, device=device)])
+        keep = torch.cat([torch.arange(P + C), torch.arange(P + L, P + 2 * L)]).to(device)
+        mask = clean_noisy_mask(P, L, cfg.block_size, device)[keep][:, keep]  # (P+C+L, P+C+L)
+        logits = model(tokens, positions, mask)[:, P + C:]  # (B, L, V) at the noisy copy
+    else:
+        logits = model(torch.cat([prompts, noisy], dim=1))[:, P:]  # (B, L, V)
+    # log μ_θ(y_i | x, y_t) at every response position
+    logp = -F.cross_entropy(logits.flatten(0, 1), answers.flatten(), reduction="none").view(B, L)
+    # L_SFT = −E_t [(1/t) · Σ_{i masked} log μ_θ(y_i | x, y_t)] / L   (visible tokens: no target)
+    loss = -((logp * masked) / t).sum(dim=1).mean() / L
+    with torch.no_grad():
+        acc = ((logits.argmax(-1) == answers) & masked).sum() / masked.sum().clamp(min=1)
+    return loss, {"loss": loss.item(), "masked_acc": acc.item()}
+
+
+def lr_at(cfg: SFTConfig, step: int, progress: float) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio·lr over the run (progress in [0, 1])."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def model_config(task, **sizes) -> ModelConfig:
+    """A ModelConfig for a task: its vocabulary and lengths, its default block, then `sizes`."""
+    return ModelConfig(**{"vocab_size": task.vocab.size, "mask_id": task.vocab.mask_id,
+                          "prompt_len": task.prompt_len, "response_len": task.response_len,
+                          "block_size": task.block_size, **sizes})
+
+
+def build(cfg: SFTConfig):
+    """The task and a fresh model, initialised from cfg.seed (the global RNG is left intact)."""
+    task = task_from(cfg.task, cfg.task_options)
+    sizes = dict(layout=cfg.layout, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                 block_size=cfg.block_size or task.block_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # parameter initialisation only
+        model = MaskedDiffusionTransformer(model_config(task, **sizes))
+    return task, model
+
+
+def train_sft(cfg: SFTConfig) -> dict:
+    """Run SFT as configured; returns the final test metrics. Ctrl-C saves a checkpoint first."""
+    device = pick_device(cfg.device)
+    task, model = build(cfg)
+    if cfg.init:  # continue from earlier weights (same architecture) on this config's task
+        init_model, _ = load(cfg.init)
+        if asdict(init_model.config) != asdict(model.config):
+            raise BadInput(f"--init={cfg.init} has model {asdict(init_model.config)}; this run "
+                             f"asks for {asdict(model.config)} (set --layout, --d_model, ...)")
+        model.load_state_dict(init_model.state_dict())
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                            weight_decay=cfg.weight_decay)
+    gens = {"data": torch.Generator().manual_seed(cfg.seed),  # task examples (CPU)
+            "noise": torch.Generator(device).manual_seed(cfg.seed + 1)}  # t and masks (device)
+    fwd = torch.compile(model) if cfg.compile else model
+    b, L = model.config.block_size, task.response_len
+    seq_tokens = task.prompt_len + (2 * L - b if cfg.layout == "block" else L)  # tokens per row
+
+    def iteration(step, train_seconds):
+        t0 = time.perf_counter()
+        by_time = train_seconds / cfg.time_budget if cfg.time_budget else 0.0
+        progress = max(step / cfg.max_steps, by_time)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step, progress)
+        prompts, answers = task.sample(cfg.batch_size, "train", gens["data"])
+        prompts, answers = prompts.to(device), answers.to(device)
+        with autocast(device):
+            loss, stats = sft_loss(fwd, prompts, answers, gens["noise"])
+        loss.backward()
+        norm = clip_and_step(model, opt, cfg.grad_clip)  # a non-finite norm: step skipped
+        if ema is not model:  # θ_ema ← d·θ_ema + (1 − d)·θ, d warming up so early weights fade fast
+            d = min(cfg.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p, 1 - d)
+        dt = elapsed(t0, device)
+        return {"lr": opt.param_groups[0]["lr"], **stats, "grad_norm": norm, "update_s": dt,
+                "skipped_steps": int(not math.isfinite(norm)),
+                "tokens_per_s": round(cfg.batch_size * seq_tokens / dt)}
+
+    models = {"model": ema} if ema is model else {"model": ema, "raw_model": model}
+    return run_loop(cfg, "sft", models=models, task=task, opt=opt, generators=gens,
+                    iteration=iteration, max_iters=cfg.max_steps, device=device,
+                    bar_keys=("loss", "masked_acc"), eval_at_start=False)
