@@ -59,7 +59,8 @@ ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
 class PairsConfig(Config):
     """Sample (best, worst) response pairs with trajectories from a frozen reference model."""
     init: str = arg("runs/sft/checkpoint.pt", "the reference model that samples the pairs")
-    num_prompts: int = arg(512, "training prompts", ge=1)
+    num_prompts: int = arg(4096, "training prompts (README: how the defaults were chosen)",
+                           ge=1)
     num_generations: int = arg(8, "responses per prompt G; the best and the worst become a pair",
                                ge=2)
     temperature: float = arg(1.0, "sampling temperature τ (> 0: greedy pairs would be equal)",
@@ -80,7 +81,9 @@ class DPOConfig(RunConfig):
                     "the model that sampled the pairs: frozen reference, start of θ")
     pairs: str = arg("runs/pairs.pt", "pairs file written by `pairs`")
     estimator: str = arg("dtrpo", "trajectory log-ratio estimator D (module docstring)", ESTIMATORS)
-    beta: float = arg(0.2, "DPO β", gt=0)
+    lr: float = arg(3e-5, "AdamW learning rate, constant (README: how the defaults were chosen)",
+                    gt=0)
+    beta: float = arg(1.0, "DPO β", gt=0)
     scale: str = arg("steps", "dtrpo: c = T_B (steps, unbiased) or 1 (one, the paper's)",
                      ("steps", "one"))
     single_pass: str = arg("auto", "dtrpo: all blocks in one [x ; y ; ỹ] pass; auto = in the block "
@@ -93,10 +96,10 @@ class DPOConfig(RunConfig):
     elbo_masks: str = arg("auto", "vrpo: ELBO masks uniform or blockwise (auto: blockwise in the "
                           "full layout; docs/math.md §4.3)", ELBO_MASKS)
     batch_size: int = arg(16, "pairs per optimizer step", ge=1)
-    epochs: float = arg(3.0, "passes over the pairs (capped: departure 5)", gt=0)
+    epochs: float = arg(10.0, "passes over the pairs (capped: departure 5)", gt=0)
     max_iters: int = arg(100_000, "stop after this many optimizer steps (also capped by epochs)",
                          ge=1)
-    eval_every: int = arg(20, "evaluate and checkpoint every this many steps (0: at the end)",
+    eval_every: int = arg(250, "evaluate and checkpoint every this many steps (0: at the end)",
                           ge=0)
     out_dir: str = arg(
         "runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png",

@@ -27,6 +27,8 @@ Departures:
    reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
 7. On-policy, diffu_grpo, bgpo and vrpo_ol take the old values from the graph pass, detached
    (θ_old = θ: what a no-grad pass gives, tested), one pass cheaper.
+8. bgpo, vrpo_ol with group_masks: the G responses of a prompt share one set of ELBO masks, so
+   what they have in common cancels in Σ A_i ∇ℓ_i (docs/math.md §5.4); the papers draw per response.
 A policy-gradient loss value is not a progress signal: ρ ≡ 1 on-policy makes it ≈ 0 by construction
 (docs/math.md §5.2); watch reward and test accuracy.
 
@@ -72,7 +74,7 @@ class RLConfig(RunConfig):
     init: str = arg("runs/sft/checkpoint.pt", "checkpoint to start from; also the frozen reference")
     objective: str = arg(
         "full_trajectory", "how a response is scored (module docstring)", OBJECTIVES)
-    num_prompts: int = arg(16, "training prompts per iteration", ge=1)
+    num_prompts: int = arg(64, "training prompts per iteration (README: why 64)", ge=1)
     num_generations: int = arg(8, "rollouts per prompt G (the GRPO group; one has no advantage)",
                                ge=2)
     temperature: float = arg(1.0, "rollout temperature τ (> 0: greedy groups would be flat)",
@@ -92,6 +94,8 @@ class RLConfig(RunConfig):
                            ("token_mean", "sequence_mean", "constant"))
     n_mc: int = arg(16, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol)", ge=1)
     elbo_per_token: bool = arg(True, "ℓ^(j) per masked token as in BGPO's code (false: × L)")
+    group_masks: bool = arg(False, "bgpo, vrpo_ol: the G responses of a prompt share one set of "
+                            "ELBO masks (common random numbers; docs/math.md §5.4)")
     elbo_masks: str = arg("auto", "bgpo, vrpo_ol: ELBO masks uniform over the response, or "
                           "blockwise (earlier blocks clean, later masked; auto: blockwise in the "
                           "full layout; docs/math.md §4.3)", ELBO_MASKS)
@@ -173,10 +177,18 @@ def _elbo_block(cfg, model, traj):
     return elbo_mask_block(cfg.elbo_masks, model.config.layout, traj.block_size)
 
 
-def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
+def _elbo_masks(cfg, model, traj, gen):
+    """ELBO masks (B, N, L) for the update: one set per response, or per group (group_masks)."""
     B, L = traj.responses.shape
-    blk = _elbo_block(cfg, policy, traj)  # None: uniform masks; b: blockwise
-    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, blk)  # (B, N, L) for all steps
+    blk = _elbo_block(cfg, model, traj)  # None: uniform masks; b: blockwise
+    G = cfg.num_generations if cfg.group_masks else 1  # responses sharing one set of masks
+    masks = sample_elbo_masks(B // G, L, cfg.n_mc, gen, traj.tokens.device, blk)
+    # groups are contiguous rows (p g); every response of group p gets p's masks
+    return repeat(masks, "p n l -> (p g) n l", g=G)
+
+
+def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
+    masks = _elbo_masks(cfg, policy, traj, gen)  # (B, N, L), for all optimizer steps
     ell_old = None  # on-policy: ℓ_old^(j) = ℓ_θ^(j) detached, taken from the graph pass (dep. 7)
     if cfg.num_iterations > 1:
         with torch.no_grad():
@@ -190,9 +202,7 @@ def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
 
 
 def update_vrpo_ol(cfg, policy, ref, traj, adv, gen, step):
-    B, L = traj.responses.shape
-    blk = _elbo_block(cfg, policy, traj)  # None: uniform masks; b: blockwise
-    masks = sample_elbo_masks(B, L, cfg.n_mc, gen, adv.device, blk)  # (B, N, L)
+    masks = _elbo_masks(cfg, policy, traj, gen)  # (B, N, L)
     ell_old = None  # on-policy: ℓ_old = ℓ_θ detached (departure 7)
     if cfg.num_iterations > 1:
         with torch.no_grad():

@@ -300,3 +300,25 @@ def test_rl_warmup_ramps_the_learning_rate(full_ckpt, tmp_path):
           "--max_iters=4", "--eval_every=0", f"--out_dir={tmp_path}", *TINY_RL])
     lrs = [r["lr"] for r in rows(tmp_path) if "test_exact" not in r]
     assert lrs == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])  # lr · (it + 1) / 3, then lr
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_group_masks_cancel_what_a_group_shares(layout):
+    """group_masks: the G responses of a prompt get one set of ELBO masks (docs/math.md §5.4). In
+    a group of identical responses with advantages summing to 0, Σ_i A_i ∇ℓ_i then cancels
+    exactly; with a set of masks per response it does not (that noise is what sharing removes)."""
+    model, G = tiny_model(layout), 4
+    prompts = random_prompts(2).repeat_interleave(G, 0)  # (p g): groups contiguous
+    traj = generate(model, prompts)  # greedy: every response of a group is the same
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -1.0, -0.5, -0.5], dtype=torch.float64)
+    norms = {}
+    for shared in (True, False):
+        cfg = RLConfig(objective="bgpo", num_generations=G, n_mc=3, group_masks=shared)
+        masks = rl_module._elbo_masks(cfg, model, traj, torch.Generator().manual_seed(0))
+        groups = masks.view(2, G, 3, -1)
+        assert (groups == groups[:, :1]).all() == shared  # equal within each group iff shared
+        model.zero_grad()
+        rl_module.update_bgpo(cfg, model, None, traj, adv, torch.Generator().manual_seed(0),
+                              lambda: None)
+        norms[shared] = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    assert norms[True] < 1e-12 < 1e-3 < norms[False]
