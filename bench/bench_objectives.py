@@ -115,7 +115,8 @@ class BenchConfig(Config):
     """One update per objective on the same rollouts: seconds, forward rows, activation memory."""
     ckpt: str = arg("", "checkpoint whose rollouts to score (default: a fresh model)")
     layout: str = arg("full", "layout of the fresh model", LAYOUTS)
-    num_prompts: int = arg(16, "prompts per batch (as rl's default)", ge=1)
+    num_prompts: int = arg(16, "prompts per batch (rl's default was 16 when the README measured)",
+                           ge=1)
     num_generations: int = arg(8, "rollouts per prompt G (even: the DPO rows pair them up)", ge=2,
                                valid=lambda g: None if g % 2 == 0 else "an even int")
     repeat: int = arg(3, "timed runs per update (the median is reported)", ge=1)

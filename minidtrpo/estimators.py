@@ -236,12 +236,8 @@ def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None,
     L = response_len
     if block_size is not None and (block_size < 1 or L % block_size):
         raise ValueError(f"block_size={block_size} must divide response_len={L}")
-    n_cells = L  # stratify over the L counts m, or over the N_B·b = L pairs (block k, count m)
-    u = torch.randint(0, n_cells, (batch, 1), generator=generator, device=gen_device)  # (B, 1)
-    # round(j·C/n), half to even like Python's round
-    j = torch.arange(n_mc, device=gen_device, dtype=torch.float64)  # (N,)
-    offset = torch.round(j * n_cells / n_mc).long()  # (N,)
-    c = (u + offset) % n_cells  # (B, N) stratified cells 0..C−1
+    # stratify over the L counts m, or over the N_B·b = L pairs (block k, count m)
+    c = _stratified(batch, n_mc, L, generator, gen_device)  # (B, N) cells 0..L−1
     # a uniformly random subset of size m: the m positions with the smallest random keys
     keys = torch.rand(batch, n_mc, L, generator=generator, device=gen_device)  # (B, N, L)
     if block_size is None:
@@ -257,20 +253,56 @@ def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None,
     return masks if device is None else masks.to(device)
 
 
-ELBO_MASKS = ("auto", "uniform", "blockwise")
+def _stratified(batch, n_mc, n_cells, generator, device) -> torch.Tensor:
+    """(B, N) cells c_j = (u + round(j·C/n)) mod C, u ~ U{0..C−1} per row: each c_j uniform,
+    together spread evenly over the C cells (VRPO's stratification)."""
+    u = torch.randint(0, n_cells, (batch, 1), generator=generator, device=device)  # (B, 1)
+    # round(j·C/n), half to even like Python's round
+    j = torch.arange(n_mc, device=device, dtype=torch.float64)  # (N,)
+    return (u + torch.round(j * n_cells / n_mc).long()) % n_cells  # (B, N)
 
 
-def elbo_mask_block(choice, layout, block_size):
-    """The block_size argument of `sample_elbo_masks` / `elbo_terms` for an `elbo_masks` choice.
+def sample_trajectory_masks(traj, n_mc, generator=None, *, per_block=True) -> torch.Tensor:
+    """n_mc masks per response read off its own decoding trajectory: (B, N, L) bool, True = masked.
 
-    auto = blockwise in the full layout, where the sampler decodes block by block (departure 4),
-    uniform in the block layout, whose one-pass ELBO is already the block-diffusion one.
+    Sample j is a state the sampler visited (docs/math.md §4.3, "masks from the trajectory").
+    per_block=True (block layout): every block just before its within-block step s_j, s_j
+    stratified over 0..T_B−1 (one [x ; y ; ỹ] pass scores all blocks); False (full layout): the
+    whole response just before global step t_j, stratified over 0..T−1; score it with
+    `elbo_terms(block_size=b)`, the block being decoded. Under random remasking these states have
+    the distribution of `sample_elbo_masks`' (uniform, resp. blockwise) when T_B = b.
     """
+    device = generator.device if generator is not None else traj.tokens.device
+    B, L = traj.responses.shape
+    n_cells = traj.steps_per_block if per_block else traj.num_steps
+    c = _stratified(B, n_mc, n_cells, generator, device).to(traj.tokens.device)  # (B, N)
+    t = c[..., None]  # (B, N, 1) global step before which the state is taken
+    if per_block:  # block k's step s_j is global step k·T_B + s_j
+        block_of = torch.arange(L, device=c.device) // traj.block_size  # (L,)
+        t = block_of * traj.steps_per_block + t  # (B, N, L)
+    return traj.unmask_step[:, None, :] >= t  # masked = not yet revealed before step t
+
+
+ELBO_MASKS = ("auto", "uniform", "blockwise", "trajectory")
+
+
+def resolve_elbo_masks(choice, layout):
+    """An `elbo_masks` choice with auto resolved: the masks of the states the sampler visits,
+    blockwise in the full layout (departure 4), the trajectory's own in the block layout (README,
+    "Block layout": there BGPO gains with them and not with uniform masks)."""
     if choice not in ELBO_MASKS:
         raise ValueError(f"elbo_masks={choice!r}; valid: {', '.join(ELBO_MASKS)}")
     if choice == "auto":
-        choice = "blockwise" if layout == "full" else "uniform"
-    return block_size if choice == "blockwise" else None
+        return "blockwise" if layout == "full" else "trajectory"
+    return choice
+
+
+def elbo_mask_block(choice, layout, block_size):
+    """The block_size argument of `sample_elbo_masks` / `elbo_terms` for an `elbo_masks` choice:
+    b where one block is scored per sample (blockwise; trajectory in the full layout), else None."""
+    choice = resolve_elbo_masks(choice, layout)
+    blockwise = choice == "blockwise" or (choice == "trajectory" and layout == "full")
+    return block_size if blockwise else None
 
 
 def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=1.0,

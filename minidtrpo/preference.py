@@ -46,7 +46,8 @@ from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, d
                      file_problem, folder_problem, pick_device, read_saved)
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms,
                          reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
-                         sample_elbo_masks, trajectory_logprob)
+                         resolve_elbo_masks, sample_elbo_masks, sample_trajectory_masks,
+                         trajectory_logprob)
 from .meters import Meters, elapsed
 from .objectives import dpo_loss
 from .sampling import REMASKING, Trajectory
@@ -93,8 +94,10 @@ class DPOConfig(RunConfig):
         True, "full_trajectory: DPO weight first, then backward step by step (dep. 1)")
     n_mc: int = arg(8, "vrpo: ELBO Monte Carlo samples per response", ge=1)
     elbo_per_token: bool = arg(False, "vrpo: per-token ELBO (false: sequence-level, departure 4)")
-    elbo_masks: str = arg("auto", "vrpo: ELBO masks uniform or blockwise (auto: blockwise in the "
-                          "full layout; docs/math.md §4.3)", ELBO_MASKS)
+    elbo_masks: str = arg("auto", "vrpo: ELBO masks uniform, blockwise or the pair's own states "
+                          "(trajectory); auto: blockwise in the full layout, trajectory in the "
+                          "block layout; docs/math.md §4.3",
+                          ELBO_MASKS)
     batch_size: int = arg(16, "pairs per optimizer step", ge=1)
     epochs: float = arg(10.0, "passes over the pairs (capped: departure 5)", gt=0)
     max_iters: int = arg(100_000, "stop after this many optimizer steps (also capped by epochs)",
@@ -212,7 +215,9 @@ def dpo_vrpo(cfg, policy, ref, both, gen):
     B2, L = both.responses.shape
     blk = elbo_mask_block(cfg.elbo_masks, policy.config.layout, both.block_size)  # None: uniform
     # (2B, N, L) shared by θ and ref
-    masks = sample_elbo_masks(B2, L, cfg.n_mc, gen, both.tokens.device, blk)
+    masks = (sample_trajectory_masks(both, cfg.n_mc, gen, per_block=blk is None)
+             if resolve_elbo_masks(cfg.elbo_masks, policy.config.layout) == "trajectory"
+             else sample_elbo_masks(B2, L, cfg.n_mc, gen, both.tokens.device, blk))
 
     def elbo(model):
         with autocast(both.tokens.device):

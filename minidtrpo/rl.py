@@ -29,6 +29,9 @@ Departures:
    (θ_old = θ: what a no-grad pass gives, tested), one pass cheaper.
 8. bgpo, vrpo_ol with group_masks: the G responses of a prompt share one set of ELBO masks, so
    what they have in common cancels in Σ A_i ∇ℓ_i (docs/math.md §5.4); the papers draw per response.
+9. bgpo, vrpo_ol in the block layout: ELBO masks are the rollout's own states by default
+   (elbo_masks=auto -> trajectory, docs/math.md §4.3), not the papers' uniform masks, with which
+   BGPO does not gain there (README, "Block layout").
 A policy-gradient loss value is not a progress signal: ρ ≡ 1 on-policy makes it ≈ 0 by construction
 (docs/math.md §5.2); watch reward and test accuracy.
 
@@ -45,7 +48,8 @@ from einops import rearrange, repeat
 
 from .config import arg, autocast, check, folder_problem, pick_device
 from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_terms, one_step_logprob,
-                         sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
+                         resolve_elbo_masks, sample_elbo_masks, sample_prompt_mask,
+                         sample_trajectory_masks, trajectory_logprob)
 from .meters import Meters, elapsed
 from .objectives import bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
 from .sampling import REMASKING
@@ -92,13 +96,15 @@ class RLConfig(RunConfig):
                            "(TraceRL)", ("sequence", "step"))
     aggregation: str = arg("sequence_mean", "loss aggregation (objectives.clipped_pg_loss)",
                            ("token_mean", "sequence_mean", "constant"))
-    n_mc: int = arg(16, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol)", ge=1)
+    n_mc: int = arg(4, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol; README: why 4)",
+                    ge=1)
     elbo_per_token: bool = arg(True, "ℓ^(j) per masked token as in BGPO's code (false: × L)")
-    group_masks: bool = arg(False, "bgpo, vrpo_ol: the G responses of a prompt share one set of "
-                            "ELBO masks (common random numbers; docs/math.md §5.4)")
-    elbo_masks: str = arg("auto", "bgpo, vrpo_ol: ELBO masks uniform over the response, or "
-                          "blockwise (earlier blocks clean, later masked; auto: blockwise in the "
-                          "full layout; docs/math.md §4.3)", ELBO_MASKS)
+    group_masks: bool = arg(False, "bgpo, vrpo_ol, uniform or blockwise masks: the G responses "
+                            "of a prompt share one set (common random numbers; docs/math.md §5.4)")
+    elbo_masks: str = arg("auto", "bgpo, vrpo_ol: ELBO masks uniform over the response, "
+                          "blockwise (earlier blocks clean, later masked), or the rollout's own "
+                          "states (trajectory); auto: blockwise in the full layout, trajectory in "
+                          "the block layout; docs/math.md §4.3", ELBO_MASKS)
     prompt_mask_p: float = arg(0.15, "diffu_grpo: probability of masking each prompt token",
                                ge=0, le=1)
     kl_rollouts: int = arg(
@@ -181,6 +187,9 @@ def _elbo_masks(cfg, model, traj, gen):
     """ELBO masks (B, N, L) for the update: one set per response, or per group (group_masks)."""
     B, L = traj.responses.shape
     blk = _elbo_block(cfg, model, traj)  # None: uniform masks; b: blockwise
+    # the trajectory's masks: each response's own visited states (group_masks does not apply)
+    if resolve_elbo_masks(cfg.elbo_masks, model.config.layout) == "trajectory":
+        return sample_trajectory_masks(traj, cfg.n_mc, gen, per_block=blk is None)
     G = cfg.num_generations if cfg.group_masks else 1  # responses sharing one set of masks
     masks = sample_elbo_masks(B // G, L, cfg.n_mc, gen, traj.tokens.device, blk)
     # groups are contiguous rows (p g); every response of group p gets p's masks

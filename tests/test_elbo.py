@@ -14,8 +14,9 @@ import torch
 
 from conftest import (P, M, assert_grads_close, grads, naive_logmu, random_prompts, rollout,
                       tiny_model)
-from minidtrpo.estimators import (elbo_mask_block, elbo_terms, one_step_logprob,
-                                  sample_elbo_masks, sample_prompt_mask, trajectory_logprob)
+from minidtrpo.estimators import (elbo_mask_block, elbo_terms, one_step_logprob, resolve_elbo_masks,
+                                  sample_elbo_masks, sample_prompt_mask, sample_trajectory_masks,
+                                  trajectory_logprob)
 from minidtrpo.sampling import Trajectory, generate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -62,6 +63,7 @@ def test_blockwise_elbo_masks():
     freq = within.float().sum((0, 1))
     assert (freq / freq.sum() - 1 / b).abs().max() < 0.03
     assert elbo_mask_block("auto", "full", b) == b and elbo_mask_block("auto", "block", b) is None
+    assert resolve_elbo_masks("auto", "block") == "trajectory"
     assert (elbo_mask_block("uniform", "full", b) is None
             and elbo_mask_block("blockwise", "block", b) == b)
     with pytest.raises(ValueError, match="elbo_masks='x'; valid: auto, uniform, blockwise"):
@@ -227,3 +229,30 @@ def test_p11_elbo_is_expected_random_order_loglik(layout, block_size):
     mc = L * elbo_terms(model, prompts.repeat(R, 1), y.repeat(R, 1),
                         masks).detach().mean(1).view(R, 2)
     assert ((mc.mean(0) - exact).abs() < 4 * mc.std(0) / math.sqrt(R)).all()
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_trajectory_masks_are_visited_states(layout):
+    """elbo_masks=trajectory: every mask is a state the sampler visited, before a stratified step
+    (docs/math.md §4.3): in the block layout all blocks before the same within-block step s_j,
+    in the full layout the whole response before global step t_j; n = T draws cover every step
+    once; elbo_mask_block scores all blocks (block layout) or the block being decoded (full)."""
+    model = tiny_model(layout)
+    traj = generate(model, random_prompts(5), temperature=1.0, steps_per_block=2,
+                    generator=torch.Generator().manual_seed(0))  # b = 4, T_B = 2: 2 tokens a step
+    per_block = layout == "block"
+    T_B, b, L = traj.steps_per_block, traj.block_size, traj.responses.shape[1]
+    n = T_B if per_block else traj.num_steps
+    masks = sample_trajectory_masks(traj, n, torch.Generator().manual_seed(1), per_block=per_block)
+    assert masks.shape == (5, n, L)
+    for i in range(5):
+        seen = []
+        for j in range(n):
+            # the one step t (per block: within-block step s) whose state this mask is
+            found = [t for t in range(n)
+                     if torch.equal(masks[i, j], traj.unmask_step[i] >= (
+                         torch.arange(L) // b * T_B + t if per_block else torch.tensor(t)))]
+            assert len(found) == 1, (i, j)
+            seen += found
+        assert sorted(seen) == list(range(n))  # stratified: n = T draws visit each step once
+    assert elbo_mask_block("trajectory", layout, b) == (None if per_block else b)
