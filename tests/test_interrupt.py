@@ -58,8 +58,11 @@ def run_and_kill(argv, out_dir, sig, after_rows):
     """Start the run as a subprocess; send `sig` once metrics.jsonl holds `after_rows` rows (an
     int), or `after_rows` seconds after its first checkpoint (a float)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # SIGINT back to its default in the child: a shell's background job (nohup cmd &) ignores it,
+    # and Python then never raises KeyboardInterrupt, so the test would depend on how it was run
     proc = subprocess.Popen([sys.executable, "-m", "minidtrpo", *argv, f"--out_dir={out_dir}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     path, deadline = os.path.join(out_dir, "metrics.jsonl"), time.time() + 120
     ckpt, saved_at = os.path.join(out_dir, "checkpoint.pt"), None
     while proc.poll() is None and time.time() < deadline:
