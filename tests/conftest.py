@@ -1,7 +1,17 @@
 """Shared fixtures: tiny float64 models on the CPU (tests are numerical proofs, docs/math.md
 §6)."""
 
+import importlib.util
+import sys
+
 import pytest
+
+for _name in ("torch", "einops"):  # one clear line instead of a traceback per test module
+    if importlib.util.find_spec(_name) is None:
+        raise pytest.UsageError(
+            f"{_name} is not installed in this Python ({sys.executable}); run the README's first "
+            "command (pip install torch==2.13.0 && pip install -r requirements.txt -e .) in the "
+            "environment that runs pytest")
 import torch
 import torch.nn.functional as F
 
