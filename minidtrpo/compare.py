@@ -46,7 +46,7 @@ class CompareConfig(Config):
     # key=value options: task_options and *_args pass options through to another command (a task,
     # sft, rl, dpo, pairs), whose own parser checks them; lr_overrides maps objectives to rates.
     task_options: str = arg("", "task options as key=value,... (for the SFT start)")
-    layout: str = arg("full", "attention layout of the SFT start", LAYOUTS)
+    layout: str = arg("block", "attention layout of the SFT start", LAYOUTS)
     sft_budget: float = arg(
         180.0, "seconds of SFT for the start (reused when out_dir/sft/checkpoint.pt exists)", gt=0)
     sft_args: str = arg("", "more sft options for the start, key=value,... (e.g. d_model=64)")
@@ -56,7 +56,7 @@ class CompareConfig(Config):
     objectives: str = arg(",".join(ALL), f"comma-separated subset of {', '.join(ALL)}")
     seeds: str = arg("0,1", "comma-separated seeds; each objective runs once per seed")
     lr_overrides: str = arg(
-        "bgpo=2e-4,vrpo_ol=2e-4,diffu_grpo=1e-5,dpo_full_trajectory=1e-5,dpo_vrpo=1e-5",
+        "vrpo_ol=2e-4,diffu_grpo=1e-5,dpo_full_trajectory=1e-5,dpo_vrpo=1e-5",
         "per-objective learning rates, name=lr,...; the others keep their command's default "
         "(1e-4); README, 'Objectives head to head', says where each default comes from")
     rl_args: str = arg(

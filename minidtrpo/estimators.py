@@ -106,7 +106,9 @@ def trajectory_logprob(model, traj, *, position_term=False, per_step=False, chun
     revealed = active & (us == step_of)  # (S, B, L): token i is revealed in exactly one pass
     # Σ_{i∈I_t} log μ_θ(y_i | x, τ_t), placed at step t = unmask_step_i
     logp_reveal = torch.where(revealed, tok, 0.0).sum(0)  # (B, L) == logp_at_reveal (sampler)
-    steps = torch.zeros(B, T, dtype=logp.dtype, device=y.device).scatter_add(1, us, logp_reveal)
+    # a hinted token (inpainting, unmask_step −1) is in every state and scored by no step: adds 0
+    steps = torch.zeros(B, T, dtype=logp.dtype, device=y.device).scatter_add(
+        1, us.clamp(min=0), logp_reveal)
     if position_term:  # log π_θ(τ_{t−1} | τ_t) = log S_t + Σ_{i∈I_t} log μ_θ(y_i | x, τ_t)
         others = active & (us > step_of)  # (S, B, L) masked in the current block, not revealed
         steps = steps + _log_selection_prob(traj, logp, tok, revealed, others, step_of)
@@ -333,7 +335,8 @@ def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=
         first = torch.where(masks, block_of, L).amin(-1, keepdim=True)  # (B, N, 1)
         scored = masks & (block_of == first)  # (B, N, L)
     # ℓ^{(j)} = (1/m_j) · Σ_{i masked} log μ_θ(y_i | x, y^{(j)})   (a visible token: no term)
-    ell = torch.where(scored, tok, 0.0).sum(-1) / scored.sum(-1)  # (B, N)
+    # (an empty mask, possible when hints fill a response: ℓ = 0, no gradient)
+    ell = torch.where(scored, tok, 0.0).sum(-1) / scored.sum(-1).clamp(min=1)  # (B, N)
     return ell if normalize else L * ell
 
 

@@ -25,13 +25,19 @@ Departures:
    AdamW, gradient clipping, a constant learning rate (optionally ramped up over `warmup_iters`).
 6. `nll_revealed`, an entropy stand-in at no extra pass, is below the mean entropy (low confidence
    reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
-7. On-policy, diffu_grpo, bgpo and vrpo_ol take the old values from the graph pass, detached
+7. On-policy, diffu_grpo, bgpo, vrpo_ol (and full_trajectory with position_term, whose log S_t
+   the sampler does not record) take the old values from the graph pass, detached
    (θ_old = θ: what a no-grad pass gives, tested), one pass cheaper.
 8. bgpo, vrpo_ol with group_masks: the G responses of a prompt share one set of ELBO masks, so
    what they have in common cancels in Σ A_i ∇ℓ_i (docs/math.md §5.4); the papers draw per response.
 9. bgpo, vrpo_ol in the block layout: ELBO masks are the rollout's own states by default
    (elbo_masks=auto -> trajectory, docs/math.md §4.3), not the papers' uniform masks, with which
    BGPO does not gain there (README, "Block layout").
+10. IGPO (igpo > 0; arXiv 2509.10396) as its code does it: triggered by a group without a correct
+   response, G hinted responses decoded, up to ⌊igpo·G⌋ correct ones replace the group's first.
+   Hinted tokens are context, not actions: they sit in every state and no trajectory estimator
+   scores them (IGPO's d1-based code scores them, keeping the 20% of highest entropy); ELBO masks
+   never mask them. Chunks are 2-4 tokens (IGPO: 5-10 of a longer trace); η is not sorted.
 A policy-gradient loss value is not a progress signal: ρ ≡ 1 on-policy makes it ≈ 0 by construction
 (docs/math.md §5.2); watch reward and test accuracy.
 
@@ -52,13 +58,14 @@ from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_terms, one_step_logpr
                          sample_trajectory_masks, trajectory_logprob)
 from .meters import Meters, elapsed
 from .objectives import bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
-from .sampling import REMASKING
+from .sampling import REMASKING, sample_hints
 from .train import RunConfig, check_steps, clip_and_step, load, rollout, run_loop
 
 OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol")
 METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
     "reward_mean / reward_std": "task reward of this iteration's rollouts",
     "exact": "fraction of rollouts fully correct (sampled at the rollout temperature)",
+    "igpo_groups / igpo_replaced": "all-wrong groups / responses replaced by hinted ones (IGPO)",
     "zero_adv_frac": "fraction of groups whose rewards were all equal (A = 0, dropped)",
     "clip_frac": "fraction of ratios where the clipped side of min() was taken (clipped_pg_loss)",
     "kl": "k3 KL to the initial model inside the loss (only when beta > 0)",
@@ -94,6 +101,8 @@ class RLConfig(RunConfig):
     scale_std: bool = arg(True, "divide advantages by the group std (false: d1 / Dr. GRPO)")
     ratio_level: str = arg("sequence", "full_trajectory: one ratio per sequence, or per step "
                            "(TraceRL)", ("sequence", "step"))
+    position_term: bool = arg(False, "full_trajectory: add the sampler's selection term log S_t "
+                              "to log π (docs/math.md §4.1; θ-dependent under low confidence)")
     aggregation: str = arg("sequence_mean", "loss aggregation (objectives.clipped_pg_loss)",
                            ("token_mean", "sequence_mean", "constant"))
     n_mc: int = arg(4, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol; README: why 4)",
@@ -109,6 +118,13 @@ class RLConfig(RunConfig):
                                ge=0, le=1)
     kl_rollouts: int = arg(
         16, "rollouts per iteration scored by the initial model for kl_ref (0: off)", ge=0)
+    igpo: float = arg(0.0, "IGPO: share of an all-wrong group's G responses that correct "
+                      "responses decoded with hints from the answer may replace (0: off; the "
+                      "paper's runs: 0.5)", ge=0, le=1)
+    igpo_hint_min: float = arg(0.2, "IGPO: least share of an answer's chunks given as hints",
+                               ge=0, le=1)
+    igpo_hint_max: float = arg(0.6, "IGPO: largest share of an answer's chunks given as hints",
+                               ge=0, le=1)
     warmup_iters: int = arg(0, "learning rate ramped linearly over this many first iterations "
                                "(0: constant from the start)", ge=0)
     max_iters: int = arg(1000, "stop after this many iterations", ge=1)
@@ -121,6 +137,10 @@ class RLConfig(RunConfig):
         check(self.beta == 0 or self.objective not in ("bgpo", "vrpo_ol"), "beta", self.beta,
               "0 for bgpo and vrpo_ol "
               "(the KL penalty exists for full_trajectory and diffu_grpo only)")
+        check(not self.position_term or self.objective == "full_trajectory", "position_term",
+              self.position_term, "false unless objective=full_trajectory")
+        check(self.igpo_hint_min <= self.igpo_hint_max, "igpo_hint_max", self.igpo_hint_max,
+              f"a share >= igpo_hint_min={self.igpo_hint_min}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,18 +149,24 @@ class RLConfig(RunConfig):
 
 
 def update_full_trajectory(cfg, policy, ref, traj, adv, gen, step):
-    per_step = cfg.ratio_level == "step"
+    per_step, pos = cfg.ratio_level == "step", cfg.position_term
     # log π_old(τ) = Σ_i logp_at_reveal_i: recorded by the sampler (P1), no pass (departure 1)
     logp_old = traj.logp_at_reveal.sum(1)  # (B,)
-    if per_step:
+    if pos and cfg.num_iterations > 1:  # the recorded sum lacks log S_t: one no-grad pass
+        with torch.no_grad(), autocast(adv.device):
+            logp_old = trajectory_logprob(policy, traj, per_step=per_step, position_term=True)
+    elif per_step:
         # log π_old(τ_{t−1} | τ_t) = Σ_{i∈I_t} logp_at_reveal_i, placed at step t = unmask_step_i
         logp_old = torch.zeros(len(adv), traj.num_steps, device=adv.device).scatter_add(
-            1, traj.unmask_step, traj.logp_at_reveal)  # (B, T)
+            1, traj.unmask_step.clamp(min=0), traj.logp_at_reveal)  # (B, T); hints add 0
     with torch.no_grad(), autocast(adv.device):
-        logp_ref = trajectory_logprob(ref, traj, per_step=per_step) if cfg.beta > 0 else None
+        logp_ref = trajectory_logprob(ref, traj, per_step=per_step, position_term=pos) \
+            if cfg.beta > 0 else None
     for _ in range(cfg.num_iterations):
         with autocast(adv.device):  # T passes (full layout), T_B [x ; y ; ỹ] passes (block)
-            logp = trajectory_logprob(policy, traj, per_step=per_step)  # (B,) or (B, T)
+            logp = trajectory_logprob(policy, traj, per_step=per_step, position_term=pos)
+        if pos and cfg.num_iterations == 1:  # on-policy: old = this pass, detached (departure 7)
+            logp_old = logp.detach()
         loss, stats = clipped_pg_loss(logp, logp_old, adv, cfg.clip_eps,
                                       aggregation=cfg.aggregation, logp_ref=logp_ref, beta=cfg.beta)
         loss.backward()
@@ -192,8 +218,9 @@ def _elbo_masks(cfg, model, traj, gen):
         return sample_trajectory_masks(traj, cfg.n_mc, gen, per_block=blk is None)
     G = cfg.num_generations if cfg.group_masks else 1  # responses sharing one set of masks
     masks = sample_elbo_masks(B // G, L, cfg.n_mc, gen, traj.tokens.device, blk)
-    # groups are contiguous rows (p g); every response of group p gets p's masks
-    return repeat(masks, "p n l -> (p g) n l", g=G)
+    # groups are contiguous rows (p g); every response of group p gets p's masks; IGPO's hints
+    # (unmask_step −1) are never masked: they are context (departure 10)
+    return repeat(masks, "p n l -> (p g) n l", g=G) & traj.unmask_step[:, None, :].ge(0)
 
 
 def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
@@ -250,6 +277,35 @@ def bgpo_accumulate(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
     return torch.tensor(total, dtype=advantages.dtype), {"bound": -total, "logratio_mean": d_mean}
 
 
+def inpaint(cfg, policy, task, traj, rewards, exact, answers, gens):
+    """IGPO (arXiv 2509.10396): for each group whose G responses are all wrong, decode G more with
+    hints (a share η ~ U[igpo_hint_min, igpo_hint_max] of the answer's chunks fixed before
+    decoding) and put up to ⌊igpo·G⌋ of the correct ones in place of the group's first responses,
+    so that the group has a signal. Modifies traj, rewards, exact in place; returns stats."""
+    G, k = cfg.num_generations, int(cfg.igpo * cfg.num_generations)
+    wrong = ~rearrange(exact, "(p g) -> p g", g=G).any(1)  # (B/G,) groups without a correct one
+    stats = {"igpo_groups": int(wrong.sum()), "igpo_replaced": 0}
+    if k == 0 or not wrong.any():
+        return stats
+    rows = repeat(wrong, "p -> (p g)", g=G)  # (B,) the responses of those groups
+    share = cfg.igpo_hint_min + (cfg.igpo_hint_max - cfg.igpo_hint_min) * torch.rand(
+        int(rows.sum()), generator=gens["prompts"])
+    hints = sample_hints(answers[rows.cpu()], share, policy.config.mask_id, gens["prompts"])
+    new, new_rewards, new_exact = rollout(
+        policy, task, traj.prompts[rows], temperature=cfg.temperature, remasking=cfg.remasking,
+        steps_per_block=cfg.steps_per_block, generator=gens["rollout"],
+        hints=hints.to(rows.device))
+    dst, src = [], []  # rows of traj to overwrite, rows of `new` that overwrite them
+    for n, p in enumerate(wrong.nonzero().flatten().tolist()):  # n-th all-wrong group is prompt p
+        correct = (n * G + new_exact[n * G:(n + 1) * G].nonzero().flatten())[:k].tolist()
+        src += correct
+        dst += range(p * G, p * G + len(correct))
+    for name in ("tokens", "unmask_step", "logp_at_reveal"):
+        getattr(traj, name)[dst] = getattr(new, name)[src]
+    rewards[dst], exact[dst] = new_rewards[src], new_exact[src]
+    return {**stats, "igpo_replaced": len(dst)}
+
+
 UPDATES = {"full_trajectory": update_full_trajectory, "diffu_grpo": update_diffu_grpo,
            "bgpo": update_bgpo, "vrpo_ol": update_vrpo_ol}
 
@@ -274,15 +330,19 @@ def train_rl(cfg: RLConfig) -> dict:
                 else cfg.lr
         # ---- rollouts: G responses per prompt from the current policy, scored by the task
         t0 = time.perf_counter()
-        prompts, _ = task.sample(cfg.num_prompts, "train", generator=gens["prompts"])
+        prompts, answers = task.sample(cfg.num_prompts, "train", generator=gens["prompts"])
         prompts = repeat(prompts, "p l -> (p g) l", g=G).to(device)  # (B, P), groups contiguous
         traj, rewards, exact = rollout(policy, task, prompts, temperature=cfg.temperature,
                                        remasking=cfg.remasking, steps_per_block=cfg.steps_per_block,
                                        generator=gens["rollout"])
+        own = {"reward_mean": rewards.mean().item(), "exact": exact.float().mean().item()}
+        if cfg.igpo > 0:  # the policy's own rollouts are logged; some may be replaced here
+            own.update(inpaint(cfg, policy, task, traj, rewards, exact,
+                               repeat(answers, "p l -> (p g) l", g=G), gens))
         adv, adv_stats = grpo_advantages(rewards, G, scale_std=cfg.scale_std)  # (B,)
         signal = rearrange(adv, "(p g) -> p g", g=G).ne(0).any(1)  # (B/G,) groups with a signal
         keep = repeat(signal, "p -> (p g)", g=G)  # (B,)
-        row = {**adv_stats, "lr": opt.param_groups[0]["lr"], "exact": exact.float().mean().item(),
+        row = {**adv_stats, **own, "lr": opt.param_groups[0]["lr"],
                "kept": int(keep.sum()),
                "nll_revealed": -traj.logp_at_reveal.mean().item(),
                "rollout_s": elapsed(t0, device)}

@@ -100,15 +100,36 @@ def sample_candidates(logp: torch.Tensor, temperature: float, generator=None) ->
     return (logp.double() - torch.log(-torch.log(u.to(logp.device)))).argmax(dim=-1)
 
 
+def sample_hints(answers, share, mask_id, generator, chunk=(2, 4)) -> torch.Tensor:
+    """IGPO's hints (arXiv 2509.10396): each answer (n, L) cut left to right into chunks of
+    chunk[0]..chunk[1] tokens, of which round(share_r · #chunks) chosen at random stay (share (n,));
+    the rest becomes mask_id -> (n, L) for `generate(hints=...)`. IGPO's chunks are 5-10 tokens of
+    a reasoning trace; here an answer has ~16 tokens, so they are shorter."""
+    hints = torch.full_like(answers, mask_id)
+    for r in range(len(answers)):  # a few rows of ~16 tokens: a loop reads best
+        sizes = torch.randint(chunk[0], chunk[1] + 1, (answers.shape[1],), generator=generator)
+        ends = sizes.cumsum(0)
+        ends = ends[ends < answers.shape[1]].tolist() + [answers.shape[1]]  # chunk i: ends[i-1]..
+        starts = [0] + ends[:-1]
+        shown = torch.randperm(len(ends), generator=generator)[:round(float(share[r]) * len(ends))]
+        for c in shown.tolist():
+            hints[r, starts[c]:ends[c]] = answers[r, starts[c]:ends[c]]
+    return hints
+
+
 @torch.no_grad()
 def generate(model, prompts, *, block_size=None, steps_per_block=None, temperature=0.0,
-             remasking="low_confidence", generator=None, kv_cache=True) -> Trajectory:
+             remasking="low_confidence", generator=None, kv_cache=True, hints=None) -> Trajectory:
     """Decode a response for each prompt (B, P) and return its full `Trajectory`.
 
     block_size defaults to the model's; steps_per_block (T_B) to block_size (one token per step).
     kv_cache=True caches keys/values of the prompt and finished blocks: exact, and used, only in
     the block layout, where nothing attends to later blocks; the full layout recomputes all.
     generator: a torch.Generator for the candidate draws and random remasking (None: global RNG).
+    hints: (B, L) response tokens fixed before decoding starts, mask_id where free (inpainting,
+    IGPO arXiv 2509.10396): they sit in every state, are recorded with unmask_step −1 and
+    logp_at_reveal 0 (no estimator scores them), and a block with hints runs out of masked
+    positions before its last step: the free positions keep the schedule k_s until none is left.
     """
     cfg = model.config
     block_size = block_size or cfg.block_size
@@ -132,6 +153,8 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
 
     x = torch.cat([prompts, prompts.new_full((B, L), cfg.mask_id)], dim=1)  # (B, P+L)
     unmask_step = torch.full((B, L), -1, dtype=torch.long, device=device)
+    if hints is not None:  # inpainting: the hinted tokens are there from the start (step −1)
+        x[:, P:] = hints
     logp_at_reveal = torch.zeros(B, L, device=device, dtype=model.embed.weight.dtype)
     if use_cache:  # the prompt (block 0) only sees itself: its keys/values are final from the start
         _, past = model(prompts, attn_mask=prompts.new_ones(P, P, dtype=torch.bool), return_kv=True)
@@ -156,7 +179,8 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
                 score = torch.rand(B, block_size, generator=generator, device=gen_device).to(device)
             score = score.masked_fill(~still_masked, float("-inf"))  # revealed tokens stay
             chosen = score.topk(k, dim=-1).indices  # (B, k)
-            reveal = torch.zeros_like(still_masked).scatter_(1, chosen, True)  # (B, b)
+            # & still_masked: a hinted block may have fewer than k masked positions left
+            reveal = torch.zeros_like(still_masked).scatter_(1, chosen, True) & still_masked
             x[:, lo:hi] = torch.where(reveal, cand, x[:, lo:hi])
             r = slice(lo - P, hi - P)  # the block's columns in the response
             unmask_step[:, r] = torch.where(reveal, t, unmask_step[:, r])

@@ -79,14 +79,16 @@ def check_steps(steps_per_block: int, model):
 
 @torch.no_grad()
 def rollout(model, task, prompts, *, temperature=0.0, remasking="low_confidence", steps_per_block=0,
-            generator=None, chunk=1024):
+            generator=None, chunk=1024, hints=None):
     """Decode one response per prompt (B, P), recording the trajectory, and score it with the task.
 
+    hints: (B, L) tokens fixed before decoding, mask_id where free (`generate`; IGPO).
     Returns (Trajectory, rewards (B,), exact (B,)) on the prompts' device."""
     with autocast(prompts.device):
         traj = Trajectory.cat([
             generate(model, prompts[i:i + chunk], temperature=temperature, remasking=remasking,
-                     steps_per_block=steps_per_block or None, generator=generator)
+                     steps_per_block=steps_per_block or None, generator=generator,
+                     hints=None if hints is None else hints[i:i + chunk])
             for i in range(0, len(prompts), chunk)])
     p, r = traj.prompts.cpu(), traj.responses.cpu()
     return traj, task.reward(p, r).to(prompts.device), task.exact(p, r).to(prompts.device)

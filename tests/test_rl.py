@@ -127,7 +127,10 @@ def test_rl_kl_off_policy_and_step_ratio(full_ckpt, objective, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--nope=1"], ["--objective=ppo"], ["--lr=fast"],
-                                  ["--objective=bgpo", "--beta=0.1"]])
+                                  ["--objective=bgpo", "--beta=0.1"],
+                                  ["--objective=bgpo", "--position_term=true"],
+                                  ["--igpo=0.5", "--igpo_hint_min=0.7", "--igpo_hint_max=0.3"],
+                                  ["--igpo=1.5"]])
 def test_rl_bad_options_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         main(["rl", *argv])
@@ -323,3 +326,34 @@ def test_group_masks_cancel_what_a_group_shares(layout):
                               lambda: None)
         norms[shared] = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
     assert norms[True] < 1e-12 < 1e-3 < norms[False]
+
+
+def test_igpo_replaces_an_all_wrong_groups_first_responses_with_hinted_correct_ones(full_ckpt):
+    """IGPO: a barely trained model gets every puzzle wrong; with every chunk given as a hint the
+    decoded responses are the answers, so ⌊igpo·G⌋ of each group's responses are replaced by the
+    answer and the others are left as they were."""
+    policy, task = load(full_ckpt, "cpu")
+    cfg = RLConfig(init=full_ckpt, num_generations=4, igpo=0.5, igpo_hint_min=1.0,
+                   igpo_hint_max=1.0, device="cpu")
+    prompts, answers = task.sample(3, "train", generator=torch.Generator().manual_seed(0))
+    prompts, answers = prompts.repeat_interleave(4, 0), answers.repeat_interleave(4, 0)
+    gens = {"prompts": torch.Generator().manual_seed(1), "rollout": torch.Generator().manual_seed(2)}
+    traj, rewards, exact = train_module.rollout(policy, task, prompts, temperature=1.0,
+                                                generator=gens["rollout"])
+    assert not exact.any()  # the premise: every group is all wrong
+    before = traj.responses.clone()
+    stats = rl_module.inpaint(cfg, policy, task, traj, rewards, exact, answers, gens)
+    assert stats == {"igpo_groups": 3, "igpo_replaced": 6}
+    replaced = torch.tensor([1, 1, 0, 0] * 3, dtype=torch.bool)  # ⌊0.5·4⌋ = 2 per group
+    assert exact.equal(replaced) and (rewards[replaced] == 1).all()
+    assert torch.equal(traj.responses[replaced], answers[replaced])
+    assert (traj.unmask_step[replaced] == -1).all()  # every token a hint: nothing decoded
+    assert torch.equal(traj.responses[~replaced], before[~replaced])
+
+
+def test_rl_igpo_and_position_term_run(full_ckpt, tmp_path):
+    """The IGPO and selection-term options run end to end and log what they did."""
+    main(["rl", f"--init={full_ckpt}", *TINY_RL, "--max_iters=2", "--igpo=0.5",
+          "--position_term=true", f"--out_dir={tmp_path}"])
+    lines = [r for r in rows(tmp_path) if "igpo_groups" in r]
+    assert len(lines) == 2 and all(0 <= r["igpo_replaced"] <= 2 * r["igpo_groups"] for r in lines)

@@ -91,3 +91,30 @@ def test_bad_arguments():
         generate(model, random_prompts(2), remasking="top_k")
     with pytest.raises(ValueError, match="prompt_len"):
         generate(model, random_prompts(2, prompt_len=5))
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_hints_stay_fixed_and_the_trajectory_scores_only_what_was_decoded(layout):
+    """Inpainting (IGPO): hinted tokens are in the response from the start (unmask_step −1, never
+    changed), the free positions are decoded at ≤ k_s per step, and the exact trajectory
+    log-prob still equals Σ logp_at_reveal (P1), the hints adding nothing."""
+    from minidtrpo.estimators import trajectory_logprob
+    from minidtrpo.sampling import sample_hints
+    model = tiny_model(layout)
+    prompts = random_prompts(8)
+    answers = torch.randint(0, 11, (8, 8), generator=torch.Generator().manual_seed(5))
+    share = torch.linspace(0, 1, 8)
+    hints = sample_hints(answers, share, 11, torch.Generator().manual_seed(6))
+    given = hints != 11
+    assert not given[0].any() and given[-1].all()  # share 0: no hint; share 1: the whole answer
+    assert torch.equal(hints[given], answers[given])
+    traj = generate(model, prompts, steps_per_block=3, temperature=1.0, hints=hints,
+                    generator=torch.Generator().manual_seed(7))
+    assert torch.equal(traj.responses[given], answers[given])
+    assert (traj.unmask_step[given] == -1).all() and (traj.unmask_step[~given] >= 0).all()
+    schedule = reveal_schedule(4, 3)
+    for t in range(traj.num_steps):
+        assert ((traj.unmask_step == t).sum(1) <= schedule[t % 3]).all()
+    torch.testing.assert_close(trajectory_logprob(model, traj), traj.logp_at_reveal.sum(1),
+                               rtol=0, atol=1e-5)
+    assert (traj.logp_at_reveal[given] == 0).all()
