@@ -337,7 +337,8 @@ def test_igpo_replaces_an_all_wrong_groups_first_responses_with_hinted_correct_o
                    igpo_hint_max=1.0, device="cpu")
     prompts, answers = task.sample(3, "train", generator=torch.Generator().manual_seed(0))
     prompts, answers = prompts.repeat_interleave(4, 0), answers.repeat_interleave(4, 0)
-    gens = {"prompts": torch.Generator().manual_seed(1), "rollout": torch.Generator().manual_seed(2)}
+    gens = {"prompts": torch.Generator().manual_seed(1),
+            "rollout": torch.Generator().manual_seed(2)}
     traj, rewards, exact = train_module.rollout(policy, task, prompts, temperature=1.0,
                                                 generator=gens["rollout"])
     assert not exact.any()  # the premise: every group is all wrong
