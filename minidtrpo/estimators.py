@@ -65,7 +65,8 @@ def _check_block_size(model, traj):
 
 
 # §4.1 Exact full trajectory ----------------------------------------------------------------------
-def trajectory_logprob(model, traj, *, position_term=False, per_step=False, chunk=256):
+def trajectory_logprob(model, traj, *, position_term=False, per_step=False, per_token=False,
+                       chunk=256):
     """Exact log π_θ(τ | x) of the recorded trajectory -> (B,), or (B, T) per step if per_step.
 
     log π_θ(τ | x) = Σ_t [ log S_t(I_t | τ_t) + Σ_{i∈I_t} log μ_θ(y_i | x, τ_t) ]
@@ -75,7 +76,8 @@ def trajectory_logprob(model, traj, *, position_term=False, per_step=False, chun
     position_term: log S_t = −log C(m_t, k_t) under random remasking (θ-free, cancels in ratios,
     P2); under low confidence (τ > 0) a θ-dependent sum over the discarded candidates, checked by
     enumeration in tests/test_estimators.py; a greedy rollout (τ = 0) raises ValueError.
-    per_step=True: TraceRL's step-level sums. Derivation: docs/math.md §4.1.
+    per_step=True: TraceRL's step-level sums; per_token=True: (B, L) each token's term at its
+    reveal (what the sampler records as logp_at_reveal). Derivation: docs/math.md §4.1.
     """
     _check_block_size(model, traj)
     if position_term and traj.temperature == 0:
@@ -106,6 +108,8 @@ def trajectory_logprob(model, traj, *, position_term=False, per_step=False, chun
     revealed = active & (us == step_of)  # (S, B, L): token i is revealed in exactly one pass
     # Σ_{i∈I_t} log μ_θ(y_i | x, τ_t), placed at step t = unmask_step_i
     logp_reveal = torch.where(revealed, tok, 0.0).sum(0)  # (B, L) == logp_at_reveal (sampler)
+    if per_token:
+        return logp_reveal
     # a hinted token (inpainting, unmask_step −1) is in every state and scored by no step: adds 0
     steps = torch.zeros(B, T, dtype=logp.dtype, device=y.device).scatter_add(
         1, us.clamp(min=0), logp_reveal)

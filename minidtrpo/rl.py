@@ -35,9 +35,11 @@ Departures:
    BGPO does not gain there (README, "Block layout").
 10. IGPO (igpo > 0; arXiv 2509.10396) as its code does it: triggered by a group without a correct
    response, G hinted responses decoded, up to ⌊igpo·G⌋ correct ones replace the group's first.
-   Hinted tokens are context, not actions: they sit in every state and no trajectory estimator
-   scores them (IGPO's d1-based code scores them, keeping the 20% of highest entropy); ELBO masks
-   never mask them. Chunks are 2-4 tokens (IGPO: 5-10 of a longer trace); η is not sorted.
+   IGPO's d1-based code scores the hinted tokens with the rest; here (igpo_score_hints) a
+   replaced response's record says they were revealed at their block's first step, its terms
+   recomputed, so every estimator scores them; IGPO's entropy filter (only the 20% of hint
+   positions of highest entropy scored) is not implemented. igpo_score_hints=false: hints are
+   context only, never masked or scored. Chunks are 2-4 tokens (IGPO: 5-10); η is not sorted.
 A policy-gradient loss value is not a progress signal: ρ ≡ 1 on-policy makes it ≈ 0 by construction
 (docs/math.md §5.2); watch reward and test accuracy.
 
@@ -125,6 +127,8 @@ class RLConfig(RunConfig):
                                ge=0, le=1)
     igpo_hint_max: float = arg(0.6, "IGPO: largest share of an answer's chunks given as hints",
                                ge=0, le=1)
+    igpo_score_hints: bool = arg(True, "IGPO: score a replaced response's hints as tokens revealed "
+                                 "at the first step of their block (as IGPO); false: context only")
     warmup_iters: int = arg(0, "learning rate ramped linearly over this many first iterations "
                                "(0: constant from the start)", ge=0)
     max_iters: int = arg(1000, "stop after this many iterations", ge=1)
@@ -300,8 +304,15 @@ def inpaint(cfg, policy, task, traj, rewards, exact, answers, gens):
         correct = (n * G + new_exact[n * G:(n + 1) * G].nonzero().flatten())[:k].tolist()
         src += correct
         dst += range(p * G, p * G + len(correct))
+    new = new.index(src)
+    if cfg.igpo_score_hints and src:  # a hint is "revealed" at its block's first step, T_B·⌊i/b⌋
+        first = torch.arange(new.responses.shape[1], device=rows.device) // new.block_size
+        new.unmask_step = torch.where(new.unmask_step < 0, first * new.steps_per_block,
+                                      new.unmask_step)
+        with torch.no_grad(), autocast(rows.device):  # the recorded terms of that trajectory
+            new.logp_at_reveal = trajectory_logprob(policy, new, per_token=True)
     for name in ("tokens", "unmask_step", "logp_at_reveal"):
-        getattr(traj, name)[dst] = getattr(new, name)[src]
+        getattr(traj, name)[dst] = getattr(new, name)
     rewards[dst], exact[dst] = new_rewards[src], new_exact[src]
     return {**stats, "igpo_replaced": len(dst)}
 
@@ -335,7 +346,9 @@ def train_rl(cfg: RLConfig) -> dict:
         traj, rewards, exact = rollout(policy, task, prompts, temperature=cfg.temperature,
                                        remasking=cfg.remasking, steps_per_block=cfg.steps_per_block,
                                        generator=gens["rollout"])
-        own = {"reward_mean": rewards.mean().item(), "exact": exact.float().mean().item()}
+        own = {"reward_mean": rewards.mean().item(), "exact": exact.float().mean().item(),
+               "nll_revealed": -traj.logp_at_reveal.mean().item()}
+        few = traj.index(torch.arange(min(cfg.kl_rollouts, len(prompts)), device=device))  # copy
         if cfg.igpo > 0:  # the policy's own rollouts are logged; some may be replaced here
             own.update(inpaint(cfg, policy, task, traj, rewards, exact,
                                repeat(answers, "p l -> (p g) l", g=G), gens))
@@ -343,12 +356,9 @@ def train_rl(cfg: RLConfig) -> dict:
         signal = rearrange(adv, "(p g) -> p g", g=G).ne(0).any(1)  # (B/G,) groups with a signal
         keep = repeat(signal, "p -> (p g)", g=G)  # (B,)
         row = {**adv_stats, **own, "lr": opt.param_groups[0]["lr"],
-               "kept": int(keep.sum()),
-               "nll_revealed": -traj.logp_at_reveal.mean().item(),
-               "rollout_s": elapsed(t0, device)}
-        if cfg.kl_rollouts > 0:  # untimed diagnostic on π_θ's trajectories
+               "kept": int(keep.sum()), "rollout_s": elapsed(t0, device)}
+        if cfg.kl_rollouts > 0:  # untimed diagnostic on π_θ's own trajectories
             with torch.no_grad(), autocast(device):
-                few = traj.index(slice(0, cfg.kl_rollouts))
                 # k1 = log π_θ(τ) − log π_init(τ)
                 row["kl_ref"] = (few.logp_at_reveal.sum(1)
                                  - trajectory_logprob(ref, few)).mean().item()

@@ -328,13 +328,16 @@ def test_group_masks_cancel_what_a_group_shares(layout):
     assert norms[True] < 1e-12 < 1e-3 < norms[False]
 
 
-def test_igpo_replaces_an_all_wrong_groups_first_responses_with_hinted_correct_ones(full_ckpt):
+@pytest.mark.parametrize("score_hints", [True, False])
+def test_igpo_replaces_an_all_wrong_groups_first_responses_with_hinted_correct_ones(full_ckpt,
+                                                                                    score_hints):
     """IGPO: a barely trained model gets every puzzle wrong; with every chunk given as a hint the
     decoded responses are the answers, so ⌊igpo·G⌋ of each group's responses are replaced by the
-    answer and the others are left as they were."""
+    answer and the others are left as they were. Scored hints are recorded as revealed at their
+    block's first step, with the terms of that trajectory (P1 holds for it)."""
     policy, task = load(full_ckpt, "cpu")
     cfg = RLConfig(init=full_ckpt, num_generations=4, igpo=0.5, igpo_hint_min=1.0,
-                   igpo_hint_max=1.0, device="cpu")
+                   igpo_hint_max=1.0, igpo_score_hints=score_hints, device="cpu")
     prompts, answers = task.sample(3, "train", generator=torch.Generator().manual_seed(0))
     prompts, answers = prompts.repeat_interleave(4, 0), answers.repeat_interleave(4, 0)
     gens = {"prompts": torch.Generator().manual_seed(1),
@@ -348,8 +351,17 @@ def test_igpo_replaces_an_all_wrong_groups_first_responses_with_hinted_correct_o
     replaced = torch.tensor([1, 1, 0, 0] * 3, dtype=torch.bool)  # ⌊0.5·4⌋ = 2 per group
     assert exact.equal(replaced) and (rewards[replaced] == 1).all()
     assert torch.equal(traj.responses[replaced], answers[replaced])
-    assert (traj.unmask_step[replaced] == -1).all()  # every token a hint: nothing decoded
     assert torch.equal(traj.responses[~replaced], before[~replaced])
+    hinted = traj.index(replaced)
+    if score_hints:  # every token a hint, each "revealed" at its block's first step
+        first = torch.arange(hinted.responses.shape[1]) // hinted.block_size * \
+            hinted.steps_per_block
+        assert (hinted.unmask_step == first).all()
+        torch.testing.assert_close(trajectory_logprob(policy, hinted),
+                                   hinted.logp_at_reveal.sum(1), rtol=0, atol=1e-5)
+        assert (hinted.logp_at_reveal.sum(1) < 0).all()
+    else:  # context only: nothing decoded, nothing scored
+        assert (hinted.unmask_step == -1).all() and (hinted.logp_at_reveal == 0).all()
 
 
 def test_rl_igpo_and_position_term_run(full_ckpt, tmp_path):
