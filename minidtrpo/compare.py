@@ -13,7 +13,9 @@ Choices:
    in-process (faster to start, for tests; RSS is then the whole process's).
 3. The SFT start (out_dir/sft) and each seed's pairs (out_dir/pairs_seed<s>.pt) are made once and
    reused; a finished run of the same config is reused, an unfinished one resumed: rerunning the
-   command after an interruption continues it.
+   command after an interruption continues it. A finished run made by `rl` or `dpo` directly, in
+   compare's folder layout (out_dir/<objective>/seed<s>), is reused too when only its evaluation
+   cadence or a stopping limit it did not reach differs (`reusable`).
 """
 
 import math
@@ -99,17 +101,40 @@ def _options(text: str) -> list[str]:
     return [f"--{item}" for item in filter(None, text.split(","))]
 
 
+# options that decide only when a run evaluates and checkpoints, or when it stops: a finished run
+# that differs from the asked-for one in these alone is the same training run if it would have
+# stopped at the same iteration (`stops_alike`); its curve merely has other evaluation points
+SCHEDULE_ONLY = {"eval_every", "eval_every_s", "time_budget", "max_iters", "resume"}
+
+
+def stops_alike(saved: dict, asked: dict, it: int, seconds: float) -> bool:
+    """Would a run with `asked`'s limits stop where the saved run stopped (after iteration `it`, at
+    `seconds` of training), not earlier and not later?"""
+    def stopped_by(c):  # c's own limits end a run at this point
+        return it >= c["max_iters"] or 0 < c["time_budget"] <= seconds
+    not_earlier = asked["max_iters"] >= it and (
+        asked["time_budget"] in (saved["time_budget"], 0) or asked["time_budget"] > seconds)
+    # a run that neither limit stopped ended on a limit both configs share (dpo's epochs)
+    return not_earlier and (stopped_by(asked) or not stopped_by(saved))
+
+
 def reusable(folder: str, config) -> str:
     """'done' if folder holds a finished run of this config, 'partial' if an unfinished one, else
-    'new'. An option added after the run was saved counts as its default value."""
+    'new'. An option added after the run was saved counts as its default value; a finished run
+    whose options differ only in evaluation cadence, or in stopping limits it would have stopped
+    at alike, is the same training run and counts as done."""
     ckpt = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(ckpt):
         return "new"
     state = read_saved(ckpt, "a checkpoint of a compare run", ("config", "finished"))
-    saved = {**asdict(type(config)()), **state["config"], "resume": False}
-    if saved != {**asdict(config), "resume": False}:
-        return "new"
-    return "done" if state["finished"] else "partial"
+    saved, asked = {**asdict(type(config)()), **state["config"]}, asdict(config)
+    differ = {k for k in asked if saved.get(k) != asked[k]}
+    if not differ - {"resume"}:
+        return "done" if state["finished"] else "partial"
+    if state["finished"] and differ <= SCHEDULE_ONLY and \
+            stops_alike(saved, asked, state["iter"], state["train_seconds"]):
+        return "done"
+    return "new"
 
 
 def sft_argv(cfg: CompareConfig) -> list[str]:

@@ -18,7 +18,7 @@ import minidtrpo.rl as rl_module
 import minidtrpo.train as train_module
 from conftest import perturbed, random_prompts, tiny_model
 from minidtrpo.__main__ import main
-from minidtrpo.compare import reusable, interval
+from minidtrpo.compare import interval, reusable, stops_alike
 from minidtrpo.estimators import reduced_trajectory_logprob, trajectory_logprob
 from minidtrpo.objectives import dpo_loss
 from minidtrpo.preference import dpo_full_trajectory
@@ -245,6 +245,14 @@ def test_compare_in_process(full_ckpt, tmp_path):
     torch.save(state, folder / "checkpoint.pt")
     assert reusable(str(folder), cfg) == "done"
     assert reusable(str(folder), RLConfig(**{**state["config"], "elbo_masks": "uniform"})) == "new"
+    # the same training run asked for with another evaluation cadence and an iteration limit it
+    # never reached is reused; a longer time budget (this run stopped on its 0.3 s) is not
+    saved = state["config"]
+    assert state["iter"] < 1000 and state["train_seconds"] >= saved["time_budget"]
+    alike = {**saved, "eval_every": 3, "eval_every_s": 7.0, "max_iters": 1000}
+    assert reusable(str(folder), RLConfig(**alike)) == "done"
+    assert reusable(str(folder), RLConfig(**{**alike, "time_budget": 100.0})) == "new"
+    assert reusable(str(folder), RLConfig(**{**alike, "max_iters": state["iter"] - 1})) == "new"
 
 
 @pytest.mark.slow
@@ -296,6 +304,22 @@ def test_compare_interval_is_the_t_interval_of_the_mean():
     """[1, 2, 3]: mean 2, sample std 1, t_{0.975, 2} = 4.303, so the half-width is 4.303 / √3."""
     assert abs(interval([1.0, 2.0, 3.0]) - 4.303 / 3 ** 0.5) < 1e-12
     assert interval([5.0]) != interval([5.0])  # one seed: no interval (NaN)
+
+
+def test_compare_reuses_a_run_only_where_it_would_stop_alike():
+    """The README's block-layout runs: `rl` (max_iters 1000) and `dpo` (no time budget, ended by its
+    epochs) gathered by compare (max_iters 100000, time budget 600) are the same training runs."""
+    rl_run = {"max_iters": 1000, "time_budget": 600.0}
+    asked = {"max_iters": 100_000, "time_budget": 600.0}
+    assert stops_alike(rl_run, asked, it=110, seconds=604.2)  # both stop on the 600 s
+    assert not stops_alike(rl_run, {**asked, "time_budget": 900.0}, it=110, seconds=604.2)
+    assert not stops_alike(rl_run, {**asked, "time_budget": 300.0}, it=110, seconds=604.2)
+    assert not stops_alike(rl_run, {**asked, "max_iters": 50}, it=110, seconds=604.2)
+    dpo_run = {"max_iters": 100_000, "time_budget": 0.0}  # ended by epochs, a shared option
+    assert stops_alike(dpo_run, asked, it=2530, seconds=185.0)
+    assert not stops_alike(dpo_run, {**asked, "time_budget": 100.0}, it=2530, seconds=185.0)
+    capped = {"max_iters": 200, "time_budget": 0.0}  # stopped on its own iteration limit
+    assert not stops_alike(capped, asked, it=200, seconds=20.0)
 
 
 def test_rl_warmup_ramps_the_learning_rate(full_ckpt, tmp_path):
