@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from .model import clean_noisy_mask
+from .sampling import PARALLEL
 
 
 def _response_logps(model, prompts, states, tau, *, clean=None, block_size=None, chunk=256):
@@ -83,6 +84,10 @@ def trajectory_logprob(model, traj, *, position_term=False, per_step=False, per_
     if position_term and traj.temperature == 0:
         raise ValueError("position_term needs a sampled trajectory (temperature > 0): "
                          "a greedy step is deterministic")
+    if position_term and (traj.remasking in PARALLEL or traj.eos_factor < 1):
+        raise ValueError("position_term is derived for top-k selection by confidence or at "
+                         f"random; this trajectory used remasking={traj.remasking!r} and "
+                         f"eos_factor={traj.eos_factor}")
     y, us = traj.responses, traj.unmask_step  # (B, L), (B, L)
     B, L = y.shape
     T, T_B, b = traj.num_steps, traj.steps_per_block, traj.block_size

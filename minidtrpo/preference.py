@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 from einops import rearrange, repeat
 
-from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, device_problem,
+from .config import (BadInput, RunStopped, arg, atomic_save, autocast, device_problem,
                      file_problem, folder_problem, pick_device, read_saved)
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms,
                          reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
@@ -50,14 +50,15 @@ from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms,
                          trajectory_logprob)
 from .meters import Meters, elapsed
 from .objectives import dpo_loss
-from .sampling import REMASKING, Trajectory
-from .train import RunConfig, check_steps, clip_and_step, load, rollout, run_loop
+from .sampling import Trajectory
+from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, rollout,
+                    run_loop)
 
 ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
 
 
 @dataclass
-class PairsConfig(Config):
+class PairsConfig(DecodingConfig):
     """Sample (best, worst) response pairs with trajectories from a frozen reference model."""
     init: str = arg("runs/sft/checkpoint.pt", "the reference model that samples the pairs")
     num_prompts: int = arg(4096, "training prompts (README: how the defaults were chosen)",
@@ -66,8 +67,6 @@ class PairsConfig(Config):
                                ge=2)
     temperature: float = arg(1.0, "sampling temperature τ (> 0: greedy pairs would be equal)",
                              gt=0)
-    remasking: str = arg("low_confidence", "which positions a sampler step reveals", REMASKING)
-    steps_per_block: int = arg(0, "sampler steps per block T_B (0: block_size)", ge=0)
     batch_size: int = arg(64, "prompts decoded together", ge=1)
     seed: int = arg(0, "seed of the prompts and of the sampler", ge=0, lt=2**31)
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
@@ -131,8 +130,8 @@ def make_pairs(cfg: PairsConfig) -> dict:
         prompts, _ = task.sample(n, "train", generator=data_gen)
         prompts = repeat(prompts, "p l -> (p g) l", g=G).to(device)  # (n·G, P), groups of G
         traj, r, _ = rollout(ref, task, prompts, temperature=cfg.temperature,
-                             remasking=cfg.remasking, steps_per_block=cfg.steps_per_block,
-                             generator=sample_gen)
+                             steps_per_block=cfg.steps_per_block, generator=sample_gen,
+                             **cfg.decoding(task))
         r = rearrange(r, "(p g) -> p g", g=G)  # (n, G) one row per prompt
         differ = r.amax(1) > r.amin(1)  # groups whose rewards differ: the only informative pairs
         first = torch.arange(n, device=device) * G  # row of each group's first response

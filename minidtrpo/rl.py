@@ -60,8 +60,9 @@ from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_terms, one_step_logpr
                          sample_trajectory_masks, trajectory_logprob)
 from .meters import Meters, elapsed
 from .objectives import bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
-from .sampling import REMASKING, sample_hints
-from .train import RunConfig, check_steps, clip_and_step, load, rollout, run_loop
+from .sampling import sample_hints
+from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, rollout,
+                    run_loop)
 
 OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol")
 METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
@@ -82,7 +83,7 @@ METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluatio
 
 
 @dataclass
-class RLConfig(RunConfig):
+class RLConfig(RunConfig, DecodingConfig):
     """Online RL from a supervised checkpoint with one of four objectives."""
     init: str = arg("runs/sft/checkpoint.pt", "checkpoint to start from; also the frozen reference")
     objective: str = arg(
@@ -92,7 +93,6 @@ class RLConfig(RunConfig):
                                ge=2)
     temperature: float = arg(1.0, "rollout temperature τ (> 0: greedy groups would be flat)",
                              gt=0)
-    remasking: str = arg("low_confidence", "which positions a sampler step reveals", REMASKING)
     steps_per_block: int = arg(0, "sampler steps per block T_B for rollouts and evaluation (0: b)",
                                ge=0)
     num_iterations: int = arg(1, "optimizer steps per rollout batch μ (1 = on-policy)", ge=1)
@@ -296,9 +296,11 @@ def inpaint(cfg, policy, task, traj, rewards, exact, answers, gens):
         int(rows.sum()), generator=gens["prompts"])
     hints = sample_hints(answers[rows.cpu()], share, policy.config.mask_id, gens["prompts"])
     new, new_rewards, new_exact = rollout(
-        policy, task, traj.prompts[rows], temperature=cfg.temperature, remasking=cfg.remasking,
+        policy, task, traj.prompts[rows], temperature=cfg.temperature,
         steps_per_block=cfg.steps_per_block, generator=gens["rollout"],
-        hints=hints.to(rows.device))
+        hints=hints.to(rows.device), **cfg.decoding(task))
+    T_B = max(traj.steps_per_block, new.steps_per_block)  # the parallel rules: they may differ
+    traj.renumber(T_B), new.renumber(T_B)
     dst, src = [], []  # rows of traj to overwrite, rows of `new` that overwrite them
     for n, p in enumerate(wrong.nonzero().flatten().tolist()):  # n-th all-wrong group is prompt p
         correct = (n * G + new_exact[n * G:(n + 1) * G].nonzero().flatten())[:k].tolist()
@@ -344,8 +346,8 @@ def train_rl(cfg: RLConfig) -> dict:
         prompts, answers = task.sample(cfg.num_prompts, "train", generator=gens["prompts"])
         prompts = repeat(prompts, "p l -> (p g) l", g=G).to(device)  # (B, P), groups contiguous
         traj, rewards, exact = rollout(policy, task, prompts, temperature=cfg.temperature,
-                                       remasking=cfg.remasking, steps_per_block=cfg.steps_per_block,
-                                       generator=gens["rollout"])
+                                       steps_per_block=cfg.steps_per_block,
+                                       generator=gens["rollout"], **cfg.decoding(task))
         own = {"reward_mean": rewards.mean().item(), "exact": exact.float().mean().item(),
                "nll_revealed": -traj.logp_at_reveal.mean().item()}
         few = traj.index(torch.arange(min(cfg.kl_rollouts, len(prompts)), device=device))  # copy

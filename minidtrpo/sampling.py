@@ -11,15 +11,36 @@ Departures from the LLaDA reference code:
 2. Low-confidence remasking ranks positions by μ_θ(candidate) at temperature τ (τ = 1 when greedy).
 3. Every sequence in the batch follows the same schedule k_s: no Python loop over the batch.
 
+Other decoding rules of the works this project follows (docs/math.md §3, "Decoding rules"); each
+records the same `Trajectory`, so every estimator works unchanged:
+- schedule="ascending" (CJ-GRPO, arXiv 2509.23924): step s of a block reveals 2^s tokens, the last
+  what is left: ⌈log₂(b + 1)⌉ steps per block instead of b.
+- eos_factor (CJ-GRPO's EOS early rejection): an EOS candidate's confidence is scaled by a factor
+  ramping linearly from eos_factor at the first step to 1 at the last, so EOS is revealed late.
+- remasking="threshold" (confidence-threshold parallel decoding): every masked position of the
+  block whose candidate has μ_θ ≥ threshold is revealed, and at least the most confident one.
+- remasking="credit" (CreditDecoding, arXiv 2510.06133): as "threshold", on a confidence raised by
+  trace credit, each position's decayed sum of its past top-1 probabilities (`trace_credit`).
+  Departure 4: the token is still drawn from μ_θ; the credit only decides which positions are
+  revealed (CreditDecoding also takes the fused distribution's argmax as the token). The record's
+  log-probs then stay those of the model, which every estimator needs.
+The last two reveal a different number of tokens per sequence: a block runs until every sequence
+has filled it (at most b steps), and the steps are renumbered so that T_B is the most any block
+took.
+
 Shapes: B batch, P prompt length, L response length, b block size, V vocab, S cached key length.
 """
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random", "threshold", "credit")
+PARALLEL = ("threshold", "credit")  # rules that choose how many tokens a step reveals
+SCHEDULES = ("uniform", "ascending")
+CREDIT = (0.65, 0.7, 0.5)  # trace credit's decay γ, fusion λ, exponent α: CreditDecoding's values
 
 
 @dataclass
@@ -31,8 +52,9 @@ class Trajectory:
     block_size: int  # b
     steps_per_block: int  # T_B
     temperature: float  # τ of the rollout (0 = greedy)
-    remasking: str  # "low_confidence" or "random"
+    remasking: str  # the position rule, one of REMASKING
     mask_id: int  # id of the MASK token
+    eos_factor: float = 1.0  # EOS early rejection's first factor (1: off)
 
     @property
     def prompts(self) -> torch.Tensor:
@@ -74,20 +96,55 @@ class Trajectory:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def renumber(self, steps_per_block: int) -> "Trajectory":
+        """Give the trajectory T_B = steps_per_block (at least the most steps any of its blocks
+        took), in place: step s of block k becomes step k·T_B + s. The parallel rules end blocks
+        early, so batches decoded apart may have taken different T_B. Returns self."""
+        us, old = self.unmask_step, self.steps_per_block
+        if ((us % old)[us >= 0] >= steps_per_block).any():
+            raise ValueError(f"steps_per_block={steps_per_block}: a block took more steps")
+        self.unmask_step = torch.where(us >= 0, us // old * steps_per_block + us % old, us)
+        self.steps_per_block = steps_per_block
+        return self
+
     @classmethod
     def cat(cls, trajs) -> "Trajectory":
-        """Concatenate trajectories decoded with the same settings along the batch."""
+        """Concatenate trajectories decoded with the same settings along the batch (renumbered to
+        the largest T_B among them)."""
+        T_B = max(t.steps_per_block for t in trajs)
+        trajs = [cls(**t.to_dict()).renumber(T_B) for t in trajs]  # copies: trajs stay as they are
         first = trajs[0].to_dict()
         return cls(**{k: torch.cat([t.to_dict()[k] for t in trajs]) if isinstance(v, torch.Tensor)
                       else v for k, v in first.items()})
 
 
-def reveal_schedule(block_size: int, steps_per_block: int) -> list[int]:
-    """k_s tokens revealed at within-block step s: ⌊b/T_B⌋, +1 in the first (b mod T_B) steps."""
+def reveal_schedule(block_size: int, steps_per_block=None, schedule="uniform") -> list[int]:
+    """k_s tokens revealed at within-block step s. uniform: ⌊b/T_B⌋, +1 in the first (b mod T_B)
+    steps (T_B None: b, one token per step); ascending: 1, 2, 4, ... and the rest at the last step
+    (T_B follows from b)."""
+    if schedule == "ascending":
+        if steps_per_block is not None:
+            raise ValueError("the ascending schedule sets its own steps per block: "
+                             f"steps_per_block={steps_per_block} must be left unset")
+        ks = []
+        while sum(ks) < block_size:  # 2^s, capped by what is left of the block
+            ks.append(min(2 ** len(ks), block_size - sum(ks)))
+        return ks
+    if schedule != "uniform":
+        raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+    steps_per_block = steps_per_block or block_size
     if not 1 <= steps_per_block <= block_size:
         raise ValueError(f"steps_per_block={steps_per_block} must be in 1..block_size={block_size}")
     base, extra = divmod(block_size, steps_per_block)
     return [base + (s < extra) for s in range(steps_per_block)]
+
+
+def trace_credit(credit, logp, decay, exponent):
+    """One step of CreditDecoding's trace credit: credit (B, b, V) decays by γ and each position's
+    current top-1 token gains its probability to the power α:
+    C_v ← γ·C_v + [v = argmax μ] · μ_v^α."""
+    top_logp, top = logp.max(-1, keepdim=True)  # (B, b, 1)
+    return (decay * credit).scatter_add(-1, top, (exponent * top_logp).exp())
 
 
 def sample_candidates(logp: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
@@ -119,10 +176,14 @@ def sample_hints(answers, share, mask_id, generator, chunk=(2, 4)) -> torch.Tens
 
 @torch.no_grad()
 def generate(model, prompts, *, block_size=None, steps_per_block=None, temperature=0.0,
-             remasking="low_confidence", generator=None, kv_cache=True, hints=None) -> Trajectory:
+             remasking="low_confidence", schedule="uniform", threshold=0.9, eos_factor=1.0,
+             eos_id=None, credit=CREDIT, generator=None, kv_cache=True, hints=None) -> Trajectory:
     """Decode a response for each prompt (B, P) and return its full `Trajectory`.
 
     block_size defaults to the model's; steps_per_block (T_B) to block_size (one token per step).
+    remasking: the position rule (REMASKING); schedule: k_s of the fixed-count rules (SCHEDULES);
+    threshold: of the parallel rules; eos_factor < 1 with eos_id: EOS early rejection; credit:
+    trace credit's (γ, λ, α). The module docstring describes each.
     kv_cache=True caches keys/values of the prompt and finished blocks: exact, and used, only in
     the block layout, where nothing attends to later blocks; the full layout recomputes all.
     generator: a torch.Generator for the candidate draws and random remasking (None: global RNG).
@@ -133,11 +194,14 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
     """
     cfg = model.config
     block_size = block_size or cfg.block_size
-    steps_per_block = steps_per_block or block_size
     if remasking not in REMASKING:
         raise ValueError(f"remasking={remasking!r} is not one of {REMASKING}")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0")
+    if not 0 < threshold <= 1 or not 0 < eos_factor <= 1:
+        raise ValueError(f"threshold={threshold} and eos_factor={eos_factor} must be in (0, 1]")
+    if eos_factor < 1 and eos_id is None:
+        raise ValueError("eos_factor < 1 needs eos_id, the task's EOS token")
     if cfg.layout == "block" and block_size != cfg.block_size:
         raise ValueError(f"block layout: block_size={block_size} "
                          f"must equal the model's {cfg.block_size}")
@@ -145,7 +209,14 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
     L = cfg.response_len
     if P != cfg.prompt_len:
         raise ValueError(f"prompts have length {P}, the model expects prompt_len={cfg.prompt_len}")
-    schedule = reveal_schedule(block_size, steps_per_block)
+    if remasking in PARALLEL:  # the rule decides how many tokens a step reveals: up to b steps
+        if steps_per_block is not None or schedule != "uniform":
+            raise ValueError(f"remasking={remasking!r} chooses how many tokens each step reveals: "
+                             "leave steps_per_block and schedule unset")
+        ks = [None] * block_size
+    else:
+        ks = reveal_schedule(block_size, steps_per_block, schedule)
+    T_B, n_blocks = len(ks), L // block_size
     tau = temperature if temperature > 0 else 1.0  # log-probs recorded at the rollout temperature
     device = prompts.device
     gen_device = generator.device if generator is not None else device
@@ -159,28 +230,45 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
     if use_cache:  # the prompt (block 0) only sees itself: its keys/values are final from the start
         _, past = model(prompts, attn_mask=prompts.new_ones(P, P, dtype=torch.bool), return_kv=True)
 
-    for blk in range(L // block_size):
+    for blk in range(n_blocks):
         lo, hi = P + blk * block_size, P + (blk + 1) * block_size  # the block's columns in x
         positions = torch.arange(lo, hi, device=device)
-        for s, k in enumerate(schedule):
-            t = blk * steps_per_block + s  # global step index
+        see_all = torch.ones(block_size, hi, dtype=torch.bool, device=device)  # (b, lo+b)
+        credit_sum = 0.0  # trace credit of the block's positions, (B, b, V) after the first step
+        for s, k in enumerate(ks):
+            still_masked = x[:, lo:hi] == cfg.mask_id  # (B, b)
+            if not still_masked.any():  # parallel rules and hinted blocks can end a block early
+                break
+            t = blk * T_B + s  # global step index
             if use_cache:  # the block sees the cached prompt + finished blocks, and itself
-                see_all = torch.ones(block_size, hi, dtype=torch.bool, device=device)  # (b, lo+b)
                 logits = model(x[:, lo:hi], positions, see_all, past)  # (B, b, V)
             else:  # recompute the whole sequence; keep this block's logits
                 logits = model(x)[:, lo:hi]  # (B, b, V)
             logp = F.log_softmax(logits / tau, dim=-1)  # (B, b, V)
             cand = sample_candidates(logp, temperature, generator)  # (B, b)
             cand_logp = logp.gather(-1, cand[..., None]).squeeze(-1)  # (B, b) log μ_θ(candidate)
-            still_masked = x[:, lo:hi] == cfg.mask_id  # (B, b)
-            if remasking == "low_confidence":  # reveal the k most probable candidates
-                score = cand_logp.clone()
-            else:  # reveal k positions uniformly at random among the masked ones
+            if remasking == "random":  # reveal k positions uniformly at random among the masked
                 score = torch.rand(B, block_size, generator=generator, device=gen_device).to(device)
+            else:  # the candidate's confidence: reveal the most probable ones
+                score = cand_logp.clone()
+            if remasking == "credit":  # fused: log μ_v + λ log(1 + C_v), renormalised
+                decay, fusion, exponent = credit
+                credit_sum = trace_credit(credit_sum + torch.zeros_like(logp), logp, decay,
+                                          exponent)
+                fused = F.log_softmax(logp + fusion * credit_sum.log1p(), dim=-1)
+                score = torch.maximum(score, fused.gather(-1, cand[..., None]).squeeze(-1))
+            if eos_factor < 1 and remasking != "random":  # EOS early rejection: γ_t from γ_0 to 1
+                gamma = eos_factor + (1 - eos_factor) * t / max(n_blocks * T_B - 1, 1)
+                score = torch.where(cand == eos_id, score + math.log(gamma), score)
             score = score.masked_fill(~still_masked, float("-inf"))  # revealed tokens stay
-            chosen = score.topk(k, dim=-1).indices  # (B, k)
-            # & still_masked: a hinted block may have fewer than k masked positions left
-            reveal = torch.zeros_like(still_masked).scatter_(1, chosen, True) & still_masked
+            if remasking in PARALLEL:  # every confident position, and at least the best one
+                best = F.one_hot(score.argmax(-1), block_size).bool()  # (B, b)
+                reveal = (score >= math.log(threshold)) | best
+            else:  # the k best positions
+                chosen = score.topk(k, dim=-1).indices  # (B, k)
+                reveal = torch.zeros_like(still_masked).scatter_(1, chosen, True)
+            # & still_masked: a finished or hinted block may have fewer than k masked positions
+            reveal &= still_masked
             x[:, lo:hi] = torch.where(reveal, cand, x[:, lo:hi])
             r = slice(lo - P, hi - P)  # the block's columns in the response
             unmask_step[:, r] = torch.where(reveal, t, unmask_step[:, r])
@@ -190,6 +278,11 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
             past = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
                     for (pk, pv), (k, v) in zip(past, kv)]
 
-    return Trajectory(tokens=x, unmask_step=unmask_step, logp_at_reveal=logp_at_reveal,
-                      prompt_len=P, block_size=block_size, steps_per_block=steps_per_block,
-                      temperature=float(temperature), remasking=remasking, mask_id=cfg.mask_id)
+    traj = Trajectory(tokens=x, unmask_step=unmask_step, logp_at_reveal=logp_at_reveal,
+                      prompt_len=P, block_size=block_size, steps_per_block=T_B,
+                      temperature=float(temperature), remasking=remasking, mask_id=cfg.mask_id,
+                      eos_factor=float(eos_factor))
+    if remasking in PARALLEL:  # T_B becomes the most steps any block took
+        done = unmask_step >= 0
+        traj.renumber(int((unmask_step % T_B)[done].max()) + 1 if done.any() else 1)
+    return traj

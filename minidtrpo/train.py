@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, device_problem,
-                     folder_problem, read_saved, write_json)
+from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, check,
+                     device_problem, folder_problem, read_saved, write_json)
 from .folders import (CHECKPOINT, FolderLock, interrupt_on_sigterm, read_metrics,
                       remove_stale_files, resume_state)
 from .model import MaskedDiffusionTransformer, ModelConfig
-from .sampling import Trajectory, generate
+from .sampling import PARALLEL, REMASKING, SCHEDULES, Trajectory, generate
 from .tasks import get_task
 
 
@@ -47,6 +47,34 @@ class RunConfig(Config):
                     gt=0)
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0)
+
+
+@dataclass
+class DecodingConfig(Config):
+    """How rollouts and pairs are decoded (sampling.generate, docs/math.md §3 "Decoding rules")."""
+    remasking: str = arg("low_confidence", "position rule: which positions a step reveals",
+                         REMASKING)
+    steps_per_block: int = arg(0, "sampler steps per block T_B (0: block_size)", ge=0)
+    schedule: str = arg("uniform", "tokens per step: uniform (LLaDA) or ascending (CJ-GRPO: "
+                                   "1, 2, 4, ... per block)", SCHEDULES)
+    threshold: float = arg(0.9, "remasking=threshold or credit: reveal every position at least "
+                                "this confident", gt=0, le=1)
+    eos_factor: float = arg(1.0, "EOS early rejection (CJ-GRPO): an EOS candidate's confidence "
+                                 "× a factor ramping from this to 1 (1: off)", gt=0, le=1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.remasking not in PARALLEL or self.schedule == "uniform", "schedule",
+              self.schedule, f"uniform with remasking={self.remasking} (it sets its own counts)")
+        check((self.remasking not in PARALLEL and self.schedule == "uniform")
+              or self.steps_per_block == 0, "steps_per_block", self.steps_per_block,
+              f"0 with remasking={self.remasking} and schedule={self.schedule} "
+              "(they set their own steps)")
+
+    def decoding(self, task) -> dict:
+        """`generate`'s keyword arguments for these options (the task gives the EOS token)."""
+        return dict(remasking=self.remasking, schedule=self.schedule, threshold=self.threshold,
+                    eos_factor=self.eos_factor, eos_id=task.vocab.eos_id)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,17 +106,18 @@ def check_steps(steps_per_block: int, model):
 
 
 @torch.no_grad()
-def rollout(model, task, prompts, *, temperature=0.0, remasking="low_confidence", steps_per_block=0,
-            generator=None, chunk=1024, hints=None):
+def rollout(model, task, prompts, *, temperature=0.0, steps_per_block=0, generator=None,
+            chunk=1024, hints=None, **decoding):
     """Decode one response per prompt (B, P), recording the trajectory, and score it with the task.
 
-    hints: (B, L) tokens fixed before decoding, mask_id where free (`generate`; IGPO).
+    hints: (B, L) tokens fixed before decoding, mask_id where free (`generate`; IGPO); decoding:
+    more of `generate`'s options (`DecodingConfig.decoding`).
     Returns (Trajectory, rewards (B,), exact (B,)) on the prompts' device."""
     with autocast(prompts.device):
         traj = Trajectory.cat([
-            generate(model, prompts[i:i + chunk], temperature=temperature, remasking=remasking,
+            generate(model, prompts[i:i + chunk], temperature=temperature,
                      steps_per_block=steps_per_block or None, generator=generator,
-                     hints=None if hints is None else hints[i:i + chunk])
+                     hints=None if hints is None else hints[i:i + chunk], **decoding)
             for i in range(0, len(prompts), chunk)])
     p, r = traj.prompts.cpu(), traj.responses.cpu()
     return traj, task.reward(p, r).to(prompts.device), task.exact(p, r).to(prompts.device)

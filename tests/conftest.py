@@ -78,10 +78,10 @@ def single_thread():
 
 
 def rollout(model, steps_per_block=2, temperature=1.0, remasking="low_confidence", batch=4,
-            seed=0):
+            seed=0, **decoding):
     return generate(model, random_prompts(batch, seed=seed), steps_per_block=steps_per_block,
                     temperature=temperature, remasking=remasking,
-                    generator=torch.Generator().manual_seed(seed))
+                    generator=torch.Generator().manual_seed(seed), **decoding)
 
 
 def grads(value, model):

@@ -100,12 +100,14 @@ def test_position_term_random_is_log_binomial():
 
 
 @pytest.mark.parametrize("layout", ["block", "full"])
-def test_position_term_low_confidence_by_enumeration(layout):
+@pytest.mark.parametrize("schedule", ["uniform", "ascending"])
+def test_position_term_low_confidence_by_enumeration(layout, schedule):
     """The low-confidence transition probability Π μ_i(y_i)·S_t equals brute force: enumerate every
     candidate tuple at the block's masked positions, keep those whose top-k confident set is I_t
-    with y."""
+    with y. The ascending schedule (k = 1, 2, 1) too: S_t holds for any k_t."""
     model = tiny_model(layout)
-    traj = rollout(model, steps_per_block=2, temperature=0.8, batch=2, seed=3)
+    traj = rollout(model, steps_per_block=2 if schedule == "uniform" else None, temperature=0.8,
+                   batch=2, seed=3, schedule=schedule)
     per_step = trajectory_logprob(model, traj, position_term=True, per_step=True)
     b, V = traj.block_size, M  # candidates range over the 11 real tokens (MASK has probability 0)
     for i in range(2):
@@ -130,6 +132,12 @@ def test_position_term_greedy_raises():
     model = tiny_model("block")
     with pytest.raises(ValueError, match="temperature"):
         trajectory_logprob(model, rollout(model, temperature=0.0), position_term=True)
+    # the selection term is derived for top-k by confidence or at random, not for the parallel
+    # rules or EOS rejection: asking for it there is an error, not a wrong number
+    for decoding in (dict(steps_per_block=None, remasking="threshold"),
+                     dict(eos_factor=0.5, eos_id=3)):
+        with pytest.raises(ValueError, match="position_term"):
+            trajectory_logprob(model, rollout(model, **decoding), position_term=True)
 
 
 def test_p2_random_remasking_position_term_cancels_and_print_low_confidence_gap():

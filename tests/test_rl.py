@@ -130,7 +130,10 @@ def test_rl_kl_off_policy_and_step_ratio(full_ckpt, objective, tmp_path):
                                   ["--objective=bgpo", "--beta=0.1"],
                                   ["--objective=bgpo", "--position_term=true"],
                                   ["--igpo=0.5", "--igpo_hint_min=0.7", "--igpo_hint_max=0.3"],
-                                  ["--igpo=1.5"]])
+                                  ["--igpo=1.5"], ["--remasking=threshold", "--steps_per_block=2"],
+                                  ["--remasking=credit", "--schedule=ascending"],
+                                  ["--schedule=ascending", "--steps_per_block=2"],
+                                  ["--schedule=fast"], ["--threshold=1.5"], ["--eos_factor=0"]])
 def test_rl_bad_options_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         main(["rl", *argv])
@@ -394,3 +397,18 @@ def test_rl_igpo_and_position_term_run(full_ckpt, tmp_path):
           "--position_term=true", f"--out_dir={tmp_path}"])
     lines = [r for r in rows(tmp_path) if "igpo_groups" in r]
     assert len(lines) == 2 and all(0 <= r["igpo_replaced"] <= 2 * r["igpo_groups"] for r in lines)
+
+
+@pytest.mark.parametrize("decoding", [["--schedule=ascending", "--eos_factor=0.2"],
+                                      ["--remasking=credit", "--threshold=0.5", "--igpo=0.5"]])
+def test_rl_and_pairs_take_the_decoding_options(made, decoding, tmp_path):
+    """CJ-GRPO is `rl --ratio_level=step --schedule=ascending`; the parallel rules (here with IGPO's
+    inpainted rollouts, decoded apart and renumbered to one T_B) run through rl and pairs too."""
+    ckpt = made("ckpt", "block")
+    main(["rl", f"--init={ckpt}", *TINY_RL, "--max_iters=2", "--ratio_level=step", *decoding,
+          f"--out_dir={tmp_path / 'rl'}"])
+    assert len([r for r in rows(tmp_path / "rl") if "test_exact" not in r]) == 2
+    main(["pairs", f"--init={ckpt}", "--num_prompts=8", "--num_generations=4", "--device=cpu",
+          *[d for d in decoding if "igpo" not in d], f"--out={tmp_path / 'pairs.pt'}"])
+    saved = torch.load(tmp_path / "pairs.pt", weights_only=True)
+    assert saved["config"]["schedule"] in ("uniform", "ascending")

@@ -1,11 +1,14 @@
 """The trajectory-recording sampler (docs/math.md §3) and its KV cache (P9)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_prompts, tiny_model
-from minidtrpo.sampling import generate, reveal_schedule
+from conftest import M, random_prompts, tiny_model
+from minidtrpo.estimators import trajectory_logprob
+from minidtrpo.sampling import CREDIT, generate, reveal_schedule
 
 
 def test_reveal_schedule():
@@ -14,6 +17,128 @@ def test_reveal_schedule():
     assert reveal_schedule(4, 1) == [4]
     with pytest.raises(ValueError, match="steps_per_block"):
         reveal_schedule(4, 5)
+    # CJ-GRPO's ascending step size: 2^s tokens at step s, the rest at the last: ⌈log₂(b+1)⌉ steps
+    assert reveal_schedule(4, schedule="ascending") == [1, 2, 1]
+    assert reveal_schedule(8, schedule="ascending") == [1, 2, 4, 1]
+    assert reveal_schedule(7, schedule="ascending") == [1, 2, 4]
+    assert reveal_schedule(1, schedule="ascending") == [1]
+    with pytest.raises(ValueError, match="steps_per_block"):
+        reveal_schedule(4, 2, schedule="ascending")
+
+
+# every decoding rule and schedule (the module docstring of sampling.py); EOS is token 3 here
+DECODINGS = {
+    "uniform T_B=3": dict(steps_per_block=3),
+    "ascending": dict(schedule="ascending"),
+    "random ascending": dict(schedule="ascending", remasking="random"),
+    "eos rejection": dict(steps_per_block=2, eos_factor=0.05, eos_id=3),
+    "threshold": dict(remasking="threshold", threshold=0.5),
+    "credit": dict(remasking="credit", threshold=0.5),
+    "credit, eos rejection": dict(remasking="credit", threshold=0.6, eos_factor=0.1, eos_id=3),
+}
+
+
+@pytest.mark.parametrize("name", DECODINGS)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_rule_keeps_the_kv_cache_exact(name, temperature):
+    """P9 for every rule and schedule: cached and uncached decoding record the same trajectory."""
+    model, prompts = tiny_model("block", seed=1), random_prompts(16, seed=1)
+    runs = [generate(model, prompts, temperature=temperature, kv_cache=cache,
+                     generator=torch.Generator().manual_seed(4), **DECODINGS[name])
+            for cache in (True, False)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    assert torch.equal(runs[0].unmask_step, runs[1].unmask_step)
+    assert runs[0].steps_per_block == runs[1].steps_per_block
+    torch.testing.assert_close(runs[0].logp_at_reveal, runs[1].logp_at_reveal, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+@pytest.mark.parametrize("name", DECODINGS)
+def test_every_rule_reveals_inside_its_block_and_keeps_p1(layout, name):
+    """Each rule reveals every position once, only inside the block of its step, as many per step
+    as its schedule says (the parallel rules: at least one while the block has masked positions,
+    the others above the threshold); the exact trajectory log-prob equals Σ logp_at_reveal (P1)."""
+    options = DECODINGS[name]
+    model, prompts = tiny_model(layout, seed=2), random_prompts(12, seed=2)
+    traj = generate(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(5),
+                    **options)
+    T_B, b = traj.steps_per_block, traj.block_size
+    assert (traj.unmask_step >= 0).all() and (traj.responses != M).all()
+    ks = None if "remasking" in options and options["remasking"] != "random" else \
+        reveal_schedule(b, options.get("steps_per_block"), options.get("schedule", "uniform"))
+    assert T_B == (len(ks) if ks else T_B) and T_B <= b
+    for t in range(traj.num_steps):
+        block, s = divmod(t, T_B)
+        revealed = traj.unmask_step == t  # (B, L)
+        cols = revealed.nonzero()[:, 1]
+        assert ((cols >= block * b) & (cols < (block + 1) * b)).all()
+        if ks:
+            assert (revealed.sum(1) == ks[s]).all()
+        else:  # a step runs while the block has masked positions and reveals at least one
+            left = (traj.unmask_step[:, block * b:(block + 1) * b] >= t).any(1)
+            assert torch.equal(revealed.sum(1) > 0, left)
+    torch.testing.assert_close(trajectory_logprob(model, traj), traj.logp_at_reveal.sum(1),
+                               rtol=0, atol=1e-8)
+
+
+def naive_greedy_decode(model, prompt, rule, threshold=0.9, eos_factor=1.0, eos_id=None,
+                        credit=CREDIT):
+    """CreditDecoding's formula, one sequence and one position at a time, greedy, no cache:
+    C_v ← γ C_v + [v = argmax μ] μ_v^α; confidence max(μ(c), softmax(log μ + λ log(1 + C))(c));
+    reveal every masked position above the threshold and the best one. Returns (tokens, steps)."""
+    gamma0, (decay, fusion, alpha) = eos_factor, credit
+    P, L, b = model.config.prompt_len, model.config.response_len, model.config.block_size
+    x, step = prompt.tolist() + [M] * L, [-1] * L
+    T = (L // b) * b  # nominal steps of the parallel rules, for the EOS ramp
+    for blk in range(L // b):
+        cols = range(P + blk * b, P + (blk + 1) * b)
+        C = {j: [0.0] * model.config.vocab_size for j in cols}
+        for s in range(b):
+            masked = [j for j in cols if x[j] == M]
+            if not masked:
+                break
+            t = blk * b + s
+            logp = F.log_softmax(model(torch.tensor([x]))[0], -1)  # (P+L, V)
+            conf, cand = {}, {}
+            for j in cols:
+                lp = logp[j].tolist()
+                top = max(range(len(lp)), key=lp.__getitem__)
+                C[j] = [decay * c + (v == top) * math.exp(alpha * lp[v])
+                        for v, c in enumerate(C[j])]
+                cand[j], conf[j] = top, lp[top]
+                if rule == "credit":
+                    fused = [lp[v] + fusion * math.log1p(C[j][v]) for v in range(len(lp))]
+                    log_z = math.log(sum(math.exp(f) for f in fused))
+                    conf[j] = max(conf[j], fused[top] - log_z)
+                if gamma0 < 1 and top == eos_id:
+                    conf[j] += math.log(gamma0 + (1 - gamma0) * t / (T - 1))
+            best = max(masked, key=conf.__getitem__)
+            for j in masked:
+                if j == best or conf[j] >= math.log(threshold):
+                    x[j], step[j - P] = cand[j], t
+    return x, step
+
+
+@pytest.mark.parametrize("seed,rule,options", [
+    # the settings in which (on these tiny models) credit, threshold and EOS rejection each change
+    # what is decoded: e.g. credit fills seed 4's blocks in 3 steps where the threshold takes 4
+    (4, "credit", dict(threshold=0.3)),
+    (4, "credit", dict(threshold=0.3, eos_factor=0.05, eos_id=1)),
+    (4, "threshold", dict(threshold=0.3)),
+    (2, "credit", dict(threshold=0.7)),
+    (1, "credit", dict(threshold=0.5)),
+])
+def test_trace_credit_matches_a_naive_loop(seed, rule, options):
+    """The batched rule decodes what the formula, applied position by position, decodes."""
+    model, prompts = tiny_model("block", seed=seed), random_prompts(12, seed=seed)
+    traj = generate(model, prompts, temperature=0.0, remasking=rule, **options)
+    for i in range(len(prompts)):
+        tokens, steps = naive_greedy_decode(model, prompts[i], rule, **options)
+        assert traj.tokens[i].tolist() == tokens
+        # generate renumbers steps to T_B = the most any block took; undo that to compare
+        us, T_B = traj.unmask_step[i], traj.steps_per_block
+        blk, s = us // T_B, us % T_B
+        assert (blk * traj.block_size + s).tolist() == steps
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -118,3 +243,19 @@ def test_hints_stay_fixed_and_the_trajectory_scores_only_what_was_decoded(layout
     torch.testing.assert_close(trajectory_logprob(model, traj), traj.logp_at_reveal.sum(1),
                                rtol=0, atol=1e-5)
     assert (traj.logp_at_reveal[given] == 0).all()
+
+
+def test_cat_renumbers_batches_that_took_different_steps():
+    """The parallel rules give each batch its own T_B; concatenated, step s of block k of either
+    batch becomes k·T_B + s at the larger T_B, and P1 still holds row by row."""
+    from minidtrpo.sampling import Trajectory
+    model = tiny_model("block", seed=4)
+    a, b = (generate(model, random_prompts(12, seed=4), remasking="threshold", threshold=th)
+            for th in (0.05, 0.99))
+    assert a.steps_per_block < b.steps_per_block
+    both = Trajectory.cat([a, b])
+    T_B, old = both.steps_per_block, a.steps_per_block
+    assert T_B == b.steps_per_block and torch.equal(both.unmask_step[12:], b.unmask_step)
+    assert torch.equal(both.unmask_step[:12], a.unmask_step // old * T_B + a.unmask_step % old)
+    torch.testing.assert_close(trajectory_logprob(model, both), both.logp_at_reveal.sum(1),
+                               rtol=0, atol=1e-8)
