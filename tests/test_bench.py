@@ -1,5 +1,6 @@
-"""Smoke run of bench/bench_objectives.py on a small batch: it runs every update through the
-functions training calls and ends with its JSON line of ratios (the README has the measurement)."""
+"""Smoke runs of the benchmarks on small sizes: each runs its updates through the functions training
+calls and ends with its JSON line (the README has the measurements). Rows and memory are asserted,
+never seconds: timings belong to the benchmarks themselves."""
 
 import json
 import os
@@ -20,3 +21,21 @@ def test_bench_objectives_runs_and_ends_with_its_ratios(tmp_path):
     assert ratios["vrpo_ol_peak_16_over_1"] > 4  # the exp-of-mean objective's does
     assert (tmp_path / "bench_objectives.json").exists()
     assert (tmp_path / "memory_vs_nmc.png").exists()
+
+
+def test_bench_scaling_runs_and_ends_with_its_json_line(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_scaling.py"),
+                          "--quick", "--repeat=1", "--device=cpu", f"--out={tmp_path}"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(line) >= {"T_B", "dtrpo_over_exact", "n_mc", "bgpo_memory_ratio",
+                         "vrpo_ol_memory_ratio"}
+    assert max(line["bgpo_memory_ratio"]) <= 1.05  # flat in n_mc
+    assert line["vrpo_ol_memory_ratio"][-1] > 0.5 * line["n_mc"][-1]  # about linear in n_mc
+    saved = json.load(open(tmp_path / "bench_scaling.json"))
+    for row in saved["by_steps"]:  # T_B rows per response for the exact update, one for dTRPO
+        expected = 1 if row["update"] == "dpo dtrpo" else row["T_B"]
+        assert abs(row["passes_per_response"] - expected) < 1e-9
+    assert (tmp_path / "seconds_vs_steps.png").exists() and (tmp_path / "memory_vs_nmc.png").exists()

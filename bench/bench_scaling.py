@@ -1,0 +1,195 @@
+"""How an update's cost grows with the decoding steps T_B and the Monte Carlo samples n_mc.
+
+    python bench/bench_scaling.py                 # a few minutes on a 2-core CPU
+    python bench/bench_scaling.py --quick         # small sizes, for the tests
+    python bench/bench_scaling.py --device=cuda
+
+A random-initialised block-layout model with a long response (L = 64 in two blocks of b = 32; its
+logits spread so that sampling is not uniform: update costs depend on shapes, not on what was
+learned). Everything runs side by side in one process, through the update functions the training
+commands use:
+1. against T_B ∈ {2, 4, 8, 16, 32} (responses decoded with T_B steps per block): one DPO update with
+   the exact trajectory log-ratio (`dpo --estimator=full_trajectory --flat_memory=false`, T_B
+   `[x ; y ; ỹ]` passes per response, the fewest rows of the two ways it can run) and with dTRPO's
+   single pass (`dpo --estimator=dtrpo`, one pass); and the exact update on responses decoded
+   with CJ-GRPO's ascending schedule (1, 2, 4, 8, 16, 1: six steps per block).
+   The reference's terms are read from the record (the reference decoded the pairs), so each
+   update runs only the policy.
+2. against n_mc ∈ {1, 2, 4, 8, 16, 32}: one online BGPO update (`rl --objective=bgpo`, gradients
+   accumulated one Monte Carlo sample at a time) and one VRPO-OL update (the exp-of-mean objective,
+   one graph over all samples).
+For each: the median seconds, the model rows run forward per response, and the peak bytes autograd
+saves for backward (`meters.SavedBytes`). Ends with one JSON line: the seconds ratio dTRPO / exact
+per T_B, and each ELBO objective's activation memory over its n_mc = 1 value. Log-log figures go to
+--out.
+"""
+
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minidtrpo.config import Config, arg, device_problem, folder_problem, parse, pick_device
+from minidtrpo.meters import Meters
+from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
+from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
+from minidtrpo.rl import UPDATES, RLConfig
+from minidtrpo.sampling import Trajectory, generate
+
+
+@dataclass
+class ScalingConfig(Config):
+    """One update per objective and size on a fresh long-response model: seconds, rows, memory."""
+    quick: bool = arg(False, "small sizes (L = 16, T_B ≤ 8, n_mc ≤ 8): a smoke run for the tests")
+    pairs: int = arg(8, "preference pairs of the DPO updates", ge=1)
+    responses: int = arg(8, "responses of the online updates (groups of 4)", ge=4,
+                         valid=lambda n: None if n % 4 == 0 else "a multiple of 4")
+    repeat: int = arg(3, "timed runs per update (the median is reported)", ge=1)
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
+    out: str = arg("runs/bench_scaling", "folder for the JSON and the figures",
+                   valid=folder_problem)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, policy, device, responses: int, repeat: int) -> dict:
+    """Median seconds of fn() over `repeat` runs after a warm-up, with its rows and saved bytes."""
+    fn()
+    policy.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        with Meters(device, policy) as meters:
+            fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        policy.zero_grad(set_to_none=True)  # the weights never move: every repeat is the same
+    return {"seconds": sorted(times)[len(times) // 2], **meters.summary(responses)}
+
+
+def dpo_update(estimator, policy, ref, both, device, repeat) -> dict:
+    # plain autograd for the exact estimator: T_B rows per response (flat memory would run 2·T_B)
+    cfg = DPOConfig(estimator=estimator, flat_memory=False)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def update():
+        gen.manual_seed(0)  # the same s_b draws at every repeat
+        DPO_ESTIMATORS[estimator](cfg, policy, ref, both, gen)
+
+    return measure(update, policy, device, len(both.tokens), repeat)
+
+
+def online_update(objective, n_mc, policy, ref, traj, adv, device, repeat) -> dict:
+    cfg, gen = RLConfig(objective=objective, n_mc=n_mc), torch.Generator(device).manual_seed(0)
+
+    def update():
+        gen.manual_seed(0)  # the same ELBO masks at every repeat
+        UPDATES[objective](cfg, policy, ref, traj, adv, gen, step=lambda: None)
+
+    return measure(update, policy, device, len(adv), repeat)
+
+
+def plot(rows, key, xs, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name in dict.fromkeys(r["update"] for r in rows):
+        pts = [(r[key], r["y"]) for r in rows if r["update"] == name]
+        ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "k*", label=name, ms=5 if len(pts) > 1 else 9)
+    ax.set(xscale="log", yscale="log", xlabel=key, title=title)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    args = parse(ScalingConfig, sys.argv[1:], "python bench/bench_scaling.py")
+    device = pick_device(args.device)
+    L, b = (16, 8) if args.quick else (64, 32)
+    steps = [2, 4, 8] if args.quick else [2, 4, 8, 16, 32]
+    n_mcs = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
+    cfg = ModelConfig(vocab_size=48, mask_id=47, prompt_len=16, response_len=L, block_size=b)
+    with torch.random.fork_rng(devices=[]):  # a seeded init; the global RNG left as it was
+        torch.manual_seed(0)
+        ref = MaskedDiffusionTransformer(cfg, verbose=False).to(device)
+    with torch.no_grad():
+        ref.head.weight.mul_(20.0)  # a fresh init predicts almost uniformly; spread its logits
+    ref.requires_grad_(False)
+    policy = copy.deepcopy(ref).requires_grad_(True)
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, 47, (2 * args.pairs, 16), generator=gen).to(device)
+
+    def pairs(**decoding):  # 2·pairs responses decoded by the reference, paired two by two
+        traj = generate(ref, prompts, temperature=1.0, generator=torch.Generator(device)
+                        .manual_seed(2), **decoding)
+        half = args.pairs
+        return Trajectory.cat([traj.index(slice(0, half)), traj.index(slice(half, None))])
+
+    print(f"block layout, L = {L}, b = {b}, {args.pairs} pairs, {args.responses} online responses, "
+          f"{torch.get_num_threads()} threads, {device}")
+    by_steps = []
+    for T_B in steps:
+        both = pairs(steps_per_block=T_B)
+        for est in ("full_trajectory", "dtrpo"):
+            by_steps.append({"update": f"dpo {est}", "T_B": T_B,
+                             **dpo_update(est, policy, ref, both, device, args.repeat)})
+    asc = pairs(schedule="ascending")
+    by_steps.append({"update": "dpo full_trajectory, ascending", "T_B": asc.steps_per_block,
+                     **dpo_update("full_trajectory", policy, ref, asc, device, args.repeat)})
+
+    traj = generate(ref, prompts[:args.responses], temperature=1.0,
+                    generator=torch.Generator(device).manual_seed(3))
+    adv = torch.randn(args.responses, generator=gen).to(device)
+    by_nmc = [{"update": name, "n_mc": n,
+               **online_update(name, n, policy, ref, traj, adv, device, args.repeat)}
+              for name in ("bgpo", "vrpo_ol") for n in n_mcs]
+
+    print("\n| update | T_B | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
+    for r in by_steps:
+        print(f"| {r['update']} | {r['T_B']} | {r['seconds']:.3f} | "
+              f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")
+    print("\n| update | n_mc | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
+    for r in by_nmc:
+        print(f"| {r['update']} | {r['n_mc']} | {r['seconds']:.3f} | "
+              f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")
+
+    def pick(rows, name, key, x):
+        return next(r for r in rows if r["update"] == name and r[key] == x)
+    result = {
+        "T_B": steps,
+        "dtrpo_over_exact": [pick(by_steps, "dpo dtrpo", "T_B", t)["seconds"]
+                             / pick(by_steps, "dpo full_trajectory", "T_B", t)["seconds"]
+                             for t in steps],
+        "ascending_steps_per_block": asc.steps_per_block,
+        "n_mc": n_mcs,
+        **{f"{name}_memory_ratio": [pick(by_nmc, name, "n_mc", n)["peak_saved_mb"]
+                                    / pick(by_nmc, name, "n_mc", 1)["peak_saved_mb"]
+                                    for n in n_mcs] for name in ("bgpo", "vrpo_ol")},
+    }
+    print("\ndTRPO / exact seconds per T_B: "
+          + ", ".join(f"{t}: {r:.3f} (1/T_B = {1 / t:.3f})"
+                      for t, r in zip(steps, result["dtrpo_over_exact"])))
+    os.makedirs(args.out, exist_ok=True)
+    plot([{**r, "y": r["seconds"]} for r in by_steps], "T_B", steps,
+         os.path.join(args.out, "seconds_vs_steps.png"), "seconds of one DPO update")
+    plot([{**r, "y": r["peak_saved_mb"]} for r in by_nmc], "n_mc", n_mcs,
+         os.path.join(args.out, "memory_vs_nmc.png"), "MB saved for backward, one update")
+    with open(os.path.join(args.out, "bench_scaling.json"), "w") as f:
+        json.dump({"device": str(device), "threads": torch.get_num_threads(), "L": L, "b": b,
+                   "by_steps": by_steps, "by_nmc": by_nmc, **result}, f, indent=1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
