@@ -39,3 +39,23 @@ def test_bench_scaling_runs_and_ends_with_its_json_line(tmp_path):
         expected = 1 if row["update"] == "dpo dtrpo" else row["T_B"]
         assert abs(row["passes_per_response"] - expected) < 1e-9
     assert (tmp_path / "seconds_vs_steps.png").exists() and (tmp_path / "memory_vs_nmc.png").exists()
+
+
+def test_bench_decoding_runs_every_rule_and_ends_with_its_json_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "minidtrpo", "sft", "--task=sudoku", "--max_steps=2",
+                    "--batch_size=8", "--d_model=32", "--n_layers=2", "--eval_n=4",
+                    "--device=cpu", f"--out_dir={tmp_path / 'sft'}"], check=True,
+                   capture_output=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_decoding.py"),
+                          f"--ckpts={tmp_path / 'sft' / 'checkpoint.pt'}", "--n=16",
+                          "--device=cpu", f"--out={tmp_path}"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rules = json.loads(out.stdout.strip().splitlines()[-1])["rules"]
+    assert rules[0]["name"] == "one token per step, low confidence"
+    assert rules[0]["passes_per_response"] == 16  # L = 16, one token per step
+    by_name = {r["name"]: r for r in rules}
+    assert by_name["two tokens per step (T_B = b/2)"]["passes_per_response"] == 8
+    assert by_name["ascending (CJ-GRPO)"]["passes_per_response"] == 12  # 3 steps × 4 blocks
+    assert all(1 <= r["passes_per_response"] <= 16 and 0 <= r["exact"] <= 1 for r in rules)
