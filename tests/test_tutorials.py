@@ -18,7 +18,8 @@ TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
 
 def test_every_tutorial_is_collected():
     assert [p.name for p in TUTORIALS] == ["01_masked_diffusion.py", "02_trajectory_likelihoods.py",
-                                           "03_policy_optimisation.py", "04_rl_in_practice.py"]
+                                           "03_policy_optimisation.py", "04_rl_in_practice.py",
+                                           "05_decoding.py"]
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
