@@ -95,7 +95,8 @@ for r, traj in enumerate(one.values()):
     for c in range(L):
         ax.text(c, r, task.vocab.decode([int(traj.responses[0, c])]) or "·", ha="center",
                 va="center", color="w" if grid[r, c] < 0.5 else "k", fontsize=8)
-ax.set_yticks(range(len(RULES)), [f"{n} ({t.num_steps} steps)" for n, t in one.items()])
+ax.set_yticks(range(len(RULES)),  # the steps this puzzle needed: its distinct reveal steps
+              [f"{n} ({len(set(t.unmask_step[0].tolist()))} steps)" for n, t in one.items()])
 ax.set_xticks([k * b - 0.5 for k in range(1, L // b)], minor=True)
 ax.grid(which="minor", color="w", lw=2)
 ax.set(xticks=[], title="which position is revealed when (dark: early), one puzzle")
