@@ -2,7 +2,7 @@
 
     python -m minidtrpo sft --task=sudoku --layout=block --time_budget=60 \
         --out_dir=runs/sudoku_block
-    python -m minidtrpo sft --task=addition --block_size=1 --time_budget=180 \
+    python -m minidtrpo sft --task=addition --block_size=1 --max_steps=700 \
         --out_dir=runs/addition_b1
     python bench/bench_decoding.py            # ~1 minute on a 2-core CPU once the two models exist
     python bench/bench_decoding.py --ckpts=runs/a/checkpoint.pt,runs/b/checkpoint.pt --device=cuda
@@ -36,8 +36,11 @@ RULES = {  # name -> generate's options; the first is the baseline
     "two tokens per step (T_B = b/2)": dict(steps_per_block="half"),
     "ascending (CJ-GRPO)": dict(schedule="ascending"),
     "ascending + EOS rejection 0.1": dict(schedule="ascending", eos_factor=0.1),
+    "threshold 0.99": dict(remasking="threshold", threshold=0.99),
+    "threshold 0.95": dict(remasking="threshold", threshold=0.95),
     "threshold 0.9": dict(remasking="threshold", threshold=0.9),
     "threshold 0.7": dict(remasking="threshold", threshold=0.7),
+    "trace credit 0.95": dict(remasking="credit", threshold=0.95),
     "trace credit 0.9 (CreditDecoding)": dict(remasking="credit", threshold=0.9),
     "trace credit 0.7": dict(remasking="credit", threshold=0.7),
 }
@@ -104,6 +107,10 @@ def main():
             print(f"| {name} | {r['passes_per_response']:.2f} | {r['batch_passes']} | "
                   f"{r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {100 * r['exact']:.1f}% | "
                   f"{r['reward']:.3f} | {r['speedup']:.2f}× |")
+        near = [r for r in rows if r["ckpt"] == path and r["exact"] >= base["exact"] - 0.01]
+        fast = max(near, key=lambda r: r["speedup"])  # the baseline itself is always near
+        print(f"fastest rule within 1 point of the baseline's {100 * base['exact']:.1f}%: "
+              f"{fast['name']} ({100 * fast['exact']:.1f}%, {fast['speedup']:.2f}× fewer passes)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_decoding.json"), "w") as f:
         json.dump({"device": str(device), "threads": torch.get_num_threads(), "rows": rows}, f,

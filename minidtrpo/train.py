@@ -81,8 +81,6 @@ class DecodingConfig(Config):
 # Checkpoints, decoding and evaluation
 
 
-
-
 def load(path: str, device="cpu"):
     """Reload a checkpoint of any minidtrpo run -> (model, task). Weights only, no pickled code;
     a missing, damaged or wrong-kind file raises BadInput naming the path."""
