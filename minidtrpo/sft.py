@@ -44,6 +44,8 @@ class SFTConfig(RunConfig):
     min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of lr (cosine decay)",
                               ge=0, le=1)
     warmup_steps: int = arg(50, "linear warm-up steps", ge=0)
+    t_min: float = arg(1e-3, "noise levels t ~ U(t_min, 1) (LLaDA's ε; 1: every response token "
+                             "masked, the autoregressive loss when block_size = 1)", gt=0, le=1)
     ema: float = arg(0.99, "EMA decay of the evaluated weights (0: no EMA)", ge=0, lt=1)
     max_steps: int = arg(100_000, "stop after this many optimizer steps", ge=1)
     eval_every: int = arg(100, "evaluate and checkpoint every this many steps (0: at the end)",
@@ -73,7 +75,10 @@ def task_from(name: str, options: str):
 
 
 def sft_loss(model, prompts, answers, generator=None, eps: float = 1e-3):
-    """Masked-diffusion loss of a batch (prompts (B, P), answers (B, L)) -> (loss, stats)."""
+    """Masked-diffusion loss of a batch (prompts (B, P), answers (B, L)) -> (loss, stats).
+    eps: the lowest noise level. eps = 1 masks every response token (t = 1, weight 1): with
+    block size 1 that is the exact autoregressive loss, the other noise levels adding only variance
+    (docs/math.md §2)."""
     cfg = model.config
     B, L = answers.shape
     P = prompts.shape[1]
@@ -157,7 +162,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         prompts, answers = task.sample(cfg.batch_size, "train", gens["data"])
         prompts, answers = prompts.to(device), answers.to(device)
         with autocast(device):
-            loss, stats = sft_loss(fwd, prompts, answers, gens["noise"])
+            loss, stats = sft_loss(fwd, prompts, answers, gens["noise"], cfg.t_min)
         loss.backward()
         norm = clip_and_step(model, opt, cfg.grad_clip)  # a non-finite norm: step skipped
         if ema is not model:  # θ_ema ← d·θ_ema + (1 − d)·θ, d warming up so early weights fade fast

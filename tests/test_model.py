@@ -96,3 +96,27 @@ def test_sft_loss_block_layout_matches_naive():
                 if masked[i, k * b + j]:
                     total -= logp[j, answers[i, k * b + j]] / t[i, 0]
     torch.testing.assert_close(loss, total / 3 / L, rtol=1e-10, atol=1e-12)
+
+
+def test_sft_at_t_one_is_the_autoregressive_likelihood():
+    """Block size 1 and eps = 1 (every response token masked, weight 1): the SFT loss is the
+    negative log-likelihood per token of decoding y left to right, one token per step, which
+    estimators.trajectory_logprob computes exactly (docs/math.md §2)."""
+    from minidtrpo.estimators import trajectory_logprob
+    from minidtrpo.sampling import Trajectory
+    from minidtrpo.sft import sft_loss
+    model = tiny_model("block", block_size=1)
+    L = 8
+    prompts = random_prompts(3)
+    answers = torch.randint(0, 11, (3, L), generator=torch.Generator().manual_seed(7))
+    loss, _ = sft_loss(model, prompts, answers, torch.Generator().manual_seed(1), eps=1.0)
+    left_to_right = Trajectory(tokens=torch.cat([prompts, answers], 1),
+                               unmask_step=torch.arange(L).expand(3, L),
+                               logp_at_reveal=torch.zeros(3, L, dtype=torch.float64),
+                               prompt_len=6, block_size=1, steps_per_block=1, temperature=1.0,
+                               remasking="low_confidence", mask_id=11)
+    logp = trajectory_logprob(model, left_to_right)  # (3,) Σ_k log μ(y_k | x, y_<k)
+    torch.testing.assert_close(loss, -logp.mean() / L, rtol=1e-10, atol=1e-12)
+    # any other draw of t is the same loss only in expectation
+    other, _ = sft_loss(model, prompts, answers, torch.Generator().manual_seed(1))
+    assert not torch.isclose(other, loss)
