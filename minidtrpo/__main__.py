@@ -7,24 +7,24 @@ from dataclasses import dataclass
 import torch
 
 from .compare import CompareConfig, compare
-from .config import BadInput, Config, RunStopped, arg, device_problem, fail, parse, pick_device
+from .config import BadInput, RunStopped, arg, device_problem, fail, parse, pick_device
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .report import ReportConfig, run_report
 from .rl import RLConfig, train_rl
 from .sft import SFTConfig, train_sft
-from .train import check_steps, evaluate, load
+from .train import DecodingConfig, check_steps, evaluate, load
 
 
 @dataclass
-class EvalConfig(Config):
-    """Evaluate a checkpoint on a task split with the sampler; ends with one JSON line."""
+class EvalConfig(DecodingConfig):
+    """Evaluate a checkpoint on a task split with the sampler (any decoding rule); ends with one
+    JSON line."""
     ckpt: str = arg("runs/sft/checkpoint.pt", "checkpoint to evaluate")
     split: str = arg("test", "which problems", ("train", "test"))
     n: int = arg(500, "number of problems", ge=1)
     seed: int = arg(0, "seed of the problem set (and of sampling when temperature > 0)", ge=0,
                     lt=2**31)
     temperature: float = arg(0.0, "sampling temperature (0 = greedy)", ge=0)
-    steps_per_block: int = arg(0, "sampler steps per block (0: one token per step)", ge=0)
     device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
 
 
@@ -37,7 +37,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         task.sample(cfg.n, "train", generator=gen)[0]
     m = evaluate(model, task, prompts.to(device), steps_per_block=cfg.steps_per_block,
                  temperature=cfg.temperature,
-                 generator=torch.Generator(device).manual_seed(cfg.seed))
+                 generator=torch.Generator(device).manual_seed(cfg.seed), **cfg.decoding(task))
     print(json.dumps(m))
     return m
 

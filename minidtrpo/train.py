@@ -121,10 +121,12 @@ def rollout(model, task, prompts, *, temperature=0.0, steps_per_block=0, generat
     return traj, task.reward(p, r).to(prompts.device), task.exact(p, r).to(prompts.device)
 
 
-def evaluate(model, task, prompts, *, steps_per_block=0, temperature=0.0, generator=None) -> dict:
-    """Decode and score every prompt: {"exact": share fully correct, "reward": mean, "n": count}."""
+def evaluate(model, task, prompts, *, steps_per_block=0, temperature=0.0, generator=None,
+             **decoding) -> dict:
+    """Decode and score every prompt: {"exact": share fully correct, "reward": mean, "n": count}.
+    decoding: more of `generate`'s options (the decoding rule; default one token per step)."""
     _, reward, exact = rollout(model, task, prompts, temperature=temperature, generator=generator,
-                               steps_per_block=steps_per_block, chunk=500)
+                               steps_per_block=steps_per_block, chunk=500, **decoding)
     return {"exact": exact.float().mean().item(), "reward": reward.mean().item(), "n": len(prompts)}
 
 

@@ -40,6 +40,14 @@ def test_sft_smoke_and_eval(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
     assert set(result) == {"exact", "reward", "n"} and result["n"] == 8
+    # eval takes the decoding rules: the threshold rule at 1e-9 reveals a whole block per step,
+    # which is what steps_per_block=1 does
+    # (an argmax candidate has μ ≥ 1/V), so the same greedy tokens and the same scores
+    scores = []
+    for rule in (["--remasking=threshold", "--threshold=1e-9"], ["--steps_per_block=1"]):
+        main(["eval", f"--ckpt={out}/checkpoint.pt", "--n=8", "--device=cpu", *rule])
+        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert scores[0] == scores[1] and scores[0]["n"] == 8
 
 
 def test_same_seed_same_metrics(tmp_path):
