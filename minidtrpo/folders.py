@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from .config import BadInput, read_saved
 
@@ -77,7 +77,8 @@ def resume_state(cfg, kind, models, task, device) -> dict:
     ours = {"kind": kind, "task": task.name, "task_options": dict(task.options),
             "model_config": asdict(models["model"].config),
             **{k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}}
-    saved = {**state, **state["config"]}
+    # an option added after the checkpoint was saved counts as its default (its behaviour then)
+    saved = {**{f.name: f.default for f in fields(cfg)}, **state, **state["config"]}
     differ = [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
               if saved.get(k) != v]
     if differ:

@@ -45,7 +45,8 @@ class SFTConfig(RunConfig):
                               ge=0, le=1)
     warmup_steps: int = arg(50, "linear warm-up steps", ge=0)
     t_min: float = arg(1e-3, "noise levels t ~ U(t_min, 1) (LLaDA's ε; 1: every response token "
-                             "masked, the autoregressive loss when block_size = 1)", gt=0, le=1)
+                             "masked, the autoregressive loss in the block layout with "
+                             "block_size = 1)", gt=0, le=1)
     ema: float = arg(0.99, "EMA decay of the evaluated weights (0: no EMA)", ge=0, lt=1)
     max_steps: int = arg(100_000, "stop after this many optimizer steps", ge=1)
     eval_every: int = arg(100, "evaluate and checkpoint every this many steps (0: at the end)",
@@ -74,16 +75,16 @@ def task_from(name: str, options: str):
         raise ValueError(f"--task_options={options!r}: {e}") from None
 
 
-def sft_loss(model, prompts, answers, generator=None, eps: float = 1e-3):
+def sft_loss(model, prompts, answers, generator=None, t_min: float = 1e-3):
     """Masked-diffusion loss of a batch (prompts (B, P), answers (B, L)) -> (loss, stats).
-    eps: the lowest noise level. eps = 1 masks every response token (t = 1, weight 1): with
-    block size 1 that is the exact autoregressive loss, the other noise levels adding only variance
-    (docs/math.md §2)."""
+    t_min: the lowest noise level. t_min = 1 masks every response token (t = 1, weight 1): in the
+    block layout with block size 1 that is the exact autoregressive loss, the other noise levels
+    adding only variance (docs/math.md §2)."""
     cfg = model.config
     B, L = answers.shape
     P = prompts.shape[1]
     device = answers.device
-    t = eps + (1 - eps) * torch.rand(B, 1, generator=generator, device=device)  # (B, 1) t ~ U(ε, 1)
+    t = t_min + (1 - t_min) * torch.rand(B, 1, generator=generator, device=device)  # (B, 1)
     masked = torch.rand(B, L, generator=generator, device=device) < t  # (B, L) each masked w.p. t
     noisy = answers.masked_fill(masked, cfg.mask_id)  # y_t
     if cfg.layout == "block":  # [x ; y ; y_t]: the clean copy and the noisy copy share position ids

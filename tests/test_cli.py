@@ -25,7 +25,7 @@ def read_metrics(out_dir):
     return rows
 
 
-def test_sft_smoke_and_eval(tmp_path, capsys):
+def test_sft_smoke_and_eval(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     main(["sft", *TINY, "--max_steps=20", "--eval_every=10", f"--out_dir={out}"])
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "curves.png"):
@@ -40,14 +40,15 @@ def test_sft_smoke_and_eval(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
     assert set(result) == {"exact", "reward", "n"} and result["n"] == 8
-    # eval takes the decoding rules: the threshold rule at 1e-9 reveals a whole block per step,
-    # which is what steps_per_block=1 does
-    # (an argmax candidate has μ ≥ 1/V), so the same greedy tokens and the same scores
-    scores = []
-    for rule in (["--remasking=threshold", "--threshold=1e-9"], ["--steps_per_block=1"]):
-        main(["eval", f"--ckpt={out}/checkpoint.pt", "--n=8", "--device=cpu", *rule])
-        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
-    assert scores[0] == scores[1] and scores[0]["n"] == 8
+    # eval takes the decoding rules and hands them to the sampler
+    import minidtrpo.train as train
+    seen, generate = [], train.generate
+    monkeypatch.setattr(train, "generate", lambda *a, **kw: seen.append(kw) or generate(*a, **kw))
+    main(["eval", f"--ckpt={out}/checkpoint.pt", "--n=8", "--device=cpu", "--remasking=threshold",
+          "--threshold=0.5", "--eos_factor=0.2"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 8
+    assert seen and all(kw["remasking"] == "threshold" and kw["threshold"] == 0.5
+                        and kw["eos_factor"] == 0.2 for kw in seen)
 
 
 def test_same_seed_same_metrics(tmp_path):
@@ -89,3 +90,19 @@ def test_bad_input_is_one_clear_line(argv, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_resume_a_run_saved_before_an_option_existed(tmp_path, capsys):
+    """An option the checkpoint predates counts as its default, which is how that run behaved;
+    any other value is another run's option."""
+    out = str(tmp_path / "run")
+    main(["sft", *TINY, "--max_steps=4", "--eval_every=4", f"--out_dir={out}"])
+    path = os.path.join(out, "checkpoint.pt")
+    state = torch.load(path, weights_only=True)
+    del state["config"]["t_min"]  # as saved before sft had --t_min
+    torch.save(state, path)
+    with pytest.raises(SystemExit) as e:
+        main(["sft", *TINY, "--max_steps=6", "--t_min=0.5", f"--out_dir={out}", "--resume"])
+    assert e.value.code == 2 and "t_min=0.001 there, 0.5 here" in capsys.readouterr().err
+    main(["sft", *TINY, "--max_steps=6", "--eval_every=4", f"--out_dir={out}", "--resume"])
+    assert sum("loss" in r for r in read_metrics(out)) == 6

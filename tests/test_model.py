@@ -99,7 +99,7 @@ def test_sft_loss_block_layout_matches_naive():
 
 
 def test_sft_at_t_one_is_the_autoregressive_likelihood():
-    """Block size 1 and eps = 1 (every response token masked, weight 1): the SFT loss is the
+    """Block layout, block size 1, t_min = 1 (every response token masked, weight 1): the loss is the
     negative log-likelihood per token of decoding y left to right, one token per step, which
     estimators.trajectory_logprob computes exactly (docs/math.md §2)."""
     from minidtrpo.estimators import trajectory_logprob
@@ -109,7 +109,7 @@ def test_sft_at_t_one_is_the_autoregressive_likelihood():
     L = 8
     prompts = random_prompts(3)
     answers = torch.randint(0, 11, (3, L), generator=torch.Generator().manual_seed(7))
-    loss, _ = sft_loss(model, prompts, answers, torch.Generator().manual_seed(1), eps=1.0)
+    loss, _ = sft_loss(model, prompts, answers, torch.Generator().manual_seed(1), t_min=1.0)
     left_to_right = Trajectory(tokens=torch.cat([prompts, answers], 1),
                                unmask_step=torch.arange(L).expand(3, L),
                                logp_at_reveal=torch.zeros(3, L, dtype=torch.float64),
