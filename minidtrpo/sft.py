@@ -84,6 +84,7 @@ def sft_loss(model, prompts, answers, generator=None, t_min: float = 1e-3):
     B, L = answers.shape
     P = prompts.shape[1]
     device = answers.device
+    # t ~ U(t_min, 1), one noise level per sequence (LLaDA eq. 3; docs/math.md §2)
     t = t_min + (1 - t_min) * torch.rand(B, 1, generator=generator, device=device)  # (B, 1)
     masked = torch.rand(B, L, generator=generator, device=device) < t  # (B, L) each masked w.p. t
     noisy = answers.masked_fill(masked, cfg.mask_id)  # y_t
