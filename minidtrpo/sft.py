@@ -24,7 +24,7 @@ from .config import BadInput, arg, autocast, check, folder_problem, parse_option
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .tasks import TASKS, get_task
-from .train import RunConfig, clip_and_step, load, run_loop
+from .train import RunConfig, clip_and_step, load, lr_at, progress, run_loop
 
 
 @dataclass
@@ -109,14 +109,6 @@ def sft_loss(model, prompts, answers, generator=None, t_min: float = 1e-3):
     return loss, {"loss": loss.item(), "masked_acc": acc.item()}
 
 
-def lr_at(cfg: SFTConfig, step: int, progress: float) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio·lr over the run (progress in [0, 1])."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
-
-
 def model_config(task, **sizes) -> ModelConfig:
     """A ModelConfig for a task: its vocabulary and lengths, its default block, then `sizes`."""
     return ModelConfig(**{"vocab_size": task.vocab.size, "mask_id": task.vocab.mask_id,
@@ -157,10 +149,10 @@ def train_sft(cfg: SFTConfig) -> dict:
 
     def iteration(step, train_seconds):
         t0 = time.perf_counter()
-        by_time = train_seconds / cfg.time_budget if cfg.time_budget else 0.0
-        progress = max(step / cfg.max_steps, by_time)
+        lr = lr_at(cfg.lr, step, progress(cfg, step, cfg.max_steps, train_seconds),
+                   cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step, progress)
+            group["lr"] = lr
         prompts, answers = task.sample(cfg.batch_size, "train", gens["data"])
         prompts, answers = prompts.to(device), answers.to(device)
         with autocast(device):

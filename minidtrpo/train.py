@@ -134,6 +134,21 @@ def evaluate(model, task, prompts, *, steps_per_block=0, temperature=0.0, genera
 # The optimizer step and the run loop
 
 
+def lr_at(lr: float, step: int, progress: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from lr to min_ratio·lr as progress goes
+    from 0 to 1 (min_ratio = 1: constant). progress = max(step / max_steps, seconds / time_budget),
+    so a run stopped by either limit ends near min_ratio·lr, and resume recomputes it exactly."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return lr * (min_ratio + (1 - min_ratio) * cosine)
+
+
+def progress(cfg, step: int, max_steps: int, train_seconds: float) -> float:
+    """How far a run is through its limits, the nearer one counting (for lr_at)."""
+    return max(step / max_steps, train_seconds / cfg.time_budget if cfg.time_budget else 0.0)
+
+
 def clip_and_step(model, opt, grad_clip) -> float:
     """Clip the gradient norm (0: off), step, zero the gradients; return the unclipped norm. A
     non-finite norm (a NaN or inf loss or gradient) skips the step: the run loop counts it."""

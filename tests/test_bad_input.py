@@ -71,6 +71,10 @@ def files(tmp_path_factory, single_thread):
     (root / "random.pt").write_bytes(os.urandom(4096))
     (root / "empty.pt").write_bytes(b"")
     (root / "a_folder").mkdir()
+    (root / "short_puzzle.txt").write_text("0430001040202001\n0430\n")
+    (root / "countdown.jsonl").write_text('{"input": "30,100,93", "output": "23"}\n')
+    (root / "no_output.jsonl").write_text('{"input": "30,100,93"}\n')
+    (root / "blank.txt").write_text("\n\n")
     (root / "list.pt").write_bytes(b"")
     torch.save([1, 2, 3], root / "list.pt")
     return root
@@ -115,6 +119,12 @@ def handwritten(r):
         (["dpo", f"--init={good}", f"--pairs={good}", f"--out_dir={r}/x"], "a checkpoint"),
         (["eval", f"--ckpt={pairs}"], "a pairs file"),
         (["eval", "--ckpt="], "an empty path"),
+        (["eval", f"--ckpt={good}", f"--problems={r}/short_puzzle.txt"], "line 2: '0430'"),
+        (["eval", f"--ckpt={good}", f"--problems={r}/countdown.jsonl"], "'30,100,93:23'"),
+        (["eval", f"--ckpt={good}", f"--problems={r}/no_output.jsonl"], "'input' and 'output'"),
+        (["eval", f"--ckpt={good}", f"--problems={r}/blank.txt"], "no problems"),
+        (["eval", f"--ckpt={good}", f"--problems={r}/nope.txt"], "nope.txt"),
+        (["eval", f"--ckpt={good}", f"--problems={r}/a_folder"], "a_folder"),
         (["sft", f"--init={r}/add/checkpoint.pt", f"--out_dir={r}/x"], "--init="),
         (["sft", "--out_dir="], "--out_dir"),
         (["sft", f"--out_dir={good}"], "not an existing file"),

@@ -51,6 +51,35 @@ def test_sft_smoke_and_eval(tmp_path, capsys, monkeypatch):
                         and kw["eos_factor"] == 0.2 for kw in seen)
 
 
+def test_eval_scores_the_problems_of_a_file(tmp_path, capsys):
+    """--problems: one problem per line, d1's sudoku CSV (a puzzle with several solutions scored
+    by its best completion) or d1's countdown JSONL; each is scored like the same prompts given
+    to evaluate."""
+    from minidtrpo.__main__ import read_problems
+    from minidtrpo.train import evaluate
+    sudoku, countdown = str(tmp_path / "sudoku"), str(tmp_path / "countdown")
+    main(["sft", *TINY, "--max_steps=2", "--eval_every=0", f"--out_dir={sudoku}"])
+    main(["sft", *TINY[1:], "--task=countdown", "--max_steps=2", "--eval_every=0",
+          f"--out_dir={countdown}"])
+    puzzles = ["3102200002100320", "0000000000000000", "0430001040202001"]  # the 2nd: 288 grids
+    files = {"lines.txt": ("\n".join(puzzles) + "\n", sudoku, puzzles),
+             "d1.csv": ("Puzzle,Solution\n" + "".join(f"{p},1234341221434321\n" for p in puzzles),
+                        sudoku, puzzles),
+             "cd3.jsonl": ('{"input": "30,100,93", "output": "23"}\n'
+                           '{"input": "83,18,75", "output": "10"}\n', countdown,
+                           ["30,100,93:23", "83,18,75:10"])}
+    for name, (text, run, problems) in files.items():
+        (tmp_path / name).write_text(text)
+        model, task = load(f"{run}/checkpoint.pt")
+        prompts = read_problems(str(tmp_path / name), task)
+        assert [task.decode_problem(p) for p in prompts] == problems
+        capsys.readouterr()
+        main(["eval", f"--ckpt={run}/checkpoint.pt", f"--problems={tmp_path / name}",
+              "--device=cpu"])
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result == evaluate(model, task, prompts), name
+
+
 def test_same_seed_same_metrics(tmp_path):
     runs = []
     for name in ("a", "b"):

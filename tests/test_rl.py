@@ -332,6 +332,14 @@ def test_rl_warmup_ramps_the_learning_rate(full_ckpt, tmp_path):
     assert lrs == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])  # lr · (it + 1) / 3, then lr
 
 
+def test_rl_cosine_decay_ends_at_min_lr_ratio(full_ckpt, tmp_path):
+    main(["rl", f"--init={full_ckpt}", "--objective=diffu_grpo", "--lr=4e-4", "--min_lr_ratio=0.25",
+          "--max_iters=3", "--eval_every=0", f"--out_dir={tmp_path}", *TINY_RL])
+    lrs = [r["lr"] for r in rows(tmp_path) if "test_exact" not in r]
+    # lr · (r + (1 − r) · (1 + cos(π · it / 3)) / 2) at it = 0, 1, 2
+    assert lrs == pytest.approx([4e-4, 3.25e-4, 1.75e-4])
+
+
 @pytest.mark.parametrize("layout", ["block", "full"])
 def test_group_masks_cancel_what_a_group_shares(layout):
     """group_masks: the G responses of a prompt get one set of ELBO masks (docs/math.md §5.4). In

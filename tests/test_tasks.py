@@ -281,7 +281,31 @@ def test_sudoku_grids_and_unique_puzzles():
     assert task.reward(task.encode_problem(p)[None],
                        wrong_given).item() == 1.0  # givens are ignored...
     assert not task.exact(task.encode_problem(p)[None], wrong_given).item()  # ...but not by exact
-    assert task.score("0000000000000000", "1234341221434321") == 0.0  # not a unique puzzle
+    assert task.score("1100000000000000", "1234341221434321") == 0.0  # no completion
+
+
+def test_sudoku_with_several_solutions_scores_the_best_completion():
+    """A puzzle read from a file may have several solutions: exact = a valid grid keeping every
+    given; reward = the best fraction of blanks right over the valid completions (brute force)."""
+    reference, task = brute_force_grids(), get_task("sudoku")
+    gen = torch.Generator().manual_seed(8)
+    grids = reference[torch.randint(0, 288, (300,), generator=gen)]
+    puzzles = grids.masked_fill(torch.rand(300, 16, generator=gen) < 0.75, 0)  # ~12 blanks
+    noise = torch.rand(300, 16, generator=gen) < torch.rand(300, 1, generator=gen) * 0.4
+    responses = torch.where(noise, torch.randint(1, 5, (300, 16), generator=gen), grids)
+    several = exact = 0
+    for puzzle, response in zip(puzzles, responses):
+        blanks = puzzle == 0
+        completions = reference[((puzzle == 0) | (puzzle == reference)).all(1)]  # (k, 16)
+        several += len(completions) > 1
+        best = ((response == completions) & blanks).sum(1).max().item() / blanks.sum().item()
+        text, r = "".join(map(str, puzzle.tolist())), "".join(map(str, response.tolist()))
+        assert task.score(text, r) == pytest.approx(best)
+        assert task.is_exact(text, r) == (response == completions).all(1).any().item()
+        exact += task.is_exact(text, r)
+    assert several > 200 and 30 < exact < 270  # most of these puzzles have several solutions
+    assert task.is_exact("0000000000000000", "1234341221434321")  # any valid grid
+    assert not task.is_exact("0000000000000000", "1234341221434312")  # not a valid grid
 
 
 @pytest.mark.parametrize("opts", [{}, {"degree": 3, "path_len": 5},

@@ -78,6 +78,14 @@ class Task:
         return (f"{self.name}({opts}) P={self.prompt_len} L={self.response_len} "
                 f"block={self.block_size}")
 
+    def is_problem(self, problem: str) -> bool:
+        """Whether `problem` is one this task can score (a problem read from a file, say)."""
+        try:
+            self.answer_text(problem)
+            return True
+        except ValueError:
+            return False
+
     # ---- strings <-> tokens ---------------------------------------------------------------
     def prompt_text(self, problem: str) -> str:
         return problem  # addition overrides it: its prompt writes the operands reversed

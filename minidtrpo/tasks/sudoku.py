@@ -43,8 +43,23 @@ def _test_grids() -> torch.Tensor:
     return torch.zeros(288, dtype=torch.bool).index_fill(0, test, True)
 
 
-def _grid_text(index: int) -> str:
-    return "".join(map(str, sudoku_grids()[index].tolist()))
+@functools.lru_cache(maxsize=None)
+def _grid_texts() -> tuple[str, ...]:
+    """The 288 grids as 16-character strings, in sudoku_grids' order."""
+    return tuple("".join(map(str, grid)) for grid in sudoku_grids().tolist())
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_index() -> dict[str, int]:
+    return {text: index for index, text in enumerate(_grid_texts())}
+
+
+def _bits(mask: int):
+    """The indices of the set bits of `mask`, lowest first."""
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
 
 
 class Sudoku(Task):
@@ -54,8 +69,9 @@ class Sudoku(Task):
     that string (P=16); answer = the solved grid, all 16 digits: "1432321441232341" (L=16);
     block_size 4. A puzzle blanks k cells of a grid (k uniform in [min_blanks, max_blanks], cells
     uniform) and is kept only if its solution is unique among all 288 grids. Reward = fraction of
-    the blanks filled correctly (givens are ignored; 0 if the prompt is not a puzzle with a unique
-    solution); exact = all 16 cells right. Harder variant: more blanks, e.g. min_blanks=8,
+    the blanks filled correctly, the best over the valid completions when a puzzle (from a file)
+    has several (givens are ignored; 0 if the prompt has no completion); exact = a valid grid that
+    keeps every given. Harder variant: more blanks, e.g. min_blanks=8,
     max_blanks=12 (12 blanks leave 4 givens, the fewest a unique 4x4 puzzle can have; only ~5% of
     such draws are unique, so sampling is slower).
     Split by solution grid: a fixed 20% of the 288 grids are test grids, never seen in training.
@@ -69,15 +85,21 @@ class Sudoku(Task):
         self.max_blanks = check_option("max_blanks", max_blanks, range(self.min_blanks, 13))
 
     @staticmethod
-    def _solution(problem: str) -> int | None:
-        """Index of the puzzle's solution grid, None unless there is exactly one: the grids
-        agreeing with all givens are the AND of the givens' (cell, digit) bitmasks."""
+    def completions(problem: str) -> int:
+        """The valid grids that keep every given, as a 288-bit mask (bit g = grid g): the AND of the
+        givens' (cell, digit) masks. 0 if `problem` is not 16 digits 0-4 or has no completion."""
         if len(problem) != 16 or not set(problem) <= set("01234"):
-            return None
+            return 0
         found = (1 << 288) - 1
         for cell, c in enumerate(problem):
             if c != "0":
                 found &= _cell_masks()[cell, int(c)]
+        return found
+
+    @classmethod
+    def _solution(cls, problem: str) -> int | None:
+        """Index of the puzzle's solution grid, None unless there is exactly one."""
+        found = cls.completions(problem)
         exactly_one = found and not found & (found - 1)  # exactly one bit set
         return found.bit_length() - 1 if exactly_one else None
 
@@ -88,23 +110,34 @@ class Sudoku(Task):
                              "with one solution")
         return index
 
+    def is_problem(self, problem):  # any puzzle with a completion, one or several
+        return self.completions(problem) != 0
+
     def answer_text(self, problem):
-        return _grid_text(self._checked_solution(problem))
+        return _grid_texts()[self._checked_solution(problem)]
 
     def split_of(self, problem):
         return "test" if _test_grids()[self._checked_solution(problem)] else "train"
 
     def score(self, problem, response_text):
-        index = self._solution(problem)
-        if index is None:
+        """Best fraction of blanks right over the valid completions (one for our puzzles; d1's
+        test file has puzzles with several)."""
+        found, blanks = self.completions(problem), [i for i, c in enumerate(problem) if c == "0"]
+        if not found:
             return 0.0
-        solution, blanks = _grid_text(index), [i for i, c in enumerate(problem) if c == "0"]
-        right = sum(i < len(response_text) and response_text[i] == solution[i] for i in blanks)
-        return right / len(blanks) if blanks else 1.0  # no blanks: vacuously all filled correctly
+        if not blanks:
+            return 1.0  # vacuously all filled correctly
+        best = 0
+        for index in _bits(found):
+            solution = _grid_texts()[index]
+            best = max(best, sum(i < len(response_text) and response_text[i] == solution[i]
+                                 for i in blanks))
+        return best / len(blanks)
 
     def is_exact(self, problem, response_text):
-        index = self._solution(problem)  # all 16 cells, givens included
-        return index is not None and response_text[:16] == _grid_text(index)
+        """A valid grid that keeps every given (all 16 cells checked)."""
+        index = _grid_index().get(response_text[:16])
+        return index is not None and bool(self.completions(problem) >> index & 1)
 
     def _candidates(self, m, split, generator):
         pool = (_test_grids() == (split == "test")).nonzero().flatten()  # grids of this split
