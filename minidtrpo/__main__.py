@@ -35,34 +35,55 @@ class EvalConfig(DecodingConfig):
 def read_problems(path: str, task) -> torch.Tensor:
     """The prompts (n, P) of the problems in a file, in the task's problem format: a line per
     problem; d1's sudoku CSV, whose Puzzle column is our puzzle string; d1's countdown JSONL,
-    {"input": "30,100,93", "output": "23"}, which is our "30,100,93:23"."""
+    {"input": "30,100,93", "output": "23"}, which is our "30,100,93:23". Blank lines are skipped;
+    a bad line is refused with its number."""
     try:
-        with open(path, newline="") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: drops a leading BOM
+            lines = [(i, line.strip()) for i, line in enumerate(f.read().splitlines(), 1)]
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"--problems={path}: cannot read it ({e})") from None
-    numbered = [(i, line.strip()) for i, line in enumerate(lines, 1) if line.strip()]
-    if numbered and numbered[0][1].startswith("Puzzle,"):  # d1's sudoku CSV
-        rows = csv.DictReader(lines)
-        numbered = [(i, row["Puzzle"]) for i, row in enumerate(rows, 2)]
-    elif numbered and numbered[0][1].startswith("{"):  # d1's countdown JSONL
+    lines = [(i, line) for i, line in lines if line]
+
+    def bad(i, line, why):
+        shown = line if len(line) <= 60 else line[:57] + "..."
+        return BadInput(f"--problems={path}, line {i}: {shown!r} {why}")
+
+    def fields(i, line):  # one CSV line (d1's file has no quoted line breaks)
         try:
-            records = [(i, json.loads(line)) for i, line in numbered]
-            numbered = [(i, f"{r['input']}:{r['output']}") for i, r in records]
-        except (ValueError, KeyError, TypeError) as e:
-            raise BadInput(f"--problems={path}: not JSONL with 'input' and 'output' ({e})") \
-                from None
-    if not numbered:
+            return [field.strip() for field in next(csv.reader([line]))]
+        except csv.Error as e:
+            raise bad(i, line, f"is not a CSV line ({e})") from None
+
+    problems = lines
+    if lines and fields(*lines[0])[0] == "Puzzle":  # d1's sudoku CSV: a header, then rows
+        header = fields(*lines[0])
+        problems = []
+        for i, line in lines[1:]:
+            row = fields(i, line)
+            if len(row) != len(header):
+                raise bad(i, line, f"has {len(row)} fields, the header {len(header)}")
+            problems.append((i, row[0]))
+    elif lines and lines[0][1].startswith("{"):  # d1's countdown JSONL: one object per line
+        problems = []
+        for i, line in lines:
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                record = None
+            if not (isinstance(record, dict) and {"input", "output"} <= set(record)):
+                raise bad(i, line, "is not a JSON object with 'input' and 'output'")
+            problems.append((i, f"{record['input']}:{record['output']}"))
+    if not problems:
         raise BadInput(f"--problems={path}: no problems in the file")
     prompts = []
-    for i, problem in numbered:
+    for i, problem in problems:
         try:
             if not task.is_problem(problem):
                 raise ValueError(f"not of the form of {task.name} problems")
             prompts.append(task.encode_problem(problem))
         except ValueError as e:
-            raise BadInput(f"--problems={path}, line {i}: {problem!r} is not a problem of this "
-                           f"checkpoint's task, {task!r} ({e})") from None
+            raise bad(i, problem, f"is not a problem of this checkpoint's task, {task!r} "
+                                  f"({e})") from None
     return torch.stack(prompts)
 
 

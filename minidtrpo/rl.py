@@ -22,8 +22,8 @@ Departures:
 4. The k3 KL penalty (β) is clipped_pg_loss's (full_trajectory, diffu_grpo); bgpo and vrpo_ol
    refuse β > 0 (BGPO trains without KL).
 5. Groups with all-equal rewards (A = 0) are dropped; if none is left the update is skipped.
-   AdamW, gradient clipping, a constant learning rate (optionally ramped up over `warmup_iters`,
-   and decayed to `min_lr_ratio`·lr along a cosine over the run's limit).
+   AdamW, gradient clipping; the learning rate optionally ramped up over `warmup_iters` and
+   decayed along a cosine to `min_lr_ratio`·lr over the run's limit (default: constant).
 6. `nll_revealed`, an entropy stand-in at no extra pass, is below the mean entropy (low confidence
    reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
 7. On-policy, diffu_grpo, bgpo, vrpo_ol (and full_trajectory with position_term, whose log S_t
@@ -62,8 +62,8 @@ from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_terms, one_step_logpr
 from .meters import Meters, elapsed
 from .objectives import bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
 from .sampling import sample_hints
-from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, lr_at, progress,
-                    rollout, run_loop)
+from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, lr_at, rollout,
+                    run_loop, run_progress)
 
 OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol")
 METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
@@ -133,7 +133,8 @@ class RLConfig(RunConfig, DecodingConfig):
     warmup_iters: int = arg(0, "learning rate ramped linearly over this many first iterations "
                                "(0: constant from the start)", ge=0)
     min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of lr, cosine decay over "
-                              "max_iters or time_budget, whichever is nearer (1: constant)",
+                              "max_iters or time_budget, whichever is nearer (1: constant; with "
+                              "a decay, changing either on resume changes the rates)",
                               ge=0, le=1)
     max_iters: int = arg(1000, "stop after this many iterations", ge=1)
     out_dir: str = arg(
@@ -341,8 +342,8 @@ def train_rl(cfg: RLConfig) -> dict:
     G = cfg.num_generations
 
     def iteration(it, train_seconds):
-        lr = lr_at(cfg.lr, it, progress(cfg, it, cfg.max_iters, train_seconds), cfg.warmup_iters,
-                   cfg.min_lr_ratio)  # from saved counters alone, so resume is exact
+        done = run_progress(it, cfg.max_iters, train_seconds, cfg.time_budget)
+        lr = lr_at(cfg.lr, it, done, cfg.warmup_iters, cfg.min_lr_ratio)  # train.run_progress
         for group in opt.param_groups:
             group["lr"] = lr
         # ---- rollouts: G responses per prompt from the current policy, scored by the task

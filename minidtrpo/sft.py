@@ -24,7 +24,7 @@ from .config import BadInput, arg, autocast, check, folder_problem, parse_option
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .tasks import TASKS, get_task
-from .train import RunConfig, clip_and_step, load, lr_at, progress, run_loop
+from .train import RunConfig, clip_and_step, load, lr_at, run_loop, run_progress
 
 
 @dataclass
@@ -149,8 +149,8 @@ def train_sft(cfg: SFTConfig) -> dict:
 
     def iteration(step, train_seconds):
         t0 = time.perf_counter()
-        lr = lr_at(cfg.lr, step, progress(cfg, step, cfg.max_steps, train_seconds),
-                   cfg.warmup_steps, cfg.min_lr_ratio)
+        done = run_progress(step, cfg.max_steps, train_seconds, cfg.time_budget)
+        lr = lr_at(cfg.lr, step, done, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         prompts, answers = task.sample(cfg.batch_size, "train", gens["data"])

@@ -43,8 +43,8 @@ class RunConfig(Config):
     out_dir: str = arg("runs/run", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves",
                        valid=folder_problem)
     resume: bool = arg(False, "continue the run saved in out_dir")
-    lr: float = arg(1e-4, "AdamW learning rate (rl, dpo: constant; tune per objective: README)",
-                    gt=0)
+    lr: float = arg(1e-4, "AdamW learning rate (the peak, where a schedule decays it; tune per "
+                          "objective: README)", gt=0)
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0)
 
@@ -134,19 +134,20 @@ def evaluate(model, task, prompts, *, steps_per_block=0, temperature=0.0, genera
 # The optimizer step and the run loop
 
 
-def lr_at(lr: float, step: int, progress: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay from lr to min_ratio·lr as progress goes
-    from 0 to 1 (min_ratio = 1: constant). progress = max(step / max_steps, seconds / time_budget),
-    so a run stopped by either limit ends near min_ratio·lr, and resume recomputes it exactly."""
+def lr_at(lr: float, step: int, done: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from lr to min_ratio·lr as `done`, the
+    share of the run behind (run_progress), goes from 0 to 1 (min_ratio = 1: constant)."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
     return lr * (min_ratio + (1 - min_ratio) * cosine)
 
 
-def progress(cfg, step: int, max_steps: int, train_seconds: float) -> float:
-    """How far a run is through its limits, the nearer one counting (for lr_at)."""
-    return max(step / max_steps, train_seconds / cfg.time_budget if cfg.time_budget else 0.0)
+def run_progress(step: int, max_steps: int, seconds: float, time_budget: float) -> float:
+    """max(step / max_steps, seconds / time_budget): a run stopped by either limit ends its schedule
+    near the end. Recomputed from the saved counters on resume, so a resumed run keeps its rates
+    if its limits stay the same; under a time budget the rates follow the measured seconds."""
+    return max(step / max_steps, seconds / time_budget if time_budget else 0.0)
 
 
 def clip_and_step(model, opt, grad_clip) -> float:

@@ -73,7 +73,8 @@ def files(tmp_path_factory, single_thread):
     (root / "a_folder").mkdir()
     (root / "short_puzzle.txt").write_text("0430001040202001\n0430\n")
     (root / "countdown.jsonl").write_text('{"input": "30,100,93", "output": "23"}\n')
-    (root / "no_output.jsonl").write_text('{"input": "30,100,93"}\n')
+    (root / "no_output.jsonl").write_text('\n{"input": "30,100,93", "output": "23"}\n[30, 23]\n')
+    (root / "gap.csv").write_text("Puzzle,Solution\n\n3102200002100320,x\n0430,x\n")
     (root / "blank.txt").write_text("\n\n")
     (root / "list.pt").write_bytes(b"")
     torch.save([1, 2, 3], root / "list.pt")
@@ -121,7 +122,9 @@ def handwritten(r):
         (["eval", "--ckpt="], "an empty path"),
         (["eval", f"--ckpt={good}", f"--problems={r}/short_puzzle.txt"], "line 2: '0430'"),
         (["eval", f"--ckpt={good}", f"--problems={r}/countdown.jsonl"], "'30,100,93:23'"),
-        (["eval", f"--ckpt={good}", f"--problems={r}/no_output.jsonl"], "'input' and 'output'"),
+        (["eval", f"--ckpt={good}", f"--problems={r}/no_output.jsonl"],
+         "line 3: '[30, 23]' is not a JSON object with 'input' and 'output'"),
+        (["eval", f"--ckpt={good}", f"--problems={r}/gap.csv"], "line 4: '0430'"),
         (["eval", f"--ckpt={good}", f"--problems={r}/blank.txt"], "no problems"),
         (["eval", f"--ckpt={good}", f"--problems={r}/nope.txt"], "nope.txt"),
         (["eval", f"--ckpt={good}", f"--problems={r}/a_folder"], "a_folder"),

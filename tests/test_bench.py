@@ -38,7 +38,8 @@ def test_bench_scaling_runs_and_ends_with_its_json_line(tmp_path):
     for row in saved["by_steps"]:  # T_B rows per response for the exact update, one for dTRPO
         expected = 1 if row["update"] == "dpo dtrpo" else row["T_B"]
         assert abs(row["passes_per_response"] - expected) < 1e-9
-    assert (tmp_path / "seconds_vs_steps.png").exists() and (tmp_path / "memory_vs_nmc.png").exists()
+    assert (tmp_path / "seconds_vs_steps.png").exists()
+    assert (tmp_path / "memory_vs_nmc.png").exists()
 
 
 def test_bench_decoding_runs_every_rule_and_ends_with_its_json_line(tmp_path):

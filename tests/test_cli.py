@@ -52,9 +52,9 @@ def test_sft_smoke_and_eval(tmp_path, capsys, monkeypatch):
 
 
 def test_eval_scores_the_problems_of_a_file(tmp_path, capsys):
-    """--problems: one problem per line, d1's sudoku CSV (a puzzle with several solutions scored
-    by its best completion) or d1's countdown JSONL; each is scored like the same prompts given
-    to evaluate."""
+    """--problems: one problem per line, d1's sudoku CSV (also with a byte-order mark, CRLF line
+    ends and a blank line) or d1's countdown JSONL: each file gives its problems in order, scored
+    as evaluate scores them (test_tasks checks the scores of puzzles with several solutions)."""
     from minidtrpo.__main__ import read_problems
     from minidtrpo.train import evaluate
     sudoku, countdown = str(tmp_path / "sudoku"), str(tmp_path / "countdown")
@@ -65,11 +65,13 @@ def test_eval_scores_the_problems_of_a_file(tmp_path, capsys):
     files = {"lines.txt": ("\n".join(puzzles) + "\n", sudoku, puzzles),
              "d1.csv": ("Puzzle,Solution\n" + "".join(f"{p},1234341221434321\n" for p in puzzles),
                         sudoku, puzzles),
+             "bom_crlf.csv": ("\ufeffPuzzle,Solution\r\n\r\n" + "".join(
+                 f"{p},1234341221434321\r\n" for p in puzzles), sudoku, puzzles),
              "cd3.jsonl": ('{"input": "30,100,93", "output": "23"}\n'
                            '{"input": "83,18,75", "output": "10"}\n', countdown,
                            ["30,100,93:23", "83,18,75:10"])}
     for name, (text, run, problems) in files.items():
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).write_bytes(text.encode())
         model, task = load(f"{run}/checkpoint.pt")
         prompts = read_problems(str(tmp_path / name), task)
         assert [task.decode_problem(p) for p in prompts] == problems
@@ -77,7 +79,7 @@ def test_eval_scores_the_problems_of_a_file(tmp_path, capsys):
         main(["eval", f"--ckpt={run}/checkpoint.pt", f"--problems={tmp_path / name}",
               "--device=cpu"])
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert result == evaluate(model, task, prompts), name
+        assert result["n"] == len(problems) and result == evaluate(model, task, prompts), name
 
 
 def test_same_seed_same_metrics(tmp_path):

@@ -99,8 +99,8 @@ def test_sft_loss_block_layout_matches_naive():
 
 
 def test_sft_at_t_one_is_the_autoregressive_likelihood():
-    """Block layout, block size 1, t_min = 1 (every response token masked, weight 1): the loss is the
-    negative log-likelihood per token of decoding y left to right, one token per step, which
+    """Block layout, block size 1, t_min = 1 (every response token masked, weight 1): the loss is
+    the negative log-likelihood per token of decoding y left to right, one token per step, which
     estimators.trajectory_logprob computes exactly (docs/math.md §2)."""
     from minidtrpo.estimators import trajectory_logprob
     from minidtrpo.sampling import Trajectory

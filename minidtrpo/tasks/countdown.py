@@ -129,7 +129,7 @@ class Countdown(Task):
             return None
         return [int(g) for g in match.groups()[:3]], int(match.group(4))
 
-    def is_problem(self, problem):  # solvable or not: d1's file may need fractions on the way
+    def is_problem(self, problem):  # well-formed is enough: unsolvable problems score too
         return self._parse(problem) is not None
 
     def split_of(self, problem):
