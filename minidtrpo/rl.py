@@ -343,7 +343,7 @@ def train_rl(cfg: RLConfig) -> dict:
 
     def iteration(it, train_seconds):
         done = run_progress(it, cfg.max_iters, train_seconds, cfg.time_budget)
-        lr = lr_at(cfg.lr, it, done, cfg.warmup_iters, cfg.min_lr_ratio)  # train.run_progress
+        lr = lr_at(cfg.lr, it, done, cfg.warmup_iters, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         # ---- rollouts: G responses per prompt from the current policy, scored by the task

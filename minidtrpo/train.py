@@ -139,6 +139,7 @@ def lr_at(lr: float, step: int, done: float, warmup: int, min_ratio: float) -> f
     share of the run behind (run_progress), goes from 0 to 1 (min_ratio = 1: constant)."""
     if step < warmup:
         return lr * (step + 1) / warmup
+    # lr_t = lr · (r + (1 − r) · ½(1 + cos(π · done)))  (cosine schedule, SGDR arXiv 1608.03983)
     cosine = 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
     return lr * (min_ratio + (1 - min_ratio) * cosine)
 

@@ -51,6 +51,7 @@ def _grid_texts() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _grid_index() -> dict[str, int]:
+    """Grid string -> its index in sudoku_grids."""
     return {text: index for index, text in enumerate(_grid_texts())}
 
 
@@ -71,9 +72,9 @@ class Sudoku(Task):
     uniform) and is kept only if its solution is unique among all 288 grids. Reward = fraction of
     the blanks filled correctly, the best over the valid completions when a puzzle (from a file)
     has several (givens are ignored; 0 if the prompt has no completion); exact = a valid grid that
-    keeps every given. Harder variant: more blanks, e.g. min_blanks=8,
-    max_blanks=12 (12 blanks leave 4 givens, the fewest a unique 4x4 puzzle can have; only ~5% of
-    such draws are unique, so sampling is slower).
+    keeps every given. Harder variant: more blanks, e.g. min_blanks=8, max_blanks=12 (12 blanks
+    leave 4 givens, the fewest a unique 4x4 puzzle can have; only ~5% of such draws are unique, so
+    sampling is slower).
     Split by solution grid: a fixed 20% of the 288 grids are test grids, never seen in training.
     """
 
@@ -127,6 +128,7 @@ class Sudoku(Task):
             return 0.0
         if not blanks:
             return 1.0  # vacuously all filled correctly
+        # r = max over completions g of |{i blank : y_i = g_i}| / |blanks|   (docs/math.md §7)
         best = 0
         for index in _bits(found):
             solution = _grid_texts()[index]
