@@ -15,7 +15,7 @@ Shapes: B batch, P prompt length, L response length, V vocab.
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,10 @@ from .tasks import TASKS, get_task
 from .train import RunConfig, clip_and_step, load, lr_at, run_loop, run_progress
 
 
+def _ratio_problem(value):
+    return None if value == -1 or 0 <= value <= 1 else "a number in [0, 1], or -1 (task's recipe)"
+
+
 @dataclass
 class SFTConfig(RunConfig):
     """Supervised masked-diffusion training (SFT) of the toy dLLM on one task."""
@@ -35,14 +39,14 @@ class SFTConfig(RunConfig):
     task_options: str = arg("", "task options as key=value,... (e.g. digits=4 or max_blanks=12)")
     layout: str = arg("block", "attention layout", LAYOUTS)
     d_model: int = arg(128, "residual width", ge=1)
-    n_layers: int = arg(4, "transformer blocks", ge=1)
+    n_layers: int = arg(0, "transformer blocks (0: the task's recipe, Task.sft_recipe)", ge=0)
     n_heads: int = arg(4, "attention heads", ge=1)
     block_size: int = arg(0, "response tokens per block b (0: the task's default)", ge=0)
     init: str = arg("", "start from this checkpoint's weights (same architecture)")
-    batch_size: int = arg(128, "sequences per step", ge=1)
+    batch_size: int = arg(0, "sequences per step (0: the task's recipe)", ge=0)
     lr: float = arg(2e-3, "peak AdamW learning rate", gt=0)
-    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of lr (cosine decay)",
-                              ge=0, le=1)
+    min_lr_ratio: float = arg(-1.0, "final learning rate as a fraction of lr, cosine decay (1: "
+                                    "constant; -1: the task's recipe)", valid=_ratio_problem)
     warmup_steps: int = arg(50, "linear warm-up steps", ge=0)
     t_min: float = arg(1e-3, "noise levels t ~ U(t_min, 1) (LLaDA's ε; 1: every response token "
                              "masked, the autoregressive loss in the block layout with "
@@ -58,6 +62,10 @@ class SFTConfig(RunConfig):
     def __post_init__(self):
         super().__post_init__()
         task = task_from(self.task, self.task_options)
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in task.sft_recipe.items():  # the task's recipe where left at the default
+            if getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
         b = self.block_size or task.block_size
         check(task.response_len % b == 0, "block_size", self.block_size,
               f"0 or a divisor of the response length {task.response_len}")

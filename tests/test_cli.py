@@ -137,3 +137,14 @@ def test_resume_a_run_saved_before_an_option_existed(tmp_path, capsys):
     assert e.value.code == 2 and "t_min=0.001 there, 0.5 here" in capsys.readouterr().err
     main(["sft", *TINY, "--max_steps=6", "--eval_every=4", f"--out_dir={out}", "--resume"])
     assert sum("loss" in r for r in read_metrics(out)) == 6
+
+
+def test_a_task_recipe_fills_only_the_options_left_at_their_defaults():
+    from minidtrpo.sft import SFTConfig
+    recipe = lambda c: (c.n_layers, c.batch_size, c.min_lr_ratio)  # noqa: E731
+    assert recipe(SFTConfig(task="star")) == (2, 32, 1.0)  # Star.sft_recipe
+    assert recipe(SFTConfig(task="sudoku")) == (4, 128, 0.1)  # Task.sft_recipe
+    assert recipe(SFTConfig(task="star", n_layers=4, batch_size=128, min_lr_ratio=0.0)) \
+        == (4, 128, 0.0)  # given values win, 0 for the ratio included
+    with pytest.raises(ValueError, match="-1 \\(task's recipe\\)"):
+        SFTConfig(min_lr_ratio=-0.5)

@@ -45,7 +45,7 @@ from minidtrpo.estimators import reduced_trajectory_logprob, sample_block_steps,
 from minidtrpo.meters import Meters
 from minidtrpo.sampling import Trajectory
 from minidtrpo.sft import SFTConfig, train_sft
-from minidtrpo.train import load, rollout
+from minidtrpo.train import evaluate, load, rollout
 
 torch.manual_seed(0)
 print(f"quick mode: {QUICK}; the run and the figure go to {OUT}")
@@ -185,5 +185,63 @@ if not QUICK:  # a trained model: scoring the wrong states moves the ratio away 
 # the same schedule it decodes with: `rl --objective=full_trajectory --ratio_level=step
 # --schedule=ascending`, at 3 rather than 4 rows per response here (log₂ b + 1 against b; the
 # saving grows with b: 6 against 32 rows for b = 32, `bench/bench_scaling.py`).
+
+# %% [markdown]
+# ## 6. The planning pitfall of left to right (Bachmann & Nagarajan, arXiv 2403.06963)
+#
+# Decoding order is not only a cost. On the star graph (`tasks/star.py`: a source with two arms of
+# three nodes, the edges shuffled, "find the path from the source to the goal") the first step out
+# of the source is a choice between two arms, and only the goal's end of the graph says which. A
+# left-to-right model trained with teacher forcing sees the true prefix at every position, so every
+# node after the first choice is "the child of the node before": one lookup, no planning. That
+# shortcut (their "Clever Hans cheat") fits most of the training tokens and is useless at the one
+# position that needs planning. Reversed, every node is "the parent of the node before", unique,
+# and the shortcut is the solution. A masked-diffusion model is trained on every masking pattern,
+# including those where the goal's side is hidden, and its decoder may reveal the node next to the
+# goal first (the parent of the goal), then the one before it. The cell below measures the
+# shortcut itself, with no model: the one-hop rule applied left to right on the test problems.
+
+# %%
+from minidtrpo.tasks import get_task  # noqa: E402
+
+
+def one_hop_rule(problem: str, path_len: int, reverse: bool) -> str:
+    """Decode left to right by the shortcut: from the first node, always follow the first listed
+    edge out of (forward: a child of) or into (reversed: the parent of) the node before."""
+    edges, ends = problem.split(":")
+    here, there = (1, 0) if reverse else (0, 1)  # which end of an edge the path is at, and goes to
+    path = [ends[here]]  # the source (forward) or the goal (reversed)
+    for _ in range(path_len - 1):
+        step = [e[there] for e in edges.split(",") if e[here] == path[-1]]
+        path.append(step[0] if step else "?")
+    return "".join(path)
+
+
+for reverse in (False, True):
+    star = get_task("star", reverse=reverse)
+    prompts, _ = star.test_set(500)
+    problems = [star.decode_problem(p) for p in prompts]
+    decoded = [one_hop_rule(p, star.path_len, reverse) for p in problems]
+    right = sum(map(star.score, problems, decoded)) / len(problems)
+    print(f"star graph, {'reversed' if reverse else 'forward '}: the one-hop rule solves "
+          f"{100 * right:.1f}% of {len(problems)} test problems")
+    assert (right == 1.0) if reverse else (0.35 < right < 0.65)  # forward: a coin flip per arm
+
+# %% [markdown]
+# The forward shortcut solves about half (a coin flip at the first step); reversed it solves all.
+# The README's "planning pitfall" table trains the same star data for the same 1200 s with block
+# size 1 (`sft --task=star --block_size=1 --t_min=1`: the block layout with one token per block is
+# a left-to-right model, and t = 1 masks every token, which is exactly teacher forcing) and with
+# the default masked-diffusion decoder (one block of 4, any order inside it), forward and reversed,
+# and says what each learned in that budget. If those run folders exist (`runs/star/ar_fwd`,
+# `ar_rev`, `diff_fwd`, `diff_rev`, made by the README's commands), the cell below scores them.
+
+# %%
+for name in ("ar_fwd", "ar_rev", "diff_fwd", "diff_rev"):
+    path = HERE.parent / "runs" / "star" / name / "checkpoint.pt"
+    if path.exists() and not QUICK:
+        star_model, star_task = load(str(path), "cpu")
+        result = evaluate(star_model, star_task, star_task.test_set(500)[0])
+        print(f"{name}: {100 * result['exact']:.1f}% of 500 test problems exact")
 
 print(f"figure: {OUT / 'reveal_order.png'}")
