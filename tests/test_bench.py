@@ -60,3 +60,23 @@ def test_bench_decoding_runs_every_rule_and_ends_with_its_json_line(tmp_path):
     assert by_name["two tokens per step (T_B = b/2)"]["passes_per_response"] == 8
     assert by_name["ascending (CJ-GRPO)"]["passes_per_response"] == 12  # 3 steps × 4 blocks
     assert all(1 <= r["passes_per_response"] <= 16 and 0 <= r["exact"] <= 1 for r in rules)
+
+
+def test_star_pitfall_scores_each_run_and_draws_the_curves(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tiny = [sys.executable, "-m", "minidtrpo", "sft", "--task=star", "--max_steps=4",
+            "--eval_every=2", "--eval_n=4", "--d_model=32", "--device=cpu"]
+    for name, options in (("ar", ["--block_size=1", "--t_min=1"]),
+                          ("diff", ["--task_options=reverse=true"])):
+        subprocess.run([*tiny, *options, f"--out_dir={tmp_path / name}"], check=True,
+                       capture_output=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "star_pitfall.py"),
+                          f"--runs={tmp_path / 'ar'},{tmp_path / 'diff'}", "--n=8",
+                          f"--out={tmp_path / 'pitfall.png'}"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ar") or
+            line.startswith("| diff")]
+    assert "left to right (b = 1) | forward | 4 |" in rows[0] and rows[0].endswith("| — |")
+    assert "masked diffusion (b = 4) | reversed | 4 |" in rows[1]
+    assert (tmp_path / "pitfall.png").exists()
