@@ -52,10 +52,6 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} "
                              f"must split into n_heads={self.n_heads} heads of even size")
 
-    @property
-    def num_blocks(self) -> int:
-        return self.response_len // self.block_size
-
 
 # Attention masks. Block ids: prompt = 0, response block k = k + 1 (k = 0..N_B-1). ----------------
 def block_ids(prompt_len: int, response_len: int, block_size: int, device=None) -> torch.Tensor:
