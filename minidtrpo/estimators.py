@@ -316,6 +316,19 @@ def elbo_mask_block(choice, layout, block_size):
     return block_size if blockwise else None
 
 
+def elbo_masks_for(choice, layout, traj, n_mc, generator=None, group=1) -> torch.Tensor:
+    """ELBO masks (B, N, L) of an `elbo_masks` choice for traj's responses: each response's own
+    visited states (trajectory), or drawn uniform or blockwise with one set shared by every `group`
+    consecutive responses. Hinted tokens (unmask_step −1) are context, never masked."""
+    blk = elbo_mask_block(choice, layout, traj.block_size)  # None: uniform masks; b: blockwise
+    if resolve_elbo_masks(choice, layout) == "trajectory":  # per response: `group` does not apply
+        return sample_trajectory_masks(traj, n_mc, generator, per_block=blk is None)
+    B, L = traj.responses.shape
+    masks = sample_elbo_masks(B // group, L, n_mc, generator, traj.tokens.device, blk)
+    # groups are contiguous rows (p g): every response of group p gets p's masks
+    return repeat(masks, "p n l -> (p g) n l", g=group) & traj.unmask_step[:, None, :].ge(0)
+
+
 def elbo_terms(model, prompts, responses, masks, *, normalize=True, temperature=1.0,
                block_size=None, chunk=256) -> torch.Tensor:
     """Per-sample ELBO terms ℓ^{(j)} -> (B, N); derivation: docs/math.md §4.3.

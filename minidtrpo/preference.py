@@ -44,9 +44,8 @@ from einops import rearrange, repeat
 
 from .config import (BadInput, RunStopped, arg, atomic_save, autocast, device_problem,
                      file_problem, folder_problem, pick_device, read_saved)
-from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_terms,
+from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_masks_for, elbo_terms,
                          reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
-                         resolve_elbo_masks, sample_elbo_masks, sample_trajectory_masks,
                          trajectory_logprob)
 from .meters import Meters, elapsed
 from .objectives import dpo_loss
@@ -211,12 +210,10 @@ def dpo_full_trajectory(cfg, policy, ref, both, gen):
 
 
 def dpo_vrpo(cfg, policy, ref, both, gen):
-    B2, L = both.responses.shape
+    B2 = len(both.tokens)
     blk = elbo_mask_block(cfg.elbo_masks, policy.config.layout, both.block_size)  # None: uniform
     # (2B, N, L) shared by θ and ref
-    masks = (sample_trajectory_masks(both, cfg.n_mc, gen, per_block=blk is None)
-             if resolve_elbo_masks(cfg.elbo_masks, policy.config.layout) == "trajectory"
-             else sample_elbo_masks(B2, L, cfg.n_mc, gen, both.tokens.device, blk))
+    masks = elbo_masks_for(cfg.elbo_masks, policy.config.layout, both, cfg.n_mc, gen)
 
     def elbo(model):
         with autocast(both.tokens.device):

@@ -56,9 +56,8 @@ import torch
 from einops import rearrange, repeat
 
 from .config import arg, autocast, check, folder_problem, pick_device
-from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_terms, one_step_logprob,
-                         resolve_elbo_masks, sample_elbo_masks, sample_prompt_mask,
-                         sample_trajectory_masks, trajectory_logprob)
+from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_masks_for, elbo_terms,
+                         one_step_logprob, sample_prompt_mask, trajectory_logprob)
 from .meters import Meters, elapsed
 from .objectives import bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
 from .sampling import sample_hints
@@ -207,37 +206,27 @@ def update_diffu_grpo(cfg, policy, ref, traj, adv, gen, step):
 
 def _elbo(cfg, model, traj, masks):
     """ℓ^(j) of every response on masks (B, N, L) -> (B, N) at the rollout τ (docs/math.md §4.3)."""
+    blk = elbo_mask_block(cfg.elbo_masks, model.config.layout, traj.block_size)  # None: uniform
     with autocast(traj.tokens.device):
         return elbo_terms(model, traj.prompts, traj.responses, masks,
                           normalize=cfg.elbo_per_token, temperature=traj.logp_temperature,
-                          block_size=_elbo_block(cfg, model, traj))
+                          block_size=blk)
 
 
-def _elbo_block(cfg, model, traj):
-    """ELBO masks' block_size: None (uniform) or the trajectory's (blockwise; docs/math.md §4.3)."""
-    return elbo_mask_block(cfg.elbo_masks, model.config.layout, traj.block_size)
-
-
-def _elbo_masks(cfg, model, traj, gen):
-    """ELBO masks (B, N, L) for the update: one set per response, or per group (group_masks)."""
-    B, L = traj.responses.shape
-    blk = _elbo_block(cfg, model, traj)  # None: uniform masks; b: blockwise
-    # the trajectory's masks: each response's own visited states (group_masks does not apply)
-    if resolve_elbo_masks(cfg.elbo_masks, model.config.layout) == "trajectory":
-        return sample_trajectory_masks(traj, cfg.n_mc, gen, per_block=blk is None)
+def _elbo_setup(cfg, policy, traj, gen):
+    """The update's ELBO masks (B, N, L), one set per response or per group (group_masks), and
+    ℓ_old^(j) (B, N) on them: None on-policy, where ℓ_old^(j) = ℓ_θ^(j) detached is taken from the
+    graph pass (departure 7). IGPO's hints are never masked: they are context (departure 10)."""
     G = cfg.num_generations if cfg.group_masks else 1  # responses sharing one set of masks
-    masks = sample_elbo_masks(B // G, L, cfg.n_mc, gen, traj.tokens.device, blk)
-    # groups are contiguous rows (p g); every response of group p gets p's masks; IGPO's hints
-    # (unmask_step −1) are never masked: they are context (departure 10)
-    return repeat(masks, "p n l -> (p g) n l", g=G) & traj.unmask_step[:, None, :].ge(0)
+    masks = elbo_masks_for(cfg.elbo_masks, policy.config.layout, traj, cfg.n_mc, gen, G)
+    if cfg.num_iterations == 1:
+        return masks, None
+    with torch.no_grad():
+        return masks, _elbo(cfg, policy, traj, masks)  # ℓ_old^(j) on the same masks
 
 
 def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
-    masks = _elbo_masks(cfg, policy, traj, gen)  # (B, N, L), for all optimizer steps
-    ell_old = None  # on-policy: ℓ_old^(j) = ℓ_θ^(j) detached, taken from the graph pass (dep. 7)
-    if cfg.num_iterations > 1:
-        with torch.no_grad():
-            ell_old = _elbo(cfg, policy, traj, masks)  # (B, N) ℓ_old^(j) on the same masks
+    masks, ell_old = _elbo_setup(cfg, policy, traj, gen)  # (B, N, L), (B, N) or None on-policy
     for _ in range(cfg.num_iterations):
         # R̂_lb = Σ_j g_j: sample j's graph is built, backpropagated and freed before sample j+1
         _, stats = bgpo_accumulate(lambda j: _elbo(cfg, policy, traj, masks[:, j:j + 1])[:, 0],
@@ -247,11 +236,7 @@ def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
 
 
 def update_vrpo_ol(cfg, policy, ref, traj, adv, gen, step):
-    masks = _elbo_masks(cfg, policy, traj, gen)  # (B, N, L)
-    ell_old = None  # on-policy: ℓ_old = ℓ_θ detached (departure 7)
-    if cfg.num_iterations > 1:
-        with torch.no_grad():
-            ell_old = _elbo(cfg, policy, traj, masks)  # (B, N)
+    masks, ell_old = _elbo_setup(cfg, policy, traj, gen)  # (B, N, L), (B, N) or None on-policy
     for _ in range(cfg.num_iterations):
         ell = _elbo(cfg, policy, traj, masks)  # (B, N): all n graphs alive until backward (∝ n)
         # R̂ = A · exp((1/n) Σ_j (ℓ_θ^(j) − ℓ_old^(j)))
