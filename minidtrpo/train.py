@@ -176,15 +176,14 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
 
     models: {name: module} that training changes, saved in every checkpoint; models["model"] is
     evaluated and is what `load` returns. frozen: {name: module} saved too, never changed (the
-    reference), so left out of snapshots. iteration(...) -> the metrics row of that iteration,
-    its timed seconds in rollout_s and update_s and its non-finite (skipped) optimizer steps in
-    skipped_steps. Every
-    random draw must come from `generators`: their states, the models and the optimizer go into
-    every checkpoint, so a run interrupted and resumed (cfg.resume) writes the same metrics as an
-    uninterrupted one. Ctrl-C saves the state as of the last finished iteration (a snapshot) and
-    re-raises; after a kill, the rows logged since the last checkpoint are dropped on resume and
-    written again. An iteration that skipped a step or left a non-finite weight is undone (weights
-    and optimizer back to the snapshot); MAX_BAD_ITERS of them in a row stop the run (RunStopped).
+    reference), so left out of snapshots. iteration(...) -> the metrics row of that iteration, its
+    timed seconds in rollout_s and update_s and its non-finite (skipped) optimizer steps in
+    skipped_steps. Every random draw must come from `generators`: their states, the models and the
+    optimizer go into every checkpoint, so a run interrupted and resumed (cfg.resume) writes the
+    same metrics as an uninterrupted one. Ctrl-C saves the state as of the last finished iteration
+    (a snapshot) and re-raises; after a kill, the rows logged since the last checkpoint are dropped
+    on resume and written again. An iteration that skipped a step or left a non-finite weight is
+    undone (weights and optimizer back to the snapshot); MAX_BAD_ITERS in a row raise RunStopped.
     """
     state = resume_state(cfg, kind, models, task, device) if cfg.resume else None
     os.makedirs(cfg.out_dir, exist_ok=True)
