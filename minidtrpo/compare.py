@@ -101,9 +101,7 @@ def _options(text: str) -> list[str]:
     return [f"--{item}" for item in filter(None, text.split(","))]
 
 
-# options that decide only when a run evaluates and checkpoints, or when it stops: a finished run
-# that differs from the asked-for one in these alone is the same training run if it would have
-# stopped at the same iteration (`stops_alike`); its curve merely has other evaluation points
+# options that decide only when a run evaluates and checkpoints, or when it stops (`reusable`)
 SCHEDULE_ONLY = {"eval_every", "eval_every_s", "time_budget", "max_iters", "resume"}
 
 
@@ -122,7 +120,7 @@ def reusable(folder: str, config) -> str:
     """'done' if folder holds a finished run of this config, 'partial' if an unfinished one, else
     'new'. An option added after the run was saved counts as its default value; a finished run
     whose options differ only in evaluation cadence, or in stopping limits it would have stopped
-    at alike, is the same training run and counts as done."""
+    at alike, is the same training run (evaluated at other points) and counts as done."""
     ckpt = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(ckpt):
         return "new"
