@@ -76,12 +76,9 @@ class CompareConfig(Config):
 
     def __post_init__(self):
         super().__post_init__()
-        names = self.objectives.split(",")
-        bad = [n for n in names if n not in ALL]
-        check(not bad, "objectives", self.objectives,
+        check(all(n in ALL for n in self.objectives.split(",")), "objectives", self.objectives,
               f"a comma-separated subset of {', '.join(ALL)}")
-        seeds = self.seeds.split(",")
-        check(all(s.strip().isdigit() for s in seeds), "seeds", self.seeds,
+        check(all(s.strip().isdigit() for s in self.seeds.split(",")), "seeds", self.seeds,
               "comma-separated ints >= 0")
         try:
             lrs = parse_options(self.lr_overrides)
