@@ -51,9 +51,8 @@ def check_option(name: str, value, choices):
     """Validate one task option and return it; `choices` is a range of ints or a tuple of allowed
     values. Raises ValueError naming the valid values."""
     if type(value) is not type(choices[0]) or value not in choices:
-        valid = choices
-        if isinstance(choices, range):
-            valid = f"an int in [{choices[0]}, {choices[-1]}]"
+        valid = (f"an int in [{choices[0]}, {choices[-1]}]" if isinstance(choices, range)
+                 else choices)
         raise ValueError(f"option {name}={value!r} is invalid; valid: {valid}")
     return value
 
