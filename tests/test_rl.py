@@ -357,7 +357,7 @@ def test_group_masks_cancel_what_a_group_shares(layout):
     for shared in (True, False):
         cfg = RLConfig(objective="bgpo", num_generations=G, n_mc=3, group_masks=shared,
                        elbo_masks="uniform")
-        masks = rl_module._elbo_masks(cfg, model, traj, torch.Generator().manual_seed(0))
+        masks, _ = rl_module._elbo_setup(cfg, model, traj, torch.Generator().manual_seed(0))
         groups = masks.view(2, G, 3, -1)
         assert (groups == groups[:, :1]).all() == shared  # equal within each group iff shared
         model.zero_grad()
