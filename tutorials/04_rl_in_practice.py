@@ -203,9 +203,10 @@ print(f"figure: {OUT / '04_rl_in_practice.png'}")
 # One run of this file on the project's 2-core CPU (2026-12-01) printed, from a 25.0% start on
 # these 200 puzzles: full-trajectory GRPO 31.5% (+6.5; 21 updates in 90 s), BGPO 32.0% (+7.0; 23
 # updates, after a dip to 27.0% at 80 s), dTRPO 34.5% (+9.5; 630 updates, its 10 epochs, in 36 s).
-# The cosine of section 2 was 0.79 and the whole file took 4 min 35 s. With 200 test puzzles, ±3 points is noise, and one seed is one
-# draw; the README's recipe section gives three seeds, 500 puzzles and 600 s per run from the same
-# kind of start (full-trajectory +14.6, BGPO +16.9, dTRPO +9.8 points).
+# The cosine of section 2 was 0.79 and the whole file took 4 min 35 s. With 200 test puzzles,
+# ±3 points is noise, and one seed is one draw; the README's recipe section gives three seeds, 500
+# puzzles and 600 s per run from the same kind of start (full-trajectory +14.6, BGPO +16.9, dTRPO
+# +9.8 points).
 #
 # - **dTRPO gains fastest per second.** The `rows/response` column is the report's cost
 #   prediction, measured: one row per response for dTRPO, against T_B = 4 for full-trajectory GRPO

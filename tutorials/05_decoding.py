@@ -105,7 +105,8 @@ fig.savefig(OUT / "reveal_order.png", dpi=120)
 plt.close(fig)
 for name, traj in one.items():
     print(f"{name:>22}: steps {traj.unmask_step[0].tolist()}")
-assert one["one token per step"].num_steps == L and one["ascending (CJ-GRPO)"].num_steps == 3 * L // b
+assert one["one token per step"].num_steps == L
+assert one["ascending (CJ-GRPO)"].num_steps == 3 * L // b
 
 # %% [markdown]
 # ## 3. What each rule costs, and what it gets right
