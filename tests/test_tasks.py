@@ -25,7 +25,6 @@ CONFIGS = [
     ("addition", {"digits": 2, "partial": True}),
     ("countdown", {}),
     ("countdown", {"max_number": 20, "max_target": 20, "answer_format": "steps"}),
-    ("countdown", {"answer_format": "fixed"}),
     ("sudoku", {}),
     ("sudoku", {"min_blanks": 8, "max_blanks": 12}),
     ("star", {}),
@@ -203,33 +202,6 @@ def test_countdown_scoring_by_hand():
         assert ops[op1](a, b) == r1 > 0 and (op1 != "/" or a % b == 0)
         assert ops[op2](c, d) == r2 == int(target) and (op2 != "/" or c % d == 0)
         assert r1 in (c, d) and sorted([a, b, c + d - r1]) == sorted(map(int, numbers.split(",")))
-
-
-def test_countdown_fixed_format_by_hand():
-    """Every number zero-padded to one width and written least-significant digit first, the final
-    "=target" implied: the same answers as the steps format, at fixed positions."""
-    task, p = get_task("countdown", answer_format="fixed"), "30,100,93:23"
-    assert (task.width, task.prompt_len, task.response_len) == (5, 16, 32)  # 100 * 100 has 5 digits
-    assert task.prompt_text(p) == "030,001,390:320"
-    assert task.decode_problem(task.encode_problem(p)) == p
-    assert task.answer_text(p) == "03000+39000=32100,32100-00100"
-    cases = {
-        "03000+39000=32100,32100-00100": 1.0, "39000+03000=32100,32100-00100": 1.0,
-        "00100-39000=70000,03000-70000": 1.0,  # 100-93=7, 30-7=23
-        "03000+39000=42100,42100-00100": 0.1,  # 30+93=124: wrong arithmetic
-        "03000+39000=32100,32100-00200": 0.1,  # 123-200 misses the target
-        "03000+03000=06000,06000-73000": 0.1,  # 30 used twice, 37 not given
-        "03000/00000=00000,00000+39000": 0.1,  # division by zero
-        "3000+39000=32100,32100-00100": 0.0,  # a number one digit short
-        "30+93=123,123-100=23": 0.0, "30+93-100": 0.0, "": 0.0,  # other formats: malformed here
-        "03000+39000=32100,32100-00100,": 0.0, "03000+39000=32100,32100-00100=32000": 0.0,
-    }
-    for text, expected in cases.items():
-        assert task.score(p, text) == expected, text
-    small = get_task("countdown", answer_format="fixed", max_number=20, max_target=20)
-    assert (small.width, small.response_len) == (3, 24) and small.answer_text("4,1,1:6") == (
-        "400+100=500,500+100")
-    assert not task.is_problem("1000,1,1:999") and get_task("countdown").is_problem("1000,1,1:999")
 
 
 def task_modules():

@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import torch
 
-from .base import Task, check_option, hash_split, round_up
+from .base import Task, check_option, hash_split
 
 _OPS = "+-*/"
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
@@ -19,7 +19,6 @@ _AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _INT = r"(-?(?:0|[1-9]\d*))"  # an integer without leading zeros
 _STEP = re.compile(rf"{_INT}([-+*/]){_INT}={_INT}")
 _COUNTDOWN = re.compile(r"([1-9]\d*),([1-9]\d*),([1-9]\d*):([1-9]\d*)")
-_FIXED_PROMPT = re.compile(r"(\d{3}),(\d{3}),(\d{3}):(\d{3})")
 
 
 def _apply(op: str, x, y):
@@ -37,11 +36,6 @@ def _positive_int(op: str, x: int, y: int) -> int | None:
     if op == "/":
         return x // y if x % y == 0 else None
     return x + y if op == "+" else x * y
-
-
-def _digits(value: int, width: int) -> str:
-    """value zero-padded to `width` digits, least-significant first: _digits(30, 5) == "03000"."""
-    return str(value).zfill(width)[::-1]
 
 
 def _int_op(op, x, y):
@@ -104,15 +98,9 @@ class Countdown(Task):
     which every intermediate result is a positive integer, written as
         answer_format="expression" (L=16):  "30+93-100", "(100-93)*30" (parentheses where needed)
         answer_format="steps"      (L=32):  "30+93=123,123-100=23"     (two steps "a op b=c")
-        answer_format="fixed"      (L=32):  "03000+39000=32100,32100-00100"
-    answer_format="fixed" is the steps answer with every number zero-padded to one width W and
-    written least-significant digit first (as addition does), the final "=target" left out, and the
-    prompt written the same way with width 3 ("030,001,390:320"): each number sits at fixed
-    positions and each result digit follows the digits it depends on. W fits the largest first
-    result a reference answer can have, target * number (W=5 by default, so "03000" is 30).
-    block_size 8 for all three. The scorer accepts expressions and steps whatever the option (text
-    with "=" is steps), but like the tokens it reads at most L characters, so steps rarely fit the
-    expression task; with answer_format="fixed" it reads only that format.
+    block_size 8 for both. The scorer accepts both formats whatever the option (text with "=" is
+    steps), but like the tokens it reads at most L characters, so steps rarely fit the expression
+    task.
     Reward (d1): 1.0 correct; 0.1 well-formed but wrong (wrong value, numbers other than the given
     ones, a number used twice, division by zero, wrong arithmetic in a step, a step operand not
     available); 0.0 malformed (unparseable, unary minus, a MASK or any character outside the format
@@ -132,15 +120,8 @@ class Countdown(Task):
         self.max_number = check_option("max_number", max_number, range(1, 1000))
         self.max_target = check_option("max_target", max_target, range(1, 1000))
         self.answer_format = check_option("answer_format", answer_format,
-                                          ("expression", "steps", "fixed"))
+                                          ("expression", "steps"))
         self.response_len = 16 if answer_format == "expression" else 32
-        if answer_format == "fixed":
-            # r1 op2 z = target with z <= max_number: r1 <= target * z (division) is the largest.
-            self.width = len(str(self.max_target * self.max_number))
-            self.response_len = round_up(5 * self.width + 4, self.block_size)
-            w = self.width
-            self._fixed = re.compile(rf"(\d{{{w}}})([-+*/])(\d{{{w}}})=(\d{{{w}}}),"
-                                     rf"(\d{{{w}}})([-+*/])(\d{{{w}}})")
 
     def _parse(self, problem: str):
         match = _COUNTDOWN.fullmatch(problem)
@@ -149,24 +130,7 @@ class Countdown(Task):
         return [int(g) for g in match.groups()[:3]], int(match.group(4))
 
     def is_problem(self, problem):  # well-formed is enough: unsolvable problems score too
-        parsed = self._parse(problem)
-        # The fixed format's prompt has room for three digits per number.
-        return parsed is not None and (self.answer_format != "fixed"
-                                       or max(*parsed[0], parsed[1]) < 1000)
-
-    def prompt_text(self, problem):
-        if self.answer_format != "fixed" or not self.is_problem(problem):
-            return problem
-        numbers, target = self._parse(problem)
-        return ",".join(_digits(x, 3) for x in numbers) + ":" + _digits(target, 3)
-
-    def decode_problem(self, prompt_ids):
-        text = self.response_text(prompt_ids)
-        match = _FIXED_PROMPT.fullmatch(text) if self.answer_format == "fixed" else None
-        if match is None:
-            return text  # not a fixed-format prompt: scored as it reads
-        x, y, z, target = (int(g[::-1]) for g in match.groups())
-        return f"{x},{y},{z}:{target}"
+        return self._parse(problem) is not None
 
     def split_of(self, problem):
         parsed = self._parse(problem)
@@ -182,12 +146,9 @@ class Countdown(Task):
                              "'30,100,93:23'")
         x, op1, y, op2, z, pair_left = found
         r1, target = _positive_int(op1, x, y), parsed[1]
-        if self.answer_format == "fixed":
-            x, y, z, r1 = (_digits(v, self.width) for v in (x, y, z, r1))
-        if self.answer_format != "expression":
+        if self.answer_format == "steps":
             second = f"{r1}{op2}{z}" if pair_left else f"{z}{op2}{r1}"
-            return f"{x}{op1}{y}={r1},{second}" + ("" if self.answer_format == "fixed"
-                                                    else f"={target}")
+            return f"{x}{op1}{y}={r1},{second}={target}"
         inner = f"{x}{op1}{y}"
         if _PREC[op1] < _PREC[op2] or (not pair_left and op2 in "-/"):  # (a+b)*c, c-(a+b), c/(a*b)
             inner = f"({inner})"
@@ -198,26 +159,18 @@ class Countdown(Task):
         if parsed is None:
             return 0.0
         numbers, target = parsed
-        if self.answer_format == "fixed":
-            match = self._fixed.fullmatch(text)
-            if match is None:
-                return 0.0
-            a, op1, b, c, d, op2, e = (g if g in _OPS else int(g[::-1]) for g in match.groups())
-            # The implied last result is the target; arithmetic that misses it is a wrong answer.
-            steps = [(a, op1, b, c), (d, op2, e, target if _apply(op2, d, e) == target else None)]
-        elif "=" not in text:
+        if "=" not in text:
             result = _eval_expression(text)
             if result is None:
                 return 0.0
             return 1.0 if result[0] == target and sorted(result[1]) == sorted(numbers) else 0.1
-        else:
-            steps = [_STEP.fullmatch(s) for s in text.split(",")]
-            if not all(steps):
-                return 0.0
-            steps = [(int(s[1]), s[2], int(s[3]), int(s[4])) for s in steps]
+        steps = [_STEP.fullmatch(s) for s in text.split(",")]
+        if not all(steps):
+            return 0.0
         pool, correct = list(numbers), True  # pool: values still available, each usable once
-        for a, op, b, c in steps:
-            correct &= c is not None and _apply(op, a, b) == c  # exact; x/0 gives None != c
+        for step in steps:
+            a, op, b, c = int(step[1]), step[2], int(step[3]), int(step[4])
+            correct &= _apply(op, a, b) == c  # exact; a division by zero gives None != c
             for operand in (a, b):
                 if operand in pool:
                     pool.remove(operand)
