@@ -68,7 +68,8 @@ OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol")
 METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
     "reward_mean / reward_std": "task reward of this iteration's rollouts",
     "exact": "fraction of rollouts fully correct (sampled at the rollout temperature)",
-    "igpo_groups / igpo_replaced": "all-wrong groups / responses replaced by hinted ones (IGPO)",
+    "igpo_groups / igpo_replaced": "all-wrong groups (every run) / responses replaced by hinted "
+                                   "ones (IGPO)",
     "zero_adv_frac": "fraction of groups whose rewards were all equal (A = 0, dropped)",
     "clip_frac": "fraction of ratios where the clipped side of min() was taken (clipped_pg_loss)",
     "kl": "k3 KL to the initial model inside the loss (only when beta > 0)",
@@ -341,9 +342,10 @@ def train_rl(cfg: RLConfig) -> dict:
         own = {"reward_mean": rewards.mean().item(), "exact": exact.float().mean().item(),
                "nll_revealed": -traj.logp_at_reveal.mean().item()}
         few = traj.index(torch.arange(min(cfg.kl_rollouts, len(prompts)), device=device))  # copy
-        if cfg.igpo > 0:  # the policy's own rollouts are logged; some may be replaced here
-            own.update(inpaint(cfg, policy, task, traj, rewards, exact,
-                               repeat(answers, "p l -> (p g) l", g=G), gens))
+        # The policy's own rollouts are logged; with igpo > 0 some are replaced here. igpo = 0
+        # only counts the all-wrong groups (no random draw), so every run logs them.
+        own.update(inpaint(cfg, policy, task, traj, rewards, exact,
+                           repeat(answers, "p l -> (p g) l", g=G), gens))
         adv, adv_stats = grpo_advantages(rewards, G, scale_std=cfg.scale_std)  # (B,)
         signal = rearrange(adv, "(p g) -> p g", g=G).ne(0).any(1)  # (B/G,) groups with a signal
         keep = repeat(signal, "p -> (p g)", g=G)  # (B,)
