@@ -305,8 +305,10 @@ def compare(cfg: CompareConfig) -> str:
     results = {name: [summarise(run_one(cfg, name, seed, init)) for seed in seeds]
                for name in names}
     text = table(results)
+    # With --init the options of the SFT start play no part: left out, so as not to mislead.
+    unused = {"task", "task_options", "layout", "sft_budget", "sft_args"} if cfg.init else ()
     command = ("python -m minidtrpo compare "
-               + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
+               + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items() if k not in unused))
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
         f.write(f"# Head-to-head\n\n`{command}`\n\nstart: `{init}`; "
                 f"{cfg.budget:g} training seconds per run; seeds {cfg.seeds}; final checkpoint, "

@@ -238,6 +238,7 @@ def test_compare_in_process(full_ckpt, tmp_path):
     text = open(tmp_path / "compare.md").read()
     assert ("| diffu_grpo | 2 |" in text and "| dpo_dtrpo | 2 |" in text and " ± " in text
             and os.path.exists(tmp_path / "compare.png"))
+    assert f"--init={full_ckpt}" in text and "--task=" not in text  # the start's task rules
     assert json.load(open(tmp_path / "diffu_grpo" / "seed1" / "config.json"))["lr"] == 1e-5
     with pytest.raises(SystemExit) as e:
         main(["compare", f"--init={full_ckpt}", "--objectives=grpo", f"--out_dir={tmp_path}"])
