@@ -31,7 +31,7 @@ def report(request, tmp_path_factory, single_thread):
 def test_report_files_and_rows(report):
     layout, out, data = report
     names = ["exact trajectory", "exact + log S_t", "ELBO n=1", "ELBO n=4", "ELBO n=16",
-             "one-step p=0.15"]
+             "ELBO n=4, trajectory masks", "one-step p=0.15"]
     names += (["dTRPO c=T_B"] if layout == "block"
               else ["dTRPO c=T_B, 1 pass", "dTRPO c=T_B, N_B passes", "ELBO n=16, blockwise"])
     table = (out / "estimators.md").read_text()
@@ -45,6 +45,9 @@ def test_report_files_and_rows(report):
         for key in ("bias", "std", "corr", "grad_cos", "fwd_ms", "fwd_bwd_ms", "saved_mb"):
             assert math.isfinite(r[key]), (r["name"], key)
         assert r["passes_per_response"] >= 1 and r["saved_mb"] > 0
+    # BGPO's default masks: one [x ; y ; ỹ] row per sample in either layout
+    visited = next(r for r in data["estimators"] if r["name"] == "ELBO n=4, trajectory masks")
+    assert visited["passes_per_response"] == 4
 
 
 def test_exact_row_is_the_anchor(report):
