@@ -48,6 +48,12 @@ def test_report_files_and_rows(report):
     # BGPO's default masks: one [x ; y ; ỹ] row per sample in either layout
     visited = next(r for r in data["estimators"] if r["name"] == "ELBO n=4, trajectory masks")
     assert visited["passes_per_response"] == 4
+    # docs/math.md §4.3: n_mc = T_B = 4 stratified steps are the 4 within-block steps, each once,
+    # so every draw is the same in the block layout; over the full layout's T = 16 steps they vary
+    if layout == "block":
+        assert visited["std"] < 1e-6
+    else:
+        assert visited["std"] > 1e-4
 
 
 def test_exact_row_is_the_anchor(report):
