@@ -100,6 +100,9 @@ def _options(text: str) -> list[str]:
 
 # options that decide only when a run evaluates and checkpoints, or when it stops (`reusable`)
 SCHEDULE_ONLY = {"eval_every", "eval_every_s", "time_budget", "max_iters", "resume"}
+# options added after runs were saved whose default later changed: the value a run saved without
+# the option trained with (`rl` decayed no rate before `min_lr_ratio`; its default is 0.1 since)
+BEFORE_ADDED = {"RLConfig": {"min_lr_ratio": 1.0}}
 
 
 def stops_alike(saved: dict, asked: dict, it: int, seconds: float) -> bool:
@@ -115,14 +118,16 @@ def stops_alike(saved: dict, asked: dict, it: int, seconds: float) -> bool:
 
 def reusable(folder: str, config) -> str:
     """'done' if folder holds a finished run of this config, 'partial' if an unfinished one, else
-    'new'. An option added after the run was saved counts as its default value; a finished run
-    whose options differ only in evaluation cadence, or in stopping limits it would have stopped
-    at alike, is the same training run (evaluated at other points) and counts as done."""
+    'new'. An option added after the run was saved counts as the value it trained with
+    (BEFORE_ADDED, else the option's default); a finished run whose options differ only in
+    evaluation cadence, or in stopping limits it would have stopped at alike, is the same
+    training run (evaluated at other points) and counts as done."""
     ckpt = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(ckpt):
         return "new"
     state = read_saved(ckpt, "a checkpoint of a compare run", ("config", "finished"))
-    saved, asked = {**asdict(type(config)()), **state["config"]}, asdict(config)
+    before = BEFORE_ADDED.get(type(config).__name__, {})
+    saved, asked = {**asdict(type(config)()), **before, **state["config"]}, asdict(config)
     differ = {k for k in asked if saved.get(k) != asked[k]}
     if not differ - {"resume"}:
         return "done" if state["finished"] else "partial"

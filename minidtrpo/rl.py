@@ -23,7 +23,7 @@ Departures:
    refuse β > 0 (BGPO trains without KL).
 5. Groups with all-equal rewards (A = 0) are dropped; if none is left the update is skipped.
    AdamW, gradient clipping; the learning rate optionally ramped up over `warmup_iters` and
-   decayed along a cosine to `min_lr_ratio`·lr over the run's limit (default: constant).
+   decayed along a cosine to `min_lr_ratio`·lr over the run's limit (default: to 0.1·lr).
 6. `nll_revealed`, an entropy stand-in at no extra pass, is below the mean entropy (low confidence
    reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
 7. On-policy, diffu_grpo, bgpo, vrpo_ol (and full_trajectory with position_term, whose log S_t
@@ -132,7 +132,7 @@ class RLConfig(RunConfig, DecodingConfig):
                                  "at the first step of their block (as IGPO); false: context only")
     warmup_iters: int = arg(0, "learning rate ramped linearly over this many first iterations "
                                "(0: constant from the start)", ge=0)
-    min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of lr, cosine decay over "
+    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of lr, cosine decay over "
                               "max_iters or time_budget, whichever is nearer (1: constant; with "
                               "a decay, changing either on resume changes the rates)",
                               ge=0, le=1)

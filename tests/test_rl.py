@@ -231,7 +231,7 @@ def test_bgpo_memory_flat_in_n_mc_vrpo_grows(full_ckpt, tmp_path):
 def test_compare_in_process(full_ckpt, tmp_path):
     main(["compare", f"--init={full_ckpt}", "--budget=0.3", "--objectives=diffu_grpo,dpo_dtrpo",
           "--seeds=0,1", "--eval_n=8", "--eval_every_s=0.1",
-          "--rl_args=num_prompts=4,num_generations=4,kl_rollouts=0",
+          "--rl_args=num_prompts=4,num_generations=4,kl_rollouts=0,min_lr_ratio=1",
           "--pairs_args=num_prompts=16,num_generations=4", "--dpo_args=batch_size=4",
           "--lr_overrides=diffu_grpo=1e-5", "--subprocess=false", "--device=cpu",
           f"--out_dir={tmp_path}"])
@@ -243,8 +243,8 @@ def test_compare_in_process(full_ckpt, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["compare", f"--init={full_ckpt}", "--objectives=grpo", f"--out_dir={tmp_path}"])
     assert e.value.code == 2
-    # a finished run is reused; an option added after it was saved counts as its default; another
-    # value is new
+    # a finished run is reused; an option added after it was saved counts as the value it trained
+    # with; another value is new
     folder = tmp_path / "diffu_grpo" / "seed0"
     state = torch.load(folder / "checkpoint.pt", weights_only=True)
     cfg = RLConfig(**state["config"])
@@ -253,9 +253,15 @@ def test_compare_in_process(full_ckpt, tmp_path):
     torch.save(state, folder / "checkpoint.pt")
     assert reusable(str(folder), cfg) == "done"
     assert reusable(str(folder), RLConfig(**{**state["config"], "elbo_masks": "uniform"})) == "new"
+    # a run saved before `min_lr_ratio` existed trained at a constant rate, not at today's default
+    del state["config"]["min_lr_ratio"]
+    torch.save(state, folder / "checkpoint.pt")
+    assert RLConfig().min_lr_ratio != 1.0 and cfg.min_lr_ratio == 1.0  # test_compare's --rl_args
+    assert reusable(str(folder), cfg) == "done"
+    assert reusable(str(folder), RLConfig(**{**state["config"], "min_lr_ratio": 0.1})) == "new"
     # the same training run asked for with another evaluation cadence and an iteration limit it
     # never reached is reused; a longer time budget (this run stopped on its 0.3 s) is not
-    saved = state["config"]
+    saved = dict(vars(cfg))  # the options the run trained with
     assert state["iter"] < 1000 and state["train_seconds"] >= saved["time_budget"]
     alike = {**saved, "eval_every": 3, "eval_every_s": 7.0, "max_iters": 1000}
     assert reusable(str(folder), RLConfig(**alike)) == "done"
@@ -332,7 +338,7 @@ def test_compare_reuses_a_run_only_where_it_would_stop_alike():
 
 def test_rl_warmup_ramps_the_learning_rate(full_ckpt, tmp_path):
     main(["rl", f"--init={full_ckpt}", "--objective=diffu_grpo", "--lr=3e-4", "--warmup_iters=3",
-          "--max_iters=4", "--eval_every=0", f"--out_dir={tmp_path}", *TINY_RL])
+          "--min_lr_ratio=1", "--max_iters=4", "--eval_every=0", f"--out_dir={tmp_path}", *TINY_RL])
     lrs = [r["lr"] for r in rows(tmp_path) if "test_exact" not in r]
     assert lrs == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])  # lr · (it + 1) / 3, then lr
 
