@@ -29,7 +29,7 @@ from .config import (Config, RunStopped, arg, check, device_problem, folder_prob
                      parse_options, read_saved)
 from .model import LAYOUTS
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
-from .rl import OBJECTIVES, RLConfig, train_rl
+from .rl import OBJECTIVES, RLConfig, by_layout, train_rl
 from .tasks import TASKS
 from .folders import CHECKPOINT, read_metrics
 from .sft import SFTConfig, train_sft
@@ -101,7 +101,7 @@ def _options(text: str) -> list[str]:
 # options that decide only when a run evaluates and checkpoints, or when it stops (`reusable`)
 SCHEDULE_ONLY = {"eval_every", "eval_every_s", "time_budget", "max_iters", "resume"}
 # options added after runs were saved whose default later changed: the value a run saved without
-# the option trained with (`rl` decayed no rate before `min_lr_ratio`; its default is 0.1 since)
+# the option trained with (`rl` decayed no rate before `min_lr_ratio`; its default is -1 since)
 BEFORE_ADDED = {"RLConfig": {"min_lr_ratio": 1.0}}
 
 
@@ -125,9 +125,12 @@ def reusable(folder: str, config) -> str:
     ckpt = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(ckpt):
         return "new"
-    state = read_saved(ckpt, "a checkpoint of a compare run", ("config", "finished"))
+    state = read_saved(ckpt, "a checkpoint of a compare run", ("config", "finished", "model_config"))
     before = BEFORE_ADDED.get(type(config).__name__, {})
     saved, asked = {**asdict(type(config)()), **before, **state["config"]}, asdict(config)
+    if isinstance(config, RLConfig):  # -1 compares as what it stands for on the run's model
+        layout = state["model_config"]["layout"]
+        saved, asked = by_layout(saved, layout), by_layout(asked, layout)
     differ = {k for k in asked if saved.get(k) != asked[k]}
     if not differ - {"resume"}:
         return "done" if state["finished"] else "partial"

@@ -109,6 +109,12 @@ def _bounds_text(f) -> str:
     return f"{kind} " + " and ".join(f"{_OPS[k][0]} {v:g}" for k, v in bounds.items())
 
 
+def ratio_or_minus_one(meaning: str):
+    """A validator: a number in [0, 1], or -1 standing for `meaning`."""
+    return lambda value: None if value == -1 or 0 <= value <= 1 else \
+        f"a number in [0, 1], or -1 ({meaning})"
+
+
 def path_problem(path: str):
     """None if a run may write `path` (a file or a folder of files): not empty, not an existing
     file where a folder is wanted or vice versa is checked by the caller; its nearest existing

@@ -23,7 +23,8 @@ Departures:
    refuse β > 0 (BGPO trains without KL).
 5. Groups with all-equal rewards (A = 0) are dropped; if none is left the update is skipped.
    AdamW, gradient clipping; the learning rate optionally ramped up over `warmup_iters` and
-   decayed along a cosine to `min_lr_ratio`·lr over the run's limit (default: to 0.1·lr).
+   decayed along a cosine to `min_lr_ratio`·lr over the run's limit (default: by the start's
+   layout, to 0.1·lr in the full layout, constant in the block layout; MIN_LR_RATIO).
 6. `nll_revealed`, an entropy stand-in at no extra pass, is below the mean entropy (low confidence
    reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
 7. On-policy, diffu_grpo, bgpo, vrpo_ol (and full_trajectory with position_term, whose log S_t
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange, repeat
 
-from .config import arg, autocast, check, folder_problem, pick_device
+from .config import arg, autocast, check, folder_problem, pick_device, ratio_or_minus_one
 from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_masks_for, elbo_terms,
                          one_step_logprob, sample_prompt_mask, trajectory_logprob)
 from .meters import Meters, elapsed
@@ -132,10 +133,11 @@ class RLConfig(RunConfig, DecodingConfig):
                                  "at the first step of their block (as IGPO); false: context only")
     warmup_iters: int = arg(0, "learning rate ramped linearly over this many first iterations "
                                "(0: constant from the start)", ge=0)
-    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of lr, cosine decay over "
-                              "max_iters or time_budget, whichever is nearer (1: constant; with "
-                              "a decay, changing either on resume changes the rates)",
-                              ge=0, le=1)
+    min_lr_ratio: float = arg(-1.0, "final learning rate as a fraction of lr, cosine decay over "
+                              "max_iters or time_budget, whichever is nearer (1: constant; -1: by "
+                              "the start's layout, 0.1 full, 1 block; with a decay, changing "
+                              "either limit on resume changes the rates)",
+                              valid=ratio_or_minus_one("by the start's layout"))
     max_iters: int = arg(1000, "stop after this many iterations", ge=1)
     out_dir: str = arg(
         "runs/rl", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png",
@@ -150,6 +152,19 @@ class RLConfig(RunConfig, DecodingConfig):
               self.position_term, "false unless objective=full_trajectory")
         check(self.igpo_hint_min <= self.igpo_hint_max, "igpo_hint_max", self.igpo_hint_max,
               f"a share >= igpo_hint_min={self.igpo_hint_min}")
+
+
+# The learning-rate floor that min_lr_ratio = -1 stands for, by the start's layout (README, "The RL
+# learning rate"). Full layout: at a constant rate 600-s runs climbed and then fell back, with the
+# decay none did. Block layout: in 600 s the runs are still climbing, and the decay slowed them.
+MIN_LR_RATIO = {"full": 0.1, "block": 1.0}
+
+
+def by_layout(options: dict, layout: str) -> dict:
+    """RLConfig options as a run on a `layout` model uses them: -1 replaced by what it stands for."""
+    if options.get("min_lr_ratio") == -1:
+        return {**options, "min_lr_ratio": MIN_LR_RATIO[layout]}
+    return options
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,10 +341,11 @@ def train_rl(cfg: RLConfig) -> dict:
             "rollout": torch.Generator(device).manual_seed(cfg.seed + 1),  # the sampler's draws
             "estimator": torch.Generator(device).manual_seed(cfg.seed + 2)}  # ELBO, prompt masks
     G = cfg.num_generations
+    floor = by_layout(vars(cfg), policy.config.layout)["min_lr_ratio"]
 
     def iteration(it, train_seconds):
         done = run_progress(it, cfg.max_iters, train_seconds, cfg.time_budget)
-        lr = lr_at(cfg.lr, it, done, cfg.warmup_iters, cfg.min_lr_ratio)
+        lr = lr_at(cfg.lr, it, done, cfg.warmup_iters, floor)
         for group in opt.param_groups:
             group["lr"] = lr
         # ---- rollouts: G responses per prompt from the current policy, scored by the task

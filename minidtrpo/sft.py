@@ -20,15 +20,12 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .config import BadInput, arg, autocast, check, folder_problem, parse_options, pick_device
+from .config import (BadInput, arg, autocast, check, folder_problem, parse_options, pick_device,
+                     ratio_or_minus_one)
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .tasks import TASKS, get_task
 from .train import RunConfig, clip_and_step, load, lr_at, run_loop, run_progress
-
-
-def _ratio_problem(value):
-    return None if value == -1 or 0 <= value <= 1 else "a number in [0, 1], or -1 (task's recipe)"
 
 
 @dataclass
@@ -46,7 +43,8 @@ class SFTConfig(RunConfig):
     batch_size: int = arg(0, "sequences per step (0: the task's recipe)", ge=0)
     lr: float = arg(2e-3, "peak AdamW learning rate", gt=0)
     min_lr_ratio: float = arg(-1.0, "final learning rate as a fraction of lr, cosine decay (1: "
-                                    "constant; -1: the task's recipe)", valid=_ratio_problem)
+                                    "constant; -1: the task's recipe)",
+                                    valid=ratio_or_minus_one("task's recipe"))
     warmup_steps: int = arg(50, "linear warm-up steps", ge=0)
     t_min: float = arg(1e-3, "noise levels t ~ U(t_min, 1) (LLaDA's ε; 1: every response token "
                              "masked, the autoregressive loss in the block layout with "

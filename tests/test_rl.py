@@ -256,9 +256,14 @@ def test_compare_in_process(full_ckpt, tmp_path):
     # a run saved before `min_lr_ratio` existed trained at a constant rate, not at today's default
     del state["config"]["min_lr_ratio"]
     torch.save(state, folder / "checkpoint.pt")
-    assert RLConfig().min_lr_ratio != 1.0 and cfg.min_lr_ratio == 1.0  # test_compare's --rl_args
+    assert RLConfig().min_lr_ratio == -1 and cfg.min_lr_ratio == 1.0  # test_compare's --rl_args
     assert reusable(str(folder), cfg) == "done"
     assert reusable(str(folder), RLConfig(**{**state["config"], "min_lr_ratio": 0.1})) == "new"
+    # -1 compares as what it stands for on the run's model: 0.1 in the full layout
+    assert reusable(str(folder), RLConfig(**{**state["config"], "min_lr_ratio": -1})) == "new"
+    torch.save({**state, "config": {**state["config"], "min_lr_ratio": 0.1}}, folder / "checkpoint.pt")
+    assert reusable(str(folder), RLConfig(**{**state["config"], "min_lr_ratio": -1})) == "done"
+    torch.save(state, folder / "checkpoint.pt")
     # the same training run asked for with another evaluation cadence and an iteration limit it
     # never reached is reused; a longer time budget (this run stopped on its 0.3 s) is not
     saved = dict(vars(cfg))  # the options the run trained with
@@ -341,6 +346,16 @@ def test_rl_warmup_ramps_the_learning_rate(full_ckpt, tmp_path):
           "--min_lr_ratio=1", "--max_iters=4", "--eval_every=0", f"--out_dir={tmp_path}", *TINY_RL])
     lrs = [r["lr"] for r in rows(tmp_path) if "test_exact" not in r]
     assert lrs == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])  # lr · (it + 1) / 3, then lr
+
+
+def test_rl_default_rate_follows_the_layout(ckpt, layout, tmp_path):
+    """min_lr_ratio = -1 (the default): a cosine to 0.1·lr in the full layout, constant in the block
+    layout (rl.MIN_LR_RATIO)."""
+    main(["rl", f"--init={ckpt}", "--objective=diffu_grpo", "--lr=4e-4", "--max_iters=3",
+          "--eval_every=0", f"--out_dir={tmp_path}", *TINY_RL])
+    lrs = [r["lr"] for r in rows(tmp_path) if "test_exact" not in r]
+    # lr · (0.1 + 0.9 · (1 + cos(π · it / 3)) / 2) at it = 0, 1, 2 in the full layout
+    assert lrs == pytest.approx([4e-4, 3.1e-4, 1.3e-4] if layout == "full" else [4e-4] * 3)
 
 
 def test_rl_cosine_decay_ends_at_min_lr_ratio(full_ckpt, tmp_path):

@@ -134,14 +134,11 @@ assert -1 <= cosine <= 1 and g_tokens.norm() > 0
 # ## 3. Three objectives from the same start
 #
 # Each run uses its command's defaults (the README's recipe): 64 puzzles × 8 rollouts per RL
-# iteration at lr 1e-4, every update clipped to norm 1; DPO at β = 1, lr 3e-5, 10 epochs over its
-# pairs. Only the budgets are small, the pairs come from 1,024 puzzles instead of 4,096 so that
-# sampling them takes seconds, and the online runs hold their rate constant. The recipe decays it
-# along a cosine to 0.1·lr over its 600 s (`min_lr_ratio=0.1`), because at a constant rate a long
-# run can climb and then fall back; over 20 updates there is no fall to prevent, and the decay
-# would only shorten the path (the mean rate of the cosine is 0.55·lr: the README's main command,
-# 36 iterations, gained 2 points less with it). Every run evaluates greedy decoding of the same
-# 200 test puzzles every 20 training seconds.
+# iteration, a constant learning rate of 1e-4 (the block layout's default; in the full layout `rl`
+# decays it to 0.1·lr, README "The RL learning rate"), every update clipped to norm 1; DPO at
+# β = 1, lr 3e-5, 10 epochs over its pairs. Only the budgets are small, and the pairs come from
+# 1,024 puzzles instead of 4,096 so that sampling them takes seconds. Every run evaluates greedy
+# decoding of the same 200 test puzzles every 20 training seconds.
 
 # %%
 budget = {"full_trajectory": 4.0, "bgpo": 4.0, "dtrpo": 4.0} if QUICK else \
@@ -149,7 +146,6 @@ budget = {"full_trajectory": 4.0, "bgpo": 4.0, "dtrpo": 4.0} if QUICK else \
 common = dict(init=init, eval_every=0, eval_every_s=2.0 if QUICK else 20.0,
               eval_n=16 if QUICK else 200, seed=0)
 rl_size = dict(num_prompts=4, n_mc=2, kl_rollouts=4) if QUICK else {}
-rl_size["min_lr_ratio"] = 1.0  # a constant rate for these short runs (above)
 folders = {}
 for objective in ("full_trajectory", "bgpo"):
     folders[objective] = OUT / objective
@@ -217,7 +213,7 @@ print(f"figure: {OUT / '04_rl_in_practice.png'}")
 # The cosine of section 2 was 0.79 and the whole file took 4 min 38 s (a run on 2026-12-01 printed
 # the same final rows). With 200 test puzzles, ±3 points is noise, and one seed is one draw; the
 # README gives three seeds, 500 puzzles and 600 s per run from the same kind of start
-# (full-trajectory +13.4, BGPO +14.7 with the recipe's decaying rate, dTRPO +9.8 points).
+# (full-trajectory +14.6, BGPO +16.9, dTRPO +9.8 points).
 #
 # - **dTRPO gains fastest per second.** The `rows/response` column is the report's cost
 #   prediction, measured: one row per response for dTRPO, against T_B = 4 for full-trajectory GRPO
@@ -230,7 +226,7 @@ print(f"figure: {OUT / '04_rl_in_practice.png'}")
 #   within 0.64–0.67 while greedy test accuracy rises: at temperature 1 each iteration's reward is
 #   measured on new puzzles, and its noise is as large as the change. Test accuracy is the signal.
 # - **The online objectives start slowly.** Each iteration is 512 rollouts and one step at lr 1e-4,
-#   so 90 s is about 20 steps: the recipe is tuned for 600 s, where it gains 13–15 points. One batch's
+#   so 90 s is about 20 steps: the recipe is tuned for 600 s, where it gains 15 points. One batch's
 #   policy gradient is mostly noise (README, `bench/gradient_alignment.py`: two batches' gradients
 #   at cosine 0.19), which is why the recipe samples 64 puzzles per iteration, not 16. The
 #   README's main command doubles BGPO's rate for its 36 iterations.
