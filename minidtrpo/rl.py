@@ -156,7 +156,8 @@ class RLConfig(RunConfig, DecodingConfig):
 
 # The learning-rate floor that min_lr_ratio = -1 stands for, by the start's layout (README, "The RL
 # learning rate"). Full layout: at a constant rate 600-s runs climbed and then fell back, with the
-# decay none did. Block layout: in 600 s the runs are still climbing, and the decay slowed them.
+# decay none did. Block layout: at equal iterations the constant rate ended higher (by 2.4 points
+# for full_trajectory, 6.2 for bgpo, on average over three seeds).
 MIN_LR_RATIO = {"full": 0.1, "block": 1.0}
 
 
