@@ -27,6 +27,8 @@ Departures:
    layout, to 0.1·lr in the full layout, constant in the block layout; MIN_LR_RATIO).
 6. `nll_revealed`, an entropy stand-in at no extra pass, is below the mean entropy (low confidence
    reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
+   It can be negative: without log S_t the token part is not a normalised distribution under
+   low-confidence remasking (README, IGPO: its runs averaged −0.3 over their first 40 iterations).
 7. On-policy, diffu_grpo, bgpo, vrpo_ol (and full_trajectory with position_term, whose log S_t
    the sampler does not record) take the old values from the graph pass, detached
    (θ_old = θ: what a no-grad pass gives, tested), one pass cheaper.
@@ -74,7 +76,7 @@ METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluatio
     "zero_adv_frac": "fraction of groups whose rewards were all equal (A = 0, dropped)",
     "clip_frac": "fraction of ratios where the clipped side of min() was taken (clipped_pg_loss)",
     "kl": "k3 KL to the initial model inside the loss (only when beta > 0)",
-    "kl_ref": "k1 estimate of KL(π_θ ‖ π_init) on trajectories (departure 6)",
+    "kl_ref": "k1 estimate of KL(π_θ ‖ π_init) on trajectories, token part (departure 6)",
     "nll_revealed": "−mean log μ_θ of revealed tokens at reveal, an entropy stand-in (departure 6)",
     "rollout_s / update_s": "seconds of sampling + scoring / of old values + optimizer steps",
     "passes_per_response": "model rows run forward in the update per response (policy, old, ref)",
