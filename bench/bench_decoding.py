@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minidtrpo.config import Config, arg, device_problem, folder_problem, parse, pick_device
+from minidtrpo.config import (Config, arg, device_arg, exit_on_bad_input, folder_problem, parse,
+                              pick_device)
 from minidtrpo.train import load, rollout
 
 RULES = {  # name -> generate's options; the first is the baseline
@@ -52,7 +53,7 @@ class DecodingBenchConfig(Config):
     ckpts: str = arg("runs/sudoku_block/checkpoint.pt,runs/addition_b1/checkpoint.pt",
                      "comma-separated checkpoints (the commands above make the defaults)")
     n: int = arg(500, "fixed test problems per checkpoint", ge=1)
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
+    device: str = device_arg()
     out: str = arg("runs/bench_decoding", "folder for the JSON", valid=folder_problem)
 
 
@@ -85,9 +86,12 @@ def bench(model, task, prompts, options, device) -> dict:
 
 def main():
     args = parse(DecodingBenchConfig, sys.argv[1:], "python bench/bench_decoding.py")
+    paths = list(filter(None, args.ckpts.split(",")))
+    for path in paths:  # every checkpoint checked before any work
+        load(path)
     device = pick_device(args.device)
     rows = []
-    for path in filter(None, args.ckpts.split(",")):
+    for path in paths:
         model, task = load(path, device)
         model.eval()
         prompts, _ = task.test_set(args.n)  # the fixed test problems `eval` scores
@@ -123,4 +127,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_bad_input(main)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minidtrpo.config import Config, arg, autocast, device_problem, parse, pick_device
+from minidtrpo.config import (Config, arg, autocast, device_arg, exit_on_bad_input, parse,
+                              pick_device)
 from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
 from minidtrpo.sampling import generate
 from minidtrpo.tasks import get_task
@@ -109,7 +110,7 @@ def bench_sampler(device, batch_size=256, response_len=64, block_size=8) -> dict
 @dataclass
 class BenchConfig(Config):
     """SFT throughput and MFU, and the sampler with and without the KV cache."""
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
+    device: str = device_arg()
 
 
 def main():
@@ -130,4 +131,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_bad_input(main)

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minidtrpo.config import Config, arg, device_problem, folder_problem, parse, pick_device
+from minidtrpo.config import (Config, arg, device_arg, exit_on_bad_input, folder_problem, parse,
+                              pick_device)
 from minidtrpo.model import LAYOUTS, MaskedDiffusionTransformer
 from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
 from minidtrpo.rl import UPDATES, RLConfig
@@ -115,12 +116,12 @@ class BenchConfig(Config):
     """One update per objective on the same rollouts: seconds, forward rows, activation memory."""
     ckpt: str = arg("", "checkpoint whose rollouts to score (default: a fresh model)")
     layout: str = arg("full", "layout of the fresh model", LAYOUTS)
-    num_prompts: int = arg(16, "prompts per batch (rl's default was 16 when the README measured)",
+    num_prompts: int = arg(16, "prompts per batch (the cost per response is what is compared)",
                            ge=1)
     num_generations: int = arg(8, "rollouts per prompt G (even: the DPO rows pair them up)", ge=2,
                                valid=lambda g: None if g % 2 == 0 else "an even int")
     repeat: int = arg(3, "timed runs per update (the median is reported)", ge=1)
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
+    device: str = device_arg()
     out: str = arg("runs/bench_objectives", "folder for the JSON and the figure",
                    valid=folder_problem)
 
@@ -195,4 +196,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_bad_input(main)

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minidtrpo.config import Config, arg, device_problem, folder_problem, parse, pick_device
+from minidtrpo.config import (Config, arg, device_arg, exit_on_bad_input, folder_problem, parse,
+                              pick_device)
 from minidtrpo.meters import Meters
 from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
 from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
@@ -49,7 +50,7 @@ class ScalingConfig(Config):
     responses: int = arg(8, "responses of the online updates (groups of 4)", ge=4,
                          valid=lambda n: None if n % 4 == 0 else "a multiple of 4")
     repeat: int = arg(3, "timed runs per update (the median is reported)", ge=1)
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
+    device: str = device_arg()
     out: str = arg("runs/bench_scaling", "folder for the JSON and the figures",
                    valid=folder_problem)
 
@@ -192,4 +193,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_bad_input(main)

@@ -1,6 +1,6 @@
 """How much of a policy-gradient estimate points where the supervised gradient does.
 
-    python bench/gradient_alignment.py --ckpt=runs/hard/sft/checkpoint.pt   # README: its output
+    python bench/gradient_alignment.py --ckpt=runs/hard/sft/checkpoint.pt   # docs/results.md
 
 On a sudoku checkpoint whose puzzles have one solution, the supervised gradient on the true
 solutions is a direction that is known to improve the model. For each estimator of the policy
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
-from minidtrpo.config import Config, arg, parse
+from minidtrpo.config import Config, arg, exit_on_bad_input, parse
 from minidtrpo.estimators import (elbo_terms, sample_elbo_masks, sample_trajectory_masks,
                                   trajectory_logprob)
 from minidtrpo.objectives import grpo_advantages
@@ -124,4 +124,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_bad_input(main)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from .compare import CompareConfig, compare
-from .config import BadInput, RunStopped, arg, device_problem, fail, parse, pick_device
+from .config import BadInput, RunStopped, arg, device_arg, fail, parse, pick_device
+from .demo import DemoConfig
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .report import ReportConfig, run_report
 from .rl import RLConfig, train_rl
@@ -29,7 +30,7 @@ class EvalConfig(DecodingConfig):
     seed: int = arg(0, "seed of the problem set (and of sampling when temperature > 0)", ge=0,
                     lt=2**31)
     temperature: float = arg(0.0, "sampling temperature (0 = greedy)", ge=0)
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
+    device: str = device_arg()
 
 
 def read_problems(path: str, task) -> torch.Tensor:
@@ -106,6 +107,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 COMMANDS = {  # name: (options, what runs them, one line of help)
+    "demo": (DemoConfig, compare, "the main job: SFT, then three objectives head to head"),
     "sft": (SFTConfig, train_sft, "supervised masked-diffusion training (minidtrpo/sft.py)"),
     "eval": (EvalConfig, run_eval, "evaluate a checkpoint (prints one JSON line)"),
     "rl": (RLConfig, train_rl, "online RL: full_trajectory | bgpo | diffu_grpo | vrpo_ol (rl.py)"),

@@ -25,13 +25,13 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
-from .config import (Config, RunStopped, arg, check, device_problem, folder_problem, parse,
+from .config import (Config, RunStopped, arg, check, device_arg, folder_problem, parse,
                      parse_options, read_saved)
 from .model import LAYOUTS
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
-from .rl import OBJECTIVES, RLConfig, by_layout, train_rl
+from .rl import OBJECTIVES, RLConfig, train_rl
 from .tasks import TASKS
-from .folders import CHECKPOINT, read_metrics
+from .folders import CHECKPOINT, read_metrics, same_options
 from .sft import SFTConfig, train_sft
 from .train import load
 
@@ -39,40 +39,48 @@ DPO = ("dpo_dtrpo", "dpo_full_trajectory", "dpo_vrpo")
 SET_BY_COMPARE = {"out_dir", "out", "init", "pairs", "seed", "time_budget", "device", "resume",
                   "objective", "estimator", "task", "task_options", "layout"}
 ALL = OBJECTIVES + DPO
+RUNS = "options of the runs"  # the --help group of what compare passes on to sft, rl, pairs, dpo
 
 
 @dataclass
 class CompareConfig(Config):
     """Run every objective from the same start, budget and seeds; write a table and figures."""
     task: str = arg("sudoku", "task", TASKS)
-    # key=value options: task_options and *_args pass options through to another command (a task,
-    # sft, rl, dpo, pairs), whose own parser checks them; lr_overrides maps objectives to rates.
-    task_options: str = arg("", "task options as key=value,... (for the SFT start)")
     layout: str = arg("block", "attention layout of the SFT start", LAYOUTS)
-    sft_budget: float = arg(
-        180.0, "seconds of SFT for the start (reused when out_dir/sft/checkpoint.pt exists)", gt=0)
-    sft_args: str = arg("", "more sft options for the start, key=value,... (e.g. d_model=64)")
     init: str = arg("", "start from this checkpoint instead of training one")
-    budget: float = arg(
-        240.0, "seconds of training per run (rollout + update; evaluation excluded)", gt=0)
     objectives: str = arg(",".join(ALL), f"comma-separated subset of {', '.join(ALL)}")
     seeds: str = arg("0,1", "comma-separated seeds; each objective runs once per seed")
+    budget: float = arg(
+        240.0, "seconds of training per run (rollout + update; evaluation excluded)", gt=0)
+    max_iters: int = arg(100_000, "also stop a run after this many iterations", ge=1)
+    device: str = device_arg()
+    out_dir: str = arg("runs/compare", "folder of the runs, compare.md and compare.png",
+                       valid=folder_problem)
+    # key=value options: task_options and *_args pass options through to another command (a task,
+    # sft, rl, dpo, pairs), whose own parser checks them; lr_overrides maps objectives to rates.
+    task_options: str = arg("", "task options as key=value,... (for the SFT start)",
+                            group=RUNS)
+    sft_budget: float = arg(
+        180.0, "seconds of SFT for the start (reused when out_dir/sft/checkpoint.pt exists)", gt=0,
+        group=RUNS)
+    sft_args: str = arg("", "more sft options for the start, key=value,... (e.g. d_model=64)",
+                        group=RUNS)
     lr_overrides: str = arg(
         "vrpo_ol=2e-4,diffu_grpo=1e-5,dpo_full_trajectory=1e-5,dpo_vrpo=1e-5",
         "per-objective learning rates, name=lr,...; the others keep their command's default "
-        "(1e-4); README, 'Objectives head to head', says where each default comes from")
-    rl_args: str = arg(
-        "", "more rl options for the online runs, key=value,... (e.g. num_prompts=8)")
-    dpo_args: str = arg("", "more dpo options for the DPO runs, key=value,... (e.g. beta=0.1)")
-    pairs_args: str = arg("", "more pairs options, key=value,... (e.g. num_prompts=256)")
+        "(rl 1e-4, dpo 3e-5): the rates each objective was tuned at", group=RUNS)
+    rl_args: str = arg("", "more rl options for the online runs, key=value,... (e.g. "
+                       "num_prompts=8)", group=RUNS)
+    dpo_args: str = arg("", "more dpo options for the DPO runs, key=value,... (e.g. beta=0.1)",
+                        group=RUNS)
+    pairs_args: str = arg("", "more pairs options, key=value,... (e.g. num_prompts=256)",
+                          group=RUNS)
     eval_every_s: float = arg(
-        30.0, "evaluate every this many training seconds (and at the start and end)", ge=0)
-    eval_n: int = arg(500, "fixed test problems per evaluation", ge=1)
-    max_iters: int = arg(100_000, "also stop a run after this many iterations", ge=1)
-    subprocess: bool = arg(True, "one subprocess per run (clean peak memory); false: in-process")
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
-    out_dir: str = arg("runs/compare", "folder of the runs, compare.md and compare.png",
-                       valid=folder_problem)
+        30.0, "evaluate every this many training seconds (and at the start and end)", ge=0,
+        group="evaluation")
+    eval_n: int = arg(500, "fixed test problems per evaluation", ge=1, group="evaluation")
+    subprocess: bool = arg(True, "one subprocess per run (clean peak memory); false: in-process",
+                           group="diagnostics")
 
     def __post_init__(self):
         super().__post_init__()
@@ -100,9 +108,6 @@ def _options(text: str) -> list[str]:
 
 # options that decide only when a run evaluates and checkpoints, or when it stops (`reusable`)
 SCHEDULE_ONLY = {"eval_every", "eval_every_s", "time_budget", "max_iters", "resume"}
-# options added after runs were saved whose default later changed: the value a run saved without
-# the option trained with (`rl` decayed no rate before `min_lr_ratio`; its default is -1 since)
-BEFORE_ADDED = {"RLConfig": {"min_lr_ratio": 1.0}}
 
 
 def stops_alike(saved: dict, asked: dict, it: int, seconds: float) -> bool:
@@ -118,19 +123,16 @@ def stops_alike(saved: dict, asked: dict, it: int, seconds: float) -> bool:
 
 def reusable(folder: str, config) -> str:
     """'done' if folder holds a finished run of this config, 'partial' if an unfinished one, else
-    'new'. An option added after the run was saved counts as the value it trained with
-    (BEFORE_ADDED, else the option's default); a finished run whose options differ only in
-    evaluation cadence, or in stopping limits it would have stopped at alike, is the same
-    training run (evaluated at other points) and counts as done."""
+    'new'. A finished run whose options differ only in evaluation cadence, or in stopping limits
+    it would have stopped at alike, is the same training run (evaluated at other points) and
+    counts as done. A run saved by another version of minidtrpo is refused (`same_options`)."""
     ckpt = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(ckpt):
         return "new"
-    state = read_saved(ckpt, "a checkpoint of a compare run", ("config", "finished", "model_config"))
-    before = BEFORE_ADDED.get(type(config).__name__, {})
-    saved, asked = {**asdict(type(config)()), **before, **state["config"]}, asdict(config)
-    if isinstance(config, RLConfig):  # -1 compares as what it stands for on the run's model
-        layout = state["model_config"]["layout"]
-        saved, asked = by_layout(saved, layout), by_layout(asked, layout)
+    state = read_saved(ckpt, "a checkpoint of a compare run",
+                       ("config", "finished", "model_config"))
+    same_options(state["config"], config, ckpt)
+    saved, asked = state["config"], asdict(config)
     differ = {k for k in asked if saved.get(k) != asked[k]}
     if not differ - {"resume"}:
         return "done" if state["finished"] else "partial"
@@ -266,7 +268,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: str):
+def plot(results: dict, path: str, seeds: str = "", eval_n: int = 500):
     """Test exact accuracy and reward vs training seconds and iterations: mean, min–max of seeds."""
     import matplotlib
     matplotlib.use("Agg")
@@ -274,8 +276,10 @@ def plot(results: dict, path: str):
     import numpy as np
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for name, runs in results.items():
-        for row, (y, label) in enumerate([(2, "test exact accuracy"), (3, "test reward")]):
-            for col, (x, xlabel) in enumerate([(0, "training seconds"), (1, "iterations")]):
+        for row, (y, label) in enumerate([(2, "test exact (fraction solved)"),
+                                          (3, "test reward (mean, 0 to 1)")]):
+            for col, (x, xlabel) in enumerate([(0, "training seconds (rollouts + updates)"),
+                                               (1, "iterations (RL) or updates (DPO)")]):
                 end = min(r["curve"][-1][x] for r in runs)  # the x range every seed reached
                 grid = np.linspace(0, end, 80)
                 ys = np.stack([np.interp(grid, [p[x] for p in r["curve"]],
@@ -286,8 +290,8 @@ def plot(results: dict, path: str):
                                 lw=0)
                 ax.set(xlabel=xlabel, ylabel=label)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("final-checkpoint scores on the fixed test set (greedy); "
-                 "band = min–max over seeds")
+    fig.suptitle(f"test scores on {eval_n} fixed problems (greedy decoding); line = mean over "
+                 f"seeds {seeds}, band = min–max over them")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -322,6 +326,6 @@ def compare(cfg: CompareConfig) -> str:
                 f"{cfg.budget:g} training seconds per run; seeds {cfg.seeds}; final checkpoint, "
                 f"greedy decoding of {cfg.eval_n} test problems.\n\n"
                 f"{text}\n\n![compare](compare.png)\n")
-    plot(results, os.path.join(cfg.out_dir, "compare.png"))
+    plot(results, os.path.join(cfg.out_dir, "compare.png"), cfg.seeds, cfg.eval_n)
     print("\n" + text)
     return text

@@ -22,12 +22,20 @@ import typing
 import torch
 
 
-def arg(default, help: str, choices=None, *, ge=None, gt=None, le=None, lt=None, valid=None):
+def arg(default, help: str, choices=None, *, ge=None, gt=None, le=None, lt=None, valid=None,
+        group=None):
     """A config field: its default, help string (shown by --help) and what values it accepts:
-    `choices`, bounds (ge ≥, gt >, le ≤, lt <), or `valid(value)` -> None, or what is valid."""
+    `choices`, bounds (ge ≥, gt >, le ≤, lt <), or `valid(value)` -> None, or what is valid.
+    group: the --help section it is listed in (None: the core options, listed first)."""
     bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
-                                                        "bounds": bounds, "valid": valid})
+                                                        "bounds": bounds, "valid": valid,
+                                                        "group": group})
+
+
+def device_arg():
+    """The --device option every command shares."""
+    return arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
 
 
 class BadInput(Exception):
@@ -68,6 +76,15 @@ def fail(message: str):
     sys.exit(2)
 
 
+def exit_on_bad_input(main, *args):
+    """Call main(*args); a BadInput found once it started (a missing or damaged file, say) is one
+    line on stderr and exit code 2, as bad options are."""
+    try:
+        return main(*args)
+    except BadInput as e:
+        fail(str(e))
+
+
 def check(ok: bool, name: str, value, valid: str):
     """A config rule: raise ValueError naming the option, its value and what is valid unless ok."""
     if not ok:
@@ -106,13 +123,8 @@ def _bounds_text(f) -> str:
     """'an int >= 1', 'a number > 0 and <= 1': what a field's bounds allow (messages, --help)."""
     kind = "an int" if type(f.default) is int else "a number"
     bounds = f.metadata.get("bounds", {})
-    return f"{kind} " + " and ".join(f"{_OPS[k][0]} {v:g}" for k, v in bounds.items())
-
-
-def ratio_or_minus_one(meaning: str):
-    """A validator: a number in [0, 1], or -1 standing for `meaning`."""
-    return lambda value: None if value == -1 or 0 <= value <= 1 else \
-        f"a number in [0, 1], or -1 ({meaning})"
+    return f"{kind} " + " and ".join(f"{_OPS[k][0]} {v if type(v) is int else format(v, 'g')}"
+                                    for k, v in bounds.items())
 
 
 def path_problem(path: str):
@@ -170,15 +182,20 @@ def _converter(name: str, typ):
 
 
 def build_parser(cls, prog: str) -> argparse.ArgumentParser:
-    """One argparse option per dataclass field, with its type, default, help and choices."""
+    """One argparse option per dataclass field, with its type, default, help and choices; the core
+    options first, then each `group` of research options in the order its first field appears."""
     parser = _Parser(prog=prog, description=(cls.__doc__ or "").strip(),
                      allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
+    groups = {None: parser.add_argument_group("core options")}
     for f in dataclasses.fields(cls):
+        name = f.metadata.get("group")
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
         choices = f.metadata.get("choices")
         extra = f"; one of {', '.join(map(str, choices))}" if choices else ""
         extra += f"; {_bounds_text(f)}" if f.metadata.get("bounds") else ""
-        parser.add_argument(f"--{f.name}", type=_converter(f.name, hints[f.name]),
+        groups[name].add_argument(f"--{f.name}", type=_converter(f.name, hints[f.name]),
                             default=f.default, metavar=hints[f.name].__name__.upper(),
                             nargs="?" if hints[f.name] is bool else None,
                             const=True if hints[f.name] is bool else None,  # bare "--resume" = true

@@ -299,8 +299,8 @@ ELBO_MASKS = ("auto", "uniform", "blockwise", "trajectory")
 
 def resolve_elbo_masks(choice, layout):
     """An `elbo_masks` choice with auto resolved: the masks of the states the sampler visits,
-    blockwise in the full layout (departure 4), the trajectory's own in the block layout (README,
-    "Block layout": there BGPO gains with them and not with uniform masks)."""
+    blockwise in the full layout (departure 4), the trajectory's own in the block layout (there
+    BGPO gains with them and not with uniform masks: docs/results.md, "What did not help")."""
     if choice not in ELBO_MASKS:
         raise ValueError(f"elbo_masks={choice!r}; valid: {', '.join(ELBO_MASKS)}")
     if choice == "auto":

@@ -74,16 +74,27 @@ def resume_state(cfg, kind, models, task, device) -> dict:
     path = os.path.join(cfg.out_dir, "checkpoint.pt")
     state = read_saved(path, f"the checkpoint of a run ({kind}) to resume",
                        (*CHECKPOINT, "kind", "optimizer", "rng", "iter", "config"), device)
+    if state["kind"] == kind:  # a run of another kind is named below as such
+        same_options(state["config"], cfg, path)
     ours = {"kind": kind, "task": task.name, "task_options": dict(task.options),
             "model_config": asdict(models["model"].config),
             **{k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}}
-    # an option added after the checkpoint was saved counts as its default (its behaviour then)
-    saved = {**{f.name: f.default for f in fields(cfg)}, **state, **state["config"]}
+    saved = {**state, **state["config"]}
     differ = [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
               if saved.get(k) != v]
     if differ:
         raise BadInput(f"--resume: {cfg.out_dir} holds another run: " + "; ".join(differ))
     return state
+
+
+def same_options(saved: dict, cfg, path: str):
+    """A run saved with another set of options (by another version of minidtrpo) is refused with
+    one line: its options cannot be read as today's."""
+    names = {f.name for f in fields(cfg)}
+    if set(saved) != names:
+        other = sorted(set(saved) ^ names)
+        raise BadInput(f"{path}: saved by another version of minidtrpo (options differ: "
+                       f"{', '.join(other)}); delete it or choose another --out_dir")
 
 
 def interrupt_on_sigterm():

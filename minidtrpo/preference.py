@@ -23,8 +23,8 @@ Departures:
    terms are dropped: they cancel under random remasking (P2), approximately under low confidence.
 4. vrpo defaults to the sequence-level ELBO (elbo_per_token=false: (L/m_j)·Σ), which estimates a
    log-likelihood like the other two estimators, so one β means the same for all three.
-5. Epochs are capped (default 3): offline DPO on a fixed set of pairs peaks after a few passes and
-   declines after (README, measured results); the test reward is logged at every evaluation.
+5. Epochs are capped (default 10): offline DPO on a fixed set of pairs peaks after a few passes
+   and declines after (docs/results.md); the test reward is logged at every evaluation.
 6. dtrpo's single pass is used by default only where it is exact (block layout). A full-layout
    model was never trained on the [x ; y ; ỹ] layout, so there each sampled block state gets its
    own pass (N_B passes per response, still T_B times fewer than the exact trajectory).
@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 from einops import rearrange, repeat
 
-from .config import (BadInput, RunStopped, arg, atomic_save, autocast, device_problem,
+from .config import (BadInput, RunStopped, arg, atomic_save, autocast, device_arg,
                      file_problem, folder_problem, pick_device, read_saved)
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_masks_for, elbo_terms,
                          reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
@@ -60,15 +60,15 @@ ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
 class PairsConfig(DecodingConfig):
     """Sample (best, worst) response pairs with trajectories from a frozen reference model."""
     init: str = arg("runs/sft/checkpoint.pt", "the reference model that samples the pairs")
-    num_prompts: int = arg(4096, "training prompts (README: how the defaults were chosen)",
-                           ge=1)
+    num_prompts: int = arg(4096, "training prompts (one pair each, where the group has "
+                           "a best and a worst)", ge=1)
     num_generations: int = arg(8, "responses per prompt G; the best and the worst become a pair",
                                ge=2)
     temperature: float = arg(1.0, "sampling temperature τ (> 0: greedy pairs would be equal)",
                              gt=0)
     batch_size: int = arg(64, "prompts decoded together", ge=1)
     seed: int = arg(0, "seed of the prompts and of the sampler", ge=0, lt=2**31)
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
+    device: str = device_arg()
     out: str = arg("runs/pairs.pt", "output file (torch.load(..., weights_only=True))",
                    valid=file_problem)
 
@@ -80,28 +80,30 @@ class DPOConfig(RunConfig):
                     "the model that sampled the pairs: frozen reference, start of θ")
     pairs: str = arg("runs/pairs.pt", "pairs file written by `pairs`")
     estimator: str = arg("dtrpo", "trajectory log-ratio estimator D (module docstring)", ESTIMATORS)
-    lr: float = arg(3e-5, "AdamW learning rate, constant (README: how the defaults were chosen)",
-                    gt=0)
+    lr: float = arg(3e-5, "AdamW learning rate, constant (offline DPO drifts from "
+                    "its pairs' policy: a small rate)", gt=0)
     beta: float = arg(1.0, "DPO β", gt=0)
     scale: str = arg("steps", "dtrpo: c = T_B (steps, unbiased) or 1 (one, the paper's)",
-                     ("steps", "one"))
+                     ("steps", "one"), group="estimator")
     single_pass: str = arg("auto", "dtrpo: all blocks in one [x ; y ; ỹ] pass; auto = in the block "
                            "layout, where it is exact, one pass per block state in the full layout "
-                           "(departure 6)", ("auto", "true", "false"))
+                           "(departure 6)", ("auto", "true", "false"), group="estimator")
     flat_memory: bool = arg(
-        True, "full_trajectory: DPO weight first, then backward step by step (dep. 1)")
-    n_mc: int = arg(8, "vrpo: ELBO Monte Carlo samples per response", ge=1)
-    elbo_per_token: bool = arg(False, "vrpo: per-token ELBO (false: sequence-level, departure 4)")
+        True, "full_trajectory: DPO weight first, then backward step by step (dep. 1)",
+        group="estimator")
+    n_mc: int = arg(8, "vrpo: ELBO Monte Carlo samples per response", ge=1, group="estimator")
+    elbo_per_token: bool = arg(False, "vrpo: per-token ELBO (false: sequence-level, departure 4)",
+                               group="estimator")
     elbo_masks: str = arg("auto", "vrpo: ELBO masks uniform, blockwise or the pair's own states "
                           "(trajectory); auto: blockwise in the full layout, trajectory in the "
                           "block layout; docs/math.md §4.3",
-                          ELBO_MASKS)
+                          ELBO_MASKS, group="estimator")
     batch_size: int = arg(16, "pairs per optimizer step", ge=1)
     epochs: float = arg(10.0, "passes over the pairs (capped: departure 5)", gt=0)
     max_iters: int = arg(100_000, "stop after this many optimizer steps (also capped by epochs)",
                          ge=1)
     eval_every: int = arg(250, "evaluate and checkpoint every this many steps (0: at the end)",
-                          ge=0)
+                          ge=0, group="evaluation")
     out_dir: str = arg(
         "runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png",
         valid=folder_problem)

@@ -2,7 +2,7 @@
 docs/math.md §4 on one checkpoint and a batch of its own trajectories, against the exact answer
 (an RL or DPO objective for a diffusion LM only ever sees such an estimate of the log-ratio).
 
-    python -m minidtrpo estimators --ckpt=runs/sudoku_block/checkpoint.pt   # README: its output
+    python -m minidtrpo estimators --ckpt=runs/sudoku_block/checkpoint.pt   # docs/results.md
 
 Setup:
 - reference π_ref = the checkpoint; policy π_θ = the checkpoint with seeded Gaussian noise on every
@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .config import Config, arg, device_problem, folder_problem, pick_device, write_json
+from .config import Config, arg, device_arg, folder_problem, pick_device, write_json
 from .estimators import (dtrpo_logratio, elbo_mask_block, elbo_masks_for, elbo_terms,
                          one_step_logprob, sample_block_steps, sample_prompt_mask,
                          trajectory_logprob)
@@ -67,7 +67,7 @@ class ReportConfig(Config):
     out_dir: str = arg(
         "runs/estimators", "folder for estimators.md, estimators.json and estimators.png",
         valid=folder_problem)
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
+    device: str = device_arg()
     threads: int = arg(1, "CPU intra-op threads while the report runs (0: torch's default); on a "
                           "busy shared CPU one thread is the fastest and keeps the timings "
                           "comparable", ge=0)

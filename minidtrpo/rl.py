@@ -23,12 +23,11 @@ Departures:
    refuse β > 0 (BGPO trains without KL).
 5. Groups with all-equal rewards (A = 0) are dropped; if none is left the update is skipped.
    AdamW, gradient clipping; the learning rate optionally ramped up over `warmup_iters` and
-   decayed along a cosine to `min_lr_ratio`·lr over the run's limit (default: by the start's
-   layout, to 0.1·lr in the full layout, constant in the block layout; MIN_LR_RATIO).
+   decayed along a cosine to `min_lr_ratio`·lr over the run's limit (default constant).
 6. `nll_revealed`, an entropy stand-in at no extra pass, is below the mean entropy (low confidence
    reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
    It can be negative: without log S_t the token part is not a normalised distribution under
-   low-confidence remasking (README, IGPO: its runs averaged −0.3 over their first 40 iterations).
+   low-confidence remasking (docs/math.md §4.1).
 7. On-policy, diffu_grpo, bgpo, vrpo_ol (and full_trajectory with position_term, whose log S_t
    the sampler does not record) take the old values from the graph pass, detached
    (θ_old = θ: what a no-grad pass gives, tested), one pass cheaper.
@@ -36,7 +35,7 @@ Departures:
    what they have in common cancels in Σ A_i ∇ℓ_i (docs/math.md §5.4); the papers draw per response.
 9. bgpo, vrpo_ol in the block layout: ELBO masks are the rollout's own states by default
    (elbo_masks=auto -> trajectory, docs/math.md §4.3), not the papers' uniform masks, with which
-   BGPO does not gain there (README, "Block layout").
+   BGPO does not gain there (docs/results.md, "What did not help").
 10. IGPO (igpo > 0; arXiv 2509.10396) as its code does it: triggered by a group without a correct
    response, G hinted responses decoded, up to ⌊igpo·G⌋ correct ones replace the group's first.
    IGPO's d1-based code scores the hinted tokens with the rest; here (igpo_score_hints) a
@@ -58,12 +57,12 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange, repeat
 
-from .config import arg, autocast, check, folder_problem, pick_device, ratio_or_minus_one
+from .config import arg, autocast, check, folder_problem, pick_device
 from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_masks_for, elbo_terms,
                          one_step_logprob, sample_prompt_mask, trajectory_logprob)
+from .igpo import inpaint
 from .meters import Meters, elapsed
 from .objectives import bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
-from .sampling import sample_hints
 from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, lr_at, rollout,
                     run_loop, run_progress)
 
@@ -92,58 +91,66 @@ class RLConfig(RunConfig, DecodingConfig):
     init: str = arg("runs/sft/checkpoint.pt", "checkpoint to start from; also the frozen reference")
     objective: str = arg(
         "full_trajectory", "how a response is scored (module docstring)", OBJECTIVES)
-    num_prompts: int = arg(64, "training prompts per iteration (README: why 64)", ge=1)
+    num_prompts: int = arg(64, "training prompts per iteration (fewer: noisier updates)", ge=1)
     num_generations: int = arg(8, "rollouts per prompt G (the GRPO group; one has no advantage)",
                                ge=2)
     temperature: float = arg(1.0, "rollout temperature τ (> 0: greedy groups would be flat)",
                              gt=0)
-    steps_per_block: int = arg(0, "sampler steps per block T_B for rollouts and evaluation (0: b)",
-                               ge=0)
-    num_iterations: int = arg(1, "optimizer steps per rollout batch μ (1 = on-policy)", ge=1)
-    clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; inert on-policy)",
-                          ge=0)
-    beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, diffu_grpo only)",
-                      ge=0)
-    scale_std: bool = arg(True, "divide advantages by the group std (false: d1 / Dr. GRPO)")
-    ratio_level: str = arg("sequence", "full_trajectory: one ratio per sequence, or per step "
-                           "(TraceRL)", ("sequence", "step"))
-    position_term: bool = arg(False, "full_trajectory: add the sampler's selection term log S_t "
-                              "to log π (docs/math.md §4.1; θ-dependent under low confidence)")
-    aggregation: str = arg("sequence_mean", "loss aggregation (objectives.clipped_pg_loss)",
-                           ("token_mean", "sequence_mean", "constant"))
-    n_mc: int = arg(4, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol; README: why 4)",
-                    ge=1)
-    elbo_per_token: bool = arg(True, "ℓ^(j) per masked token as in BGPO's code (false: × L)")
-    group_masks: bool = arg(False, "bgpo, vrpo_ol, uniform or blockwise masks: the G responses "
-                            "of a prompt share one set (common random numbers; docs/math.md §5.4)")
-    elbo_masks: str = arg("auto", "bgpo, vrpo_ol: ELBO masks uniform over the response, "
-                          "blockwise (earlier blocks clean, later masked), or the rollout's own "
-                          "states (trajectory); auto: blockwise in the full layout, trajectory in "
-                          "the block layout; docs/math.md §4.3", ELBO_MASKS)
-    prompt_mask_p: float = arg(0.15, "diffu_grpo: probability of masking each prompt token",
-                               ge=0, le=1)
-    kl_rollouts: int = arg(
-        16, "rollouts per iteration scored by the initial model for kl_ref (0: off)", ge=0)
-    igpo: float = arg(0.0, "IGPO: share of an all-wrong group's G responses that correct "
-                      "responses decoded with hints from the answer may replace (0: off; the "
-                      "paper's runs: 0.5)", ge=0, le=1)
-    igpo_hint_min: float = arg(0.2, "IGPO: least share of an answer's chunks given as hints",
-                               ge=0, le=1)
-    igpo_hint_max: float = arg(0.6, "IGPO: largest share of an answer's chunks given as hints",
-                               ge=0, le=1)
-    igpo_score_hints: bool = arg(True, "IGPO: score a replaced response's hints as tokens revealed "
-                                 "at the first step of their block (as IGPO); false: context only")
-    warmup_iters: int = arg(0, "learning rate ramped linearly over this many first iterations "
-                               "(0: constant from the start)", ge=0)
-    min_lr_ratio: float = arg(-1.0, "final learning rate as a fraction of lr, cosine decay over "
-                              "max_iters or time_budget, whichever is nearer (1: constant; -1: by "
-                              "the start's layout, 0.1 full, 1 block; with a decay, changing "
-                              "either limit on resume changes the rates)",
-                              valid=ratio_or_minus_one("by the start's layout"))
     max_iters: int = arg(1000, "stop after this many iterations", ge=1)
     out_dir: str = arg(
         "runs/rl", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png",
         valid=folder_problem)
+    # ---- the objective's options
+    num_iterations: int = arg(1, "optimizer steps per rollout batch μ (1 = on-policy)", ge=1,
+                              group="objective")
+    clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; inert on-policy)",
+                          ge=0, group="objective")
+    beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, diffu_grpo only)",
+                      ge=0, group="objective")
+    scale_std: bool = arg(True, "divide advantages by the group std (false: d1 / Dr. GRPO)",
+                          group="objective")
+    aggregation: str = arg("sequence_mean", "loss aggregation (objectives.clipped_pg_loss)",
+                           ("token_mean", "sequence_mean", "constant"), group="objective")
+    ratio_level: str = arg("sequence", "full_trajectory: one ratio per sequence, or per step "
+                           "(TraceRL)", ("sequence", "step"), group="objective")
+    position_term: bool = arg(False, "full_trajectory: add the sampler's selection term log S_t "
+                              "to log π (docs/math.md §4.1; θ-dependent under low confidence)",
+                              group="objective")
+    n_mc: int = arg(4, "ELBO Monte Carlo samples per response n (bgpo, vrpo_ol; each costs a "
+                    "forward row per response)", ge=1, group="objective")
+    elbo_per_token: bool = arg(True, "ℓ^(j) per masked token as in BGPO's code (false: × L)",
+                               group="objective")
+    group_masks: bool = arg(False, "bgpo, vrpo_ol, uniform or blockwise masks: the G responses "
+                            "of a prompt share one set (common random numbers; docs/math.md §5.4)",
+                            group="objective")
+    elbo_masks: str = arg("auto", "bgpo, vrpo_ol: ELBO masks uniform over the response, "
+                          "blockwise (earlier blocks clean, later masked), or the rollout's own "
+                          "states (trajectory); auto: blockwise in the full layout, trajectory in "
+                          "the block layout; docs/math.md §4.3", ELBO_MASKS, group="objective")
+    prompt_mask_p: float = arg(0.15, "diffu_grpo: probability of masking each prompt token",
+                               ge=0, le=1, group="objective")
+    # ---- the learning-rate schedule
+    warmup_iters: int = arg(0, "learning rate ramped linearly over this many first iterations "
+                               "(0: constant from the start)", ge=0, group="optimizer")
+    min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of lr, cosine decay over "
+                              "max_iters or time_budget, whichever is nearer (1: constant, the "
+                              "block layout's recipe; 0.1: the full layout's)", ge=0, le=1,
+                              group="optimizer")
+    # ---- IGPO: hinted rollouts for groups without a correct response
+    igpo: float = arg(0.0, "IGPO: share of an all-wrong group's G responses that correct "
+                      "responses decoded with hints from the answer may replace (0: off; the "
+                      "paper's runs: 0.5)", ge=0, le=1, group="IGPO")
+    igpo_hint_min: float = arg(0.2, "IGPO: least share of an answer's chunks given as hints",
+                               ge=0, le=1, group="IGPO")
+    igpo_hint_max: float = arg(0.6, "IGPO: largest share of an answer's chunks given as hints",
+                               ge=0, le=1, group="IGPO")
+    igpo_score_hints: bool = arg(True, "IGPO: score a replaced response's hints as tokens revealed "
+                                 "at the first step of their block (as IGPO); false: context only",
+                                 group="IGPO")
+    # ---- diagnostics
+    kl_rollouts: int = arg(
+        16, "rollouts per iteration scored by the initial model for kl_ref (0: off)", ge=0,
+        group="diagnostics")
 
     def __post_init__(self):
         super().__post_init__()
@@ -154,20 +161,6 @@ class RLConfig(RunConfig, DecodingConfig):
               self.position_term, "false unless objective=full_trajectory")
         check(self.igpo_hint_min <= self.igpo_hint_max, "igpo_hint_max", self.igpo_hint_max,
               f"a share >= igpo_hint_min={self.igpo_hint_min}")
-
-
-# The learning-rate floor that min_lr_ratio = -1 stands for, by the start's layout (README, "The RL
-# learning rate"). Full layout: at a constant rate 600-s runs climbed and then fell back, with the
-# decay none did. Block layout: at equal iterations the constant rate ended higher (by 2.4 points
-# for full_trajectory, 6.2 for bgpo, on average over three seeds).
-MIN_LR_RATIO = {"full": 0.1, "block": 1.0}
-
-
-def by_layout(options: dict, layout: str) -> dict:
-    """RLConfig options as a run on a `layout` model uses them: -1 replaced by what it stands for."""
-    if options.get("min_lr_ratio") == -1:
-        return {**options, "min_lr_ratio": MIN_LR_RATIO[layout]}
-    return options
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,44 +283,6 @@ def bgpo_accumulate(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
     return torch.tensor(total, dtype=advantages.dtype), {"bound": -total, "logratio_mean": d_mean}
 
 
-def inpaint(cfg, policy, task, traj, rewards, exact, answers, gens):
-    """IGPO (arXiv 2509.10396): for each group whose G responses are all wrong, decode G more with
-    hints (a share η ~ U[igpo_hint_min, igpo_hint_max] of the answer's chunks fixed before
-    decoding) and put up to ⌊igpo·G⌋ of the correct ones in place of the group's first responses,
-    so that the group has a signal. Modifies traj, rewards, exact in place; returns stats."""
-    G, k = cfg.num_generations, int(cfg.igpo * cfg.num_generations)
-    wrong = ~rearrange(exact, "(p g) -> p g", g=G).any(1)  # (B/G,) groups without a correct one
-    stats = {"igpo_groups": int(wrong.sum()), "igpo_replaced": 0}
-    if k == 0 or not wrong.any():
-        return stats
-    rows = repeat(wrong, "p -> (p g)", g=G)  # (B,) the responses of those groups
-    share = cfg.igpo_hint_min + (cfg.igpo_hint_max - cfg.igpo_hint_min) * torch.rand(
-        int(rows.sum()), generator=gens["prompts"])
-    hints = sample_hints(answers[rows.cpu()], share, policy.config.mask_id, gens["prompts"])
-    new, new_rewards, new_exact = rollout(
-        policy, task, traj.prompts[rows], temperature=cfg.temperature,
-        steps_per_block=cfg.steps_per_block, generator=gens["rollout"],
-        hints=hints.to(rows.device), **cfg.decoding(task))
-    T_B = max(traj.steps_per_block, new.steps_per_block)  # the parallel rules: they may differ
-    traj.renumber(T_B), new.renumber(T_B)
-    dst, src = [], []  # rows of traj to overwrite, rows of `new` that overwrite them
-    for n, p in enumerate(wrong.nonzero().flatten().tolist()):  # n-th all-wrong group is prompt p
-        correct = (n * G + new_exact[n * G:(n + 1) * G].nonzero().flatten())[:k].tolist()
-        src += correct
-        dst += range(p * G, p * G + len(correct))
-    new = new.index(src)
-    if cfg.igpo_score_hints and src:  # a hint is "revealed" at its block's first step, T_B·⌊i/b⌋
-        first = torch.arange(new.responses.shape[1], device=rows.device) // new.block_size
-        new.unmask_step = torch.where(new.unmask_step < 0, first * new.steps_per_block,
-                                      new.unmask_step)
-        with torch.no_grad(), autocast(rows.device):  # the recorded terms of that trajectory
-            new.logp_at_reveal = trajectory_logprob(policy, new, per_token=True)
-    for name in ("tokens", "unmask_step", "logp_at_reveal"):
-        getattr(traj, name)[dst] = getattr(new, name)
-    rewards[dst], exact[dst] = new_rewards[src], new_exact[src]
-    return {**stats, "igpo_replaced": len(dst)}
-
-
 UPDATES = {"full_trajectory": update_full_trajectory, "diffu_grpo": update_diffu_grpo,
            "bgpo": update_bgpo, "vrpo_ol": update_vrpo_ol}
 
@@ -344,11 +299,10 @@ def train_rl(cfg: RLConfig) -> dict:
             "rollout": torch.Generator(device).manual_seed(cfg.seed + 1),  # the sampler's draws
             "estimator": torch.Generator(device).manual_seed(cfg.seed + 2)}  # ELBO, prompt masks
     G = cfg.num_generations
-    floor = by_layout(vars(cfg), policy.config.layout)["min_lr_ratio"]
 
     def iteration(it, train_seconds):
         done = run_progress(it, cfg.max_iters, train_seconds, cfg.time_budget)
-        lr = lr_at(cfg.lr, it, done, cfg.warmup_iters, floor)
+        lr = lr_at(cfg.lr, it, done, cfg.warmup_iters, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         # ---- rollouts: G responses per prompt from the current policy, scored by the task

@@ -157,43 +157,91 @@ def sample_candidates(logp: torch.Tensor, temperature: float, generator=None) ->
     return (logp.double() - torch.log(-torch.log(u.to(logp.device)))).argmax(dim=-1)
 
 
-def sample_hints(answers, share, mask_id, generator, chunk=(2, 4)) -> torch.Tensor:
-    """IGPO's hints (arXiv 2509.10396): each answer (n, L) cut left to right into chunks of
-    chunk[0]..chunk[1] tokens, of which round(share_r · #chunks) chosen at random stay (share (n,));
-    the rest becomes mask_id -> (n, L) for `generate(hints=...)`. IGPO's chunks are 5-10 tokens of
-    a reasoning trace; here an answer has ~16 tokens, so they are shorter."""
-    hints = torch.full_like(answers, mask_id)
-    for r in range(len(answers)):  # a few rows of ~16 tokens: a loop reads best
-        sizes = torch.randint(chunk[0], chunk[1] + 1, (answers.shape[1],), generator=generator)
-        ends = sizes.cumsum(0)
-        ends = ends[ends < answers.shape[1]].tolist() + [answers.shape[1]]  # chunk i: ends[i-1]..
-        starts = [0] + ends[:-1]
-        shown = torch.randperm(len(ends), generator=generator)[:round(float(share[r]) * len(ends))]
-        for c in shown.tolist():
-            hints[r, starts[c]:ends[c]] = answers[r, starts[c]:ends[c]]
-    return hints
-
-
 @torch.no_grad()
 def generate(model, prompts, *, block_size=None, steps_per_block=None, temperature=0.0,
              remasking="low_confidence", schedule="uniform", threshold=0.9, eos_factor=1.0,
              eos_id=None, credit=CREDIT, generator=None, kv_cache=True, hints=None) -> Trajectory:
     """Decode a response for each prompt (B, P) and return its full `Trajectory`.
 
-    block_size defaults to the model's; steps_per_block (T_B) to block_size (one token per step).
-    remasking: the position rule (REMASKING); schedule: k_s of the fixed-count rules (SCHEDULES);
-    threshold: of the parallel rules; eos_factor < 1 with eos_id: EOS early rejection; credit:
-    trace credit's (γ, λ, α). The module docstring describes each.
+    The loop is LLaDA's: for each block, for each step s, predict every masked position, draw a
+    candidate token for each, and reveal the k_s candidates with the highest confidence μ_θ.
+    Options (the module docstring describes each rule):
+    block_size: the model's by default; steps_per_block (T_B): block_size by default (one token
+    per step); schedule: k_s of the fixed-count rules (SCHEDULES); remasking: the position rule
+    (REMASKING), with `threshold` for the parallel rules and `credit` = trace credit's (γ, λ, α);
+    eos_factor < 1 with eos_id: EOS early rejection; generator: a torch.Generator for the
+    candidate draws and random remasking (None: global RNG).
     kv_cache=True caches keys/values of the prompt and finished blocks: exact, and used, only in
     the block layout, where nothing attends to later blocks; the full layout recomputes all.
-    generator: a torch.Generator for the candidate draws and random remasking (None: global RNG).
     hints: (B, L) response tokens fixed before decoding starts, mask_id where free (inpainting,
     IGPO arXiv 2509.10396): they sit in every state, are recorded with unmask_step −1 and
     logp_at_reveal 0 (no estimator scores them), and a block with hints runs out of masked
     positions before its last step: the free positions keep the schedule k_s until none is left.
     """
     cfg = model.config
-    block_size = block_size or cfg.block_size
+    b = block_size or cfg.block_size
+    _check_options(cfg, prompts, b, temperature, remasking, threshold, eos_factor, eos_id)
+    ks = step_counts(b, steps_per_block, schedule, remasking)  # k_s, or None: the rule decides
+    B, P = prompts.shape
+    L, T_B, mask = cfg.response_len, len(ks), cfg.mask_id
+    tau = temperature if temperature > 0 else 1.0  # log-probs recorded at the rollout temperature
+    x = torch.cat([prompts, prompts.new_full((B, L), mask)], dim=1)  # (B, P+L)
+    if hints is not None:  # inpainting: the hinted tokens are there from the start (step −1)
+        x[:, P:] = hints
+    unmask_step = torch.full((B, L), -1, dtype=torch.long, device=x.device)  # (B, L)
+    logp_at_reveal = torch.zeros(B, L, device=x.device, dtype=model.embed.weight.dtype)
+    blocks = BlockForward(model, prompts, kv_cache and cfg.layout == "block")
+
+    for blk in range(L // b):
+        lo, hi = P + blk * b, P + (blk + 1) * b  # the block's columns in x
+        r = slice(lo - P, hi - P)  # and in the response
+        credit_sum = 0.0  # trace credit of the block's positions (remasking="credit")
+        for s, k in enumerate(ks):
+            still_masked = x[:, lo:hi] == mask  # (B, b)
+            if not still_masked.any():  # parallel rules and hinted blocks can end a block early
+                break
+            t = blk * T_B + s  # global step index
+            logp = F.log_softmax(blocks.logits(x, lo, hi) / tau, dim=-1)  # (B, b, V)
+            cand = sample_candidates(logp, temperature, generator)  # (B, b)
+            cand_logp = logp.gather(-1, cand[..., None]).squeeze(-1)  # (B, b) log μ_θ(candidate)
+            # the position rule's score: confidence log μ_θ(candidate), or a variation of it
+            if remasking == "random":  # reveal k positions uniformly at random among the masked
+                score = random_scores(B, b, generator, x.device)
+            elif remasking == "credit":
+                score, credit_sum = credit_scores(cand_logp, logp, cand, credit_sum, credit)
+            else:
+                score = cand_logp.clone()
+            if eos_factor < 1 and remasking != "random":
+                score = eos_rejection(score, cand, eos_id, eos_factor, t, (L // b) * T_B)
+            score = score.masked_fill(~still_masked, float("-inf"))  # revealed tokens stay
+            if k is None:  # threshold, credit: every confident position, at least the best one
+                reveal = confident_positions(score, threshold)
+            else:  # the k best positions
+                reveal = torch.zeros_like(still_masked).scatter_(1, score.topk(k, -1).indices, True)
+            # & still_masked: a finished or hinted block may have fewer than k masked positions
+            reveal &= still_masked
+            x[:, lo:hi] = torch.where(reveal, cand, x[:, lo:hi])
+            unmask_step[:, r] = torch.where(reveal, t, unmask_step[:, r])
+            logp_at_reveal[:, r] = torch.where(reveal, cand_logp, logp_at_reveal[:, r])
+        blocks.finish(x, lo, hi)
+
+    traj = Trajectory(tokens=x, unmask_step=unmask_step, logp_at_reveal=logp_at_reveal,
+                      prompt_len=P, block_size=b, steps_per_block=T_B,
+                      temperature=float(temperature), remasking=remasking, mask_id=mask,
+                      eos_factor=float(eos_factor))
+    if remasking in PARALLEL:  # T_B becomes the most steps any block took
+        done = unmask_step >= 0
+        traj.renumber(int((unmask_step % T_B)[done].max()) + 1 if done.any() else 1)
+    return traj
+
+
+# --------------------------------------------------------------------------------------------------
+# generate's parts: each variation of LLaDA's loop is one of these
+
+
+def _check_options(cfg, prompts, block_size, temperature, remasking, threshold, eos_factor,
+                   eos_id):
+    """ValueError naming the option for options `generate` cannot decode with."""
     if remasking not in REMASKING:
         raise ValueError(f"remasking={remasking!r} is not one of {REMASKING}")
     if temperature < 0:
@@ -205,84 +253,75 @@ def generate(model, prompts, *, block_size=None, steps_per_block=None, temperatu
     if cfg.layout == "block" and block_size != cfg.block_size:
         raise ValueError(f"block layout: block_size={block_size} "
                          f"must equal the model's {cfg.block_size}")
-    B, P = prompts.shape
-    L = cfg.response_len
-    if P != cfg.prompt_len:
-        raise ValueError(f"prompts have length {P}, the model expects prompt_len={cfg.prompt_len}")
-    if remasking in PARALLEL:  # the rule decides how many tokens a step reveals: up to b steps
-        if steps_per_block is not None or schedule != "uniform":
-            raise ValueError(f"remasking={remasking!r} chooses how many tokens each step reveals: "
-                             "leave steps_per_block and schedule unset")
-        ks = [None] * block_size
-    else:
-        ks = reveal_schedule(block_size, steps_per_block, schedule)
-    T_B, n_blocks = len(ks), L // block_size
-    tau = temperature if temperature > 0 else 1.0  # log-probs recorded at the rollout temperature
-    device = prompts.device
+    if prompts.shape[1] != cfg.prompt_len:
+        raise ValueError(f"prompts have length {prompts.shape[1]}, the model expects "
+                         f"prompt_len={cfg.prompt_len}")
+
+
+def step_counts(block_size, steps_per_block, schedule, remasking) -> list:
+    """k_s of each within-block step: the schedule's (reveal_schedule), or b steps of None for
+    the parallel rules, which decide at each step how many positions to reveal."""
+    if remasking not in PARALLEL:
+        return reveal_schedule(block_size, steps_per_block, schedule)
+    if steps_per_block is not None or schedule != "uniform":
+        raise ValueError(f"remasking={remasking!r} chooses how many tokens each step reveals: "
+                         "leave steps_per_block and schedule unset")
+    return [None] * block_size
+
+
+class BlockForward:
+    """The model's logits at one block's positions, given the whole sequence x (B, P+L).
+    With the cache (block layout only): keys and values of the prompt and of finished blocks are
+    computed once, since nothing in them attends to later blocks; the block sees them and itself.
+    Without: the whole sequence is recomputed at every step."""
+
+    def __init__(self, model, prompts, use_cache):
+        self.model, self.past = model, None
+        if use_cache:  # the prompt (block 0) only sees itself: its keys/values are final now
+            P = prompts.shape[1]
+            _, self.past = model(prompts, attn_mask=prompts.new_ones(P, P, dtype=torch.bool),
+                                 return_kv=True)
+
+    def _inputs(self, x, lo, hi):
+        positions = torch.arange(lo, hi, device=x.device)
+        return x[:, lo:hi], positions, torch.ones(hi - lo, hi, dtype=torch.bool, device=x.device)
+
+    def logits(self, x, lo, hi):
+        if self.past is None:
+            return self.model(x)[:, lo:hi]  # (B, b, V)
+        return self.model(*self._inputs(x, lo, hi), self.past)  # (B, b, V)
+
+    def finish(self, x, lo, hi):
+        """The block is decoded: append its keys/values, now final, to the cache."""
+        if self.past is not None:
+            _, kv = self.model(*self._inputs(x, lo, hi), self.past, return_kv=True)
+            self.past = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+                         for (pk, pv), (k, v) in zip(self.past, kv)]
+
+
+def random_scores(B, b, generator, device):
+    """remasking="random": i.i.d. uniform scores, so the top k are a uniform k-subset."""
     gen_device = generator.device if generator is not None else device
-    use_cache = kv_cache and cfg.layout == "block"
+    return torch.rand(B, b, generator=generator, device=gen_device).to(device)  # (B, b)
 
-    x = torch.cat([prompts, prompts.new_full((B, L), cfg.mask_id)], dim=1)  # (B, P+L)
-    unmask_step = torch.full((B, L), -1, dtype=torch.long, device=device)
-    if hints is not None:  # inpainting: the hinted tokens are there from the start (step −1)
-        x[:, P:] = hints
-    logp_at_reveal = torch.zeros(B, L, device=device, dtype=model.embed.weight.dtype)
-    if use_cache:  # the prompt (block 0) only sees itself: its keys/values are final from the start
-        _, past = model(prompts, attn_mask=prompts.new_ones(P, P, dtype=torch.bool), return_kv=True)
 
-    for blk in range(n_blocks):
-        lo, hi = P + blk * block_size, P + (blk + 1) * block_size  # the block's columns in x
-        positions = torch.arange(lo, hi, device=device)
-        see_all = torch.ones(block_size, hi, dtype=torch.bool, device=device)  # (b, lo+b)
-        credit_sum = 0.0  # trace credit of the block's positions, (B, b, V) after the first step
-        for s, k in enumerate(ks):
-            still_masked = x[:, lo:hi] == cfg.mask_id  # (B, b)
-            if not still_masked.any():  # parallel rules and hinted blocks can end a block early
-                break
-            t = blk * T_B + s  # global step index
-            if use_cache:  # the block sees the cached prompt + finished blocks, and itself
-                logits = model(x[:, lo:hi], positions, see_all, past)  # (B, b, V)
-            else:  # recompute the whole sequence; keep this block's logits
-                logits = model(x)[:, lo:hi]  # (B, b, V)
-            logp = F.log_softmax(logits / tau, dim=-1)  # (B, b, V)
-            cand = sample_candidates(logp, temperature, generator)  # (B, b)
-            cand_logp = logp.gather(-1, cand[..., None]).squeeze(-1)  # (B, b) log μ_θ(candidate)
-            if remasking == "random":  # reveal k positions uniformly at random among the masked
-                score = torch.rand(B, block_size, generator=generator, device=gen_device).to(device)
-            else:  # the candidate's confidence: reveal the most probable ones
-                score = cand_logp.clone()
-            if remasking == "credit":  # fused: log μ_v + λ log(1 + C_v), renormalised
-                decay, fusion, exponent = credit
-                credit_sum = trace_credit(credit_sum + torch.zeros_like(logp), logp, decay,
-                                          exponent)
-                fused = F.log_softmax(logp + fusion * credit_sum.log1p(), dim=-1)
-                score = torch.maximum(score, fused.gather(-1, cand[..., None]).squeeze(-1))
-            if eos_factor < 1 and remasking != "random":  # EOS early rejection: γ_t from γ_0 to 1
-                gamma = eos_factor + (1 - eos_factor) * t / max(n_blocks * T_B - 1, 1)
-                score = torch.where(cand == eos_id, score + math.log(gamma), score)
-            score = score.masked_fill(~still_masked, float("-inf"))  # revealed tokens stay
-            if remasking in PARALLEL:  # every confident position, and at least the best one
-                best = F.one_hot(score.argmax(-1), block_size).bool()  # (B, b)
-                reveal = (score >= math.log(threshold)) | best
-            else:  # the k best positions
-                chosen = score.topk(k, dim=-1).indices  # (B, k)
-                reveal = torch.zeros_like(still_masked).scatter_(1, chosen, True)
-            # & still_masked: a finished or hinted block may have fewer than k masked positions
-            reveal &= still_masked
-            x[:, lo:hi] = torch.where(reveal, cand, x[:, lo:hi])
-            r = slice(lo - P, hi - P)  # the block's columns in the response
-            unmask_step[:, r] = torch.where(reveal, t, unmask_step[:, r])
-            logp_at_reveal[:, r] = torch.where(reveal, cand_logp, logp_at_reveal[:, r])
-        if use_cache:  # the finished block's keys/values are final now: append them to the cache
-            _, kv = model(x[:, lo:hi], positions, see_all, past, return_kv=True)
-            past = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
-                    for (pk, pv), (k, v) in zip(past, kv)]
+def credit_scores(cand_logp, logp, cand, credit_sum, credit):
+    """remasking="credit" (CreditDecoding): the confidence raised to the candidate's probability
+    under the fused distribution log μ_v + λ log(1 + C_v), renormalised -> (score, credit_sum)."""
+    decay, fusion, exponent = credit
+    credit_sum = trace_credit(credit_sum + torch.zeros_like(logp), logp, decay, exponent)
+    fused = F.log_softmax(logp + fusion * credit_sum.log1p(), dim=-1)  # (B, b, V)
+    return torch.maximum(cand_logp, fused.gather(-1, cand[..., None]).squeeze(-1)), credit_sum
 
-    traj = Trajectory(tokens=x, unmask_step=unmask_step, logp_at_reveal=logp_at_reveal,
-                      prompt_len=P, block_size=block_size, steps_per_block=T_B,
-                      temperature=float(temperature), remasking=remasking, mask_id=cfg.mask_id,
-                      eos_factor=float(eos_factor))
-    if remasking in PARALLEL:  # T_B becomes the most steps any block took
-        done = unmask_step >= 0
-        traj.renumber(int((unmask_step % T_B)[done].max()) + 1 if done.any() else 1)
-    return traj
+
+def eos_rejection(score, cand, eos_id, eos_factor, t, num_steps):
+    """CJ-GRPO's EOS early rejection: an EOS candidate's confidence × γ_t, γ_t ramping linearly
+    from eos_factor at the first step to 1 at the last (log space: + log γ_t)."""
+    gamma = eos_factor + (1 - eos_factor) * t / max(num_steps - 1, 1)
+    return torch.where(cand == eos_id, score + math.log(gamma), score)
+
+
+def confident_positions(score, threshold):
+    """The parallel rules: every position whose score clears log(threshold), and the best one."""
+    best = F.one_hot(score.argmax(-1), score.shape[-1]).bool()  # (B, b)
+    return (score >= math.log(threshold)) | best

@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .config import (BadInput, arg, autocast, check, folder_problem, parse_options, pick_device,
-                     ratio_or_minus_one)
+from .config import BadInput, arg, autocast, check, folder_problem, parse_options, pick_device
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .tasks import TASKS, get_task
@@ -35,27 +34,31 @@ class SFTConfig(RunConfig):
     # key=value pairs, because each task has its own options (validated by the task's constructor)
     task_options: str = arg("", "task options as key=value,... (e.g. digits=4 or max_blanks=12)")
     layout: str = arg("block", "attention layout", LAYOUTS)
-    d_model: int = arg(128, "residual width", ge=1)
-    n_layers: int = arg(0, "transformer blocks (0: the task's recipe, Task.sft_recipe)", ge=0)
-    n_heads: int = arg(4, "attention heads", ge=1)
-    block_size: int = arg(0, "response tokens per block b (0: the task's default)", ge=0)
+    d_model: int = arg(128, "residual width", ge=1, group="model")
+    n_layers: int = arg(0, "transformer blocks (0: the task's recipe, Task.sft_recipe)", ge=0,
+                       group="model")
+    n_heads: int = arg(4, "attention heads", ge=1, group="model")
+    block_size: int = arg(0, "response tokens per block b (0: the task's default)", ge=0,
+                         group="model")
     init: str = arg("", "start from this checkpoint's weights (same architecture)")
     batch_size: int = arg(0, "sequences per step (0: the task's recipe)", ge=0)
     lr: float = arg(2e-3, "peak AdamW learning rate", gt=0)
     min_lr_ratio: float = arg(-1.0, "final learning rate as a fraction of lr, cosine decay (1: "
                                     "constant; -1: the task's recipe)",
-                                    valid=ratio_or_minus_one("task's recipe"))
-    warmup_steps: int = arg(50, "linear warm-up steps", ge=0)
+                              valid=lambda v: None if v == -1 or 0 <= v <= 1 else
+                              "a number in [0, 1], or -1 (task's recipe)", group="optimizer")
+    warmup_steps: int = arg(50, "linear warm-up steps", ge=0, group="optimizer")
     t_min: float = arg(1e-3, "noise levels t ~ U(t_min, 1) (LLaDA's ε; 1: every response token "
                              "masked, the autoregressive loss in the block layout with "
-                             "block_size = 1)", gt=0, le=1)
-    ema: float = arg(0.99, "EMA decay of the evaluated weights (0: no EMA)", ge=0, lt=1)
+                             "block_size = 1)", gt=0, le=1, group="optimizer")
+    ema: float = arg(0.99, "EMA decay of the evaluated weights (0: no EMA)", ge=0, lt=1,
+                       group="optimizer")
     max_steps: int = arg(100_000, "stop after this many optimizer steps", ge=1)
     eval_every: int = arg(100, "evaluate and checkpoint every this many steps (0: at the end)",
-                          ge=0)
+                          ge=0, group="evaluation")
     out_dir: str = arg("runs/sft", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves",
                        valid=folder_problem)
-    compile: bool = arg(False, "torch.compile the model (opt-in)")
+    compile: bool = arg(False, "torch.compile the model (opt-in)", group="model")
 
     def __post_init__(self):
         super().__post_init__()

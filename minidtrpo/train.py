@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, check,
-                     device_problem, folder_problem, read_saved, write_json)
+                     device_arg, folder_problem, read_saved, write_json)
 from .folders import (CHECKPOINT, FolderLock, interrupt_on_sigterm, read_metrics,
                       remove_stale_files, resume_state)
 from .model import MaskedDiffusionTransformer, ModelConfig
@@ -28,39 +28,45 @@ from .tasks import get_task
 
 
 @dataclass
-class RunConfig(Config):
-    """What every kind of run (sft, rl, dpo) shares."""
-    seed: int = arg(0, "seed of every generator of the run (one per purpose)", ge=0, lt=2**31)
-    time_budget: float = arg(0.0, "stop after this many training seconds, evaluation excluded "
-                                  "(0: no limit)", ge=0)
-    eval_every: int = arg(10, "evaluate and checkpoint every this many iterations (0: at the end)",
-                          ge=0)
-    eval_every_s: float = arg(0.0, "also evaluate each time this many more training seconds passed",
-                              ge=0)
-    eval_n: int = arg(500, "fixed test problems per evaluation (greedy decoding)", ge=1)
-    steps_per_block: int = arg(0, "sampler steps per block T_B at evaluation (0: block_size)", ge=0)
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps", valid=device_problem)
-    out_dir: str = arg("runs/run", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves",
-                       valid=folder_problem)
-    resume: bool = arg(False, "continue the run saved in out_dir")
-    lr: float = arg(1e-4, "AdamW learning rate (the peak, where a schedule decays it; tune per "
-                          "objective: README)", gt=0)
-    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
-    grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0)
+class StepsConfig(Config):
+    """The sampler's steps per block: every command that decodes has this option."""
+    steps_per_block: int = arg(0, "sampler steps per block T_B of rollouts, pairs and evaluation "
+                               "(0: the block size b, one token per step)", ge=0, group="decoding")
 
 
 @dataclass
-class DecodingConfig(Config):
+class RunConfig(StepsConfig):
+    """What every kind of run (sft, rl, dpo) shares."""
+    seed: int = arg(0, "seed of every generator of the run (one per purpose)", ge=0, lt=2**31)
+    lr: float = arg(1e-4, "AdamW learning rate (the peak, where a schedule decays it)", gt=0)
+    time_budget: float = arg(0.0, "stop after this many training seconds, evaluation excluded "
+                                  "(0: no limit)", ge=0)
+    device: str = device_arg()
+    out_dir: str = arg("runs/run", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves",
+                       valid=folder_problem)
+    resume: bool = arg(False, "continue the run saved in out_dir")
+    eval_every: int = arg(10, "evaluate and checkpoint every this many iterations (0: at the end)",
+                          ge=0, group="evaluation")
+    eval_every_s: float = arg(0.0, "also evaluate each time this many more training seconds passed",
+                              ge=0, group="evaluation")
+    eval_n: int = arg(500, "fixed test problems per evaluation (greedy decoding)", ge=1,
+                      group="evaluation")
+    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0, group="optimizer")
+    grad_clip: float = arg(1.0, "gradient norm clip (0: off)", ge=0, group="optimizer")
+
+
+@dataclass
+class DecodingConfig(StepsConfig):
     """How rollouts and pairs are decoded (sampling.generate, docs/math.md §3 "Decoding rules")."""
     remasking: str = arg("low_confidence", "position rule: which positions a step reveals",
-                         REMASKING)
-    steps_per_block: int = arg(0, "sampler steps per block T_B (0: block_size)", ge=0)
+                         REMASKING, group="decoding")
     schedule: str = arg("uniform", "tokens per step: uniform (LLaDA) or ascending (CJ-GRPO: "
-                                   "1, 2, 4, ... per block)", SCHEDULES)
+                                   "1, 2, 4, ... per block)", SCHEDULES, group="decoding")
     threshold: float = arg(0.9, "remasking=threshold or credit: reveal every position at least "
-                                "this confident", gt=0, le=1)
+                                "this confident", gt=0, le=1, group="decoding")
     eos_factor: float = arg(1.0, "EOS early rejection (CJ-GRPO): an EOS candidate's confidence "
-                                 "× a factor ramping from this to 1 (1: off)", gt=0, le=1)
+                                 "× a factor ramping from this to 1 (1: off)", gt=0, le=1,
+                            group="decoding")
 
     def __post_init__(self):
         super().__post_init__()

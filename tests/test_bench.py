@@ -1,6 +1,6 @@
 """Smoke runs of the benchmarks on small sizes: each runs its updates through the functions training
-calls and ends with its JSON line (the README has the measurements). Rows and memory are asserted,
-never seconds: timings belong to the benchmarks themselves."""
+calls and ends with its JSON line (docs/results.md has the measurements). Rows and memory are
+asserted, never seconds: timings belong to the benchmarks themselves."""
 
 import json
 import os

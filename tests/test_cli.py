@@ -123,18 +123,23 @@ def test_bad_input_is_one_clear_line(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
-def test_resume_a_run_saved_before_an_option_existed(tmp_path, capsys):
-    """An option the checkpoint predates counts as its default, which is how that run behaved;
-    any other value is another run's option."""
+def test_a_run_saved_with_other_options_is_refused_in_one_line(tmp_path, capsys):
+    """A checkpoint saved by another version of minidtrpo (an option it lacks, or one that no
+    longer exists) is refused with one line naming the options, not migrated."""
     out = str(tmp_path / "run")
     main(["sft", *TINY, "--max_steps=4", "--eval_every=4", f"--out_dir={out}"])
     path = os.path.join(out, "checkpoint.pt")
     state = torch.load(path, weights_only=True)
-    del state["config"]["t_min"]  # as saved before sft had --t_min
-    torch.save(state, path)
-    with pytest.raises(SystemExit) as e:
-        main(["sft", *TINY, "--max_steps=6", "--t_min=0.5", f"--out_dir={out}", "--resume"])
-    assert e.value.code == 2 and "t_min=0.001 there, 0.5 here" in capsys.readouterr().err
+    for config in ({k: v for k, v in state["config"].items() if k != "t_min"},  # predates t_min
+                   {**state["config"], "old_option": 1}):  # an option since removed
+        torch.save({**state, "config": config}, path)
+        with pytest.raises(SystemExit) as e:
+            main(["sft", *TINY, "--max_steps=6", f"--out_dir={out}", "--resume"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1
+        assert "saved by another version of minidtrpo" in err
+        assert "t_min" in err or "old_option" in err
+    torch.save(state, path)  # as saved: it resumes
     main(["sft", *TINY, "--max_steps=6", "--eval_every=4", f"--out_dir={out}", "--resume"])
     assert sum("loss" in r for r in read_metrics(out)) == 6
 

@@ -14,11 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import minidtrpo.igpo as igpo_module
 import minidtrpo.rl as rl_module
 import minidtrpo.train as train_module
 from conftest import perturbed, random_prompts, tiny_model
 from minidtrpo.__main__ import main
 from minidtrpo.compare import interval, reusable, stops_alike
+from minidtrpo.config import BadInput
 from minidtrpo.estimators import reduced_trajectory_logprob, trajectory_logprob
 from minidtrpo.objectives import dpo_loss
 from minidtrpo.preference import dpo_full_trajectory
@@ -243,26 +245,19 @@ def test_compare_in_process(full_ckpt, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["compare", f"--init={full_ckpt}", "--objectives=grpo", f"--out_dir={tmp_path}"])
     assert e.value.code == 2
-    # a finished run is reused; an option added after it was saved counts as the value it trained
-    # with; another value is new
+    # a finished run is reused; another value of an option is another run; a run saved by
+    # another version of minidtrpo (here: without elbo_masks) is refused
     folder = tmp_path / "diffu_grpo" / "seed0"
     state = torch.load(folder / "checkpoint.pt", weights_only=True)
     cfg = RLConfig(**state["config"])
     assert reusable(str(folder), cfg) == "done"
+    assert reusable(str(folder), RLConfig(**{**state["config"], "elbo_masks": "uniform"})) == "new"
+    assert reusable(str(folder), RLConfig(**{**state["config"], "min_lr_ratio": 0.1})) == "new"
     del state["config"]["elbo_masks"]
     torch.save(state, folder / "checkpoint.pt")
-    assert reusable(str(folder), cfg) == "done"
-    assert reusable(str(folder), RLConfig(**{**state["config"], "elbo_masks": "uniform"})) == "new"
-    # a run saved before `min_lr_ratio` existed trained at a constant rate, not at today's default
-    del state["config"]["min_lr_ratio"]
-    torch.save(state, folder / "checkpoint.pt")
-    assert RLConfig().min_lr_ratio == -1 and cfg.min_lr_ratio == 1.0  # test_compare's --rl_args
-    assert reusable(str(folder), cfg) == "done"
-    assert reusable(str(folder), RLConfig(**{**state["config"], "min_lr_ratio": 0.1})) == "new"
-    # -1 compares as what it stands for on the run's model: 0.1 in the full layout
-    assert reusable(str(folder), RLConfig(**{**state["config"], "min_lr_ratio": -1})) == "new"
-    torch.save({**state, "config": {**state["config"], "min_lr_ratio": 0.1}}, folder / "checkpoint.pt")
-    assert reusable(str(folder), RLConfig(**{**state["config"], "min_lr_ratio": -1})) == "done"
+    with pytest.raises(BadInput, match="saved by another version of minidtrpo"):
+        reusable(str(folder), cfg)
+    state["config"]["elbo_masks"] = cfg.elbo_masks
     torch.save(state, folder / "checkpoint.pt")
     # the same training run asked for with another evaluation cadence and an iteration limit it
     # never reached is reused; a longer time budget (this run stopped on its 0.3 s) is not
@@ -326,7 +321,7 @@ def test_compare_interval_is_the_t_interval_of_the_mean():
 
 
 def test_compare_reuses_a_run_only_where_it_would_stop_alike():
-    """The README's block-layout runs: `rl` (max_iters 1000) and `dpo` (no time budget, ended by its
+    """Block-layout runs made by `rl` (max_iters 1000) and `dpo` (no time budget, ended by its
     epochs) gathered by compare (max_iters 100000, time budget 600) are the same training runs."""
     rl_run = {"max_iters": 1000, "time_budget": 600.0}
     asked = {"max_iters": 100_000, "time_budget": 600.0}
@@ -346,16 +341,6 @@ def test_rl_warmup_ramps_the_learning_rate(full_ckpt, tmp_path):
           "--min_lr_ratio=1", "--max_iters=4", "--eval_every=0", f"--out_dir={tmp_path}", *TINY_RL])
     lrs = [r["lr"] for r in rows(tmp_path) if "test_exact" not in r]
     assert lrs == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])  # lr · (it + 1) / 3, then lr
-
-
-def test_rl_default_rate_follows_the_layout(ckpt, layout, tmp_path):
-    """min_lr_ratio = -1 (the default): a cosine to 0.1·lr in the full layout, constant in the block
-    layout (rl.MIN_LR_RATIO)."""
-    main(["rl", f"--init={ckpt}", "--objective=diffu_grpo", "--lr=4e-4", "--max_iters=3",
-          "--eval_every=0", f"--out_dir={tmp_path}", *TINY_RL])
-    lrs = [r["lr"] for r in rows(tmp_path) if "test_exact" not in r]
-    # lr · (0.1 + 0.9 · (1 + cos(π · it / 3)) / 2) at it = 0, 1, 2 in the full layout
-    assert lrs == pytest.approx([4e-4, 3.1e-4, 1.3e-4] if layout == "full" else [4e-4] * 3)
 
 
 def test_rl_cosine_decay_ends_at_min_lr_ratio(full_ckpt, tmp_path):
@@ -407,7 +392,7 @@ def test_igpo_replaces_an_all_wrong_groups_first_responses_with_hinted_correct_o
                                                 generator=gens["rollout"])
     assert not exact.any()  # the premise: every group is all wrong
     before = traj.responses.clone()
-    stats = rl_module.inpaint(cfg, policy, task, traj, rewards, exact, answers, gens)
+    stats = igpo_module.inpaint(cfg, policy, task, traj, rewards, exact, answers, gens)
     assert stats == {"igpo_groups": 3, "igpo_replaced": 6}
     replaced = torch.tensor([1, 1, 0, 0] * 3, dtype=torch.bool)  # ⌊0.5·4⌋ = 2 per group
     assert exact.equal(replaced) and (rewards[replaced] == 1).all()

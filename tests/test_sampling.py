@@ -224,7 +224,7 @@ def test_hints_stay_fixed_and_the_trajectory_scores_only_what_was_decoded(layout
     changed), the free positions are decoded at ≤ k_s per step, and the exact trajectory
     log-prob still equals Σ logp_at_reveal (P1), the hints adding nothing."""
     from minidtrpo.estimators import trajectory_logprob
-    from minidtrpo.sampling import sample_hints
+    from minidtrpo.igpo import sample_hints
     model = tiny_model(layout)
     prompts = random_prompts(8)
     answers = torch.randint(0, 11, (8, 8), generator=torch.Generator().manual_seed(5))

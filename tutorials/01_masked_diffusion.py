@@ -316,9 +316,8 @@ assert abs(per_token.item() - math.log(47)) < 0.3
 # cosine decay, and an EMA of the weights, which is the model that gets evaluated and saved. It uses
 # the block layout with the [x ; y ; ỹ] trick above. It prints its config, shows a progress bar, and
 # at the end decodes the held-out test puzzles greedily (their solution grids never occur in
-# training). With the default settings this takes about a minute on one CPU thread. (The README's
-# "Supervised training" results report 93.6% exact after 60 CPU seconds with a bigger,
-# 0.8M-parameter model.)
+# training). With the default settings this takes about a minute on one CPU thread.
+# (docs/results.md, "Supervised training", has the default 0.8M-parameter model's scores.)
 
 # %%
 if QUICK:

@@ -390,7 +390,7 @@ assert ((mc.mean(0) - elbo).abs() < 4 * mc.std(0) / math.sqrt(R)).all()
 # `elbo_terms` keeps the earlier blocks clean and the later ones masked and scores one block per
 # sample: the ELBO of the block-by-block orders (its own P11 test). For BGPO on full-layout sudoku
 # this one change is the difference between losing 8 points and gaining 10 at the same learning rate
-# (README, "Objectives head to head"); `rl` and `dpo` use it by default in the full layout
+# (docs/results.md, "What did not help"); `rl` and `dpo` use it by default in the full layout
 # (`--elbo_masks=auto`).
 
 # %% [markdown]

@@ -59,7 +59,8 @@ print(f"quick mode: {QUICK}; runs and figures go to {OUT}")
 # Sudoku with 8–12 blanks per puzzle, 120 steps of masked-diffusion SFT in the block layout
 # (blocks of 4 tokens, one token revealed per sampler step). That leaves a model that solves about
 # 3 puzzles in 10 greedily: room to improve, and enough right answers among 8 samples per puzzle
-# for GRPO's groups to carry a signal. It is the start of the README's block-layout recipe.
+# for GRPO's groups to carry a signal. It is the start of `python -m minidtrpo demo` and of the
+# block-layout recipe in docs/results.md.
 
 # %%
 sft_dir = OUT / "sft"
@@ -85,10 +86,10 @@ print(f"start: {100 * start['exact']:.1f}% of {start['n']} test puzzles exact, "
 # (P2). Under low confidence it does not, so the objectives follow a gradient that is not the
 # gradient of what the sampler does. How far apart are the two? Below: the policy gradient
 # $\sum_i A_i \nabla_\theta \log \pi_\theta(\tau_i)$ on this start's own rollouts, with and without
-# $\log S_t$, and their cosine. The estimator report (README, "Estimators") measures a close
-# relative, the cosine of the two log-ratio gradients (no advantages, a slightly perturbed policy):
-# 0.375 on this very start, 0.31 on a fully trained, confident block-layout model, 0.84 in the
-# full layout.
+# $\log S_t$, and their cosine. The estimator report (docs/results.md, "Estimators") measures a
+# close relative, the cosine of the two log-ratio gradients (no advantages, a slightly perturbed
+# policy): 0.375 on this very start, 0.31 on a fully trained, confident block-layout model, 0.84 in
+# the full layout.
 
 # %%
 policy, task = load(init, "cpu")
@@ -114,8 +115,8 @@ print(f"{len(traj.tokens)} rollouts, {100 * adv_stats['zero_adv_frac']:.0f}% of 
 assert -1 <= cosine <= 1 and g_tokens.norm() > 0
 
 # %% [markdown]
-# Weighted by the advantages, the two gradients agree far better (the number printed above; 0.79
-# when this was written) than the report's unweighted log-ratio gradients on the same start (0.375).
+# Weighted by the advantages, the two gradients agree far better (the number printed above) than
+# the report's unweighted log-ratio gradients on the same start (0.375).
 # Without advantages, the gradient of the true log-probability of trajectories sampled by the policy
 # itself has mean zero (the score-function identity), so that cosine compares directions made mostly
 # of sampling noise; the advantages keep the part that RL follows, and there log S_t moves the
@@ -123,8 +124,9 @@ assert -1 <= cosine <= 1 and g_tokens.norm() > 0
 # log-ratio by −0.034 nats on average on this start against −1.30 on the confident model. So the
 # selection term should not be what slows learning here, at the start of RL; it may matter more as
 # the model grows confident. A cosine below 1 still means each step moves the probability of the
-# sampler's trajectories only partly in the intended direction (README, "Block layout": adding log
-# S_t to the ratio trained the sampler's own rollouts faster but greedy accuracy less). The report's
+# sampler's trajectories only partly in the intended direction (docs/results.md, "What did not
+# help": adding log S_t to the ratio trained the sampler's own rollouts faster but greedy accuracy
+# less). The report's
 # other prediction is **cost**, in forward rows per response: in the block layout full-trajectory
 # GRPO runs T_B = 4 rows of [x ; y ; ỹ] (one per within-block step), BGPO n_mc = 4 (one per Monte
 # Carlo sample, backpropagated one at a time), and dTRPO 1, the reference's term being read from the
@@ -133,9 +135,9 @@ assert -1 <= cosine <= 1 and g_tokens.norm() > 0
 #
 # ## 3. Three objectives from the same start
 #
-# Each run uses its command's defaults (the README's recipe): 64 puzzles × 8 rollouts per RL
-# iteration, a constant learning rate of 1e-4 (the block layout's default; in the full layout `rl`
-# decays it to 0.1·lr, README "The RL learning rate"), every update clipped to norm 1; DPO at
+# Each run uses its command's defaults (the block-layout recipe): 64 puzzles × 8 rollouts per RL
+# iteration, a constant learning rate of 1e-4 (`--min_lr_ratio=0.1` decays it, the full layout's
+# recipe), every update clipped to norm 1; DPO at
 # β = 1, lr 3e-5, 10 epochs over its pairs. Only the budgets are small, and the pairs come from
 # 1,024 puzzles instead of 4,096 so that sampling them takes seconds. Every run evaluates greedy
 # decoding of the same 200 test puzzles every 20 training seconds.
@@ -207,37 +209,33 @@ print(f"figure: {OUT / '04_rl_in_practice.png'}")
 # %% [markdown]
 # ## 5. What the runs show
 #
-# One run of this file on the project's 2-core CPU (2026-12-06) printed, from a 25.0% start on
-# these 200 puzzles: full-trajectory GRPO 31.5% (+6.5; 21 updates in 90 s), BGPO 32.0% (+7.0; 23
-# updates, after a dip to 27.5% at 81 s), dTRPO 34.5% (+9.5; 630 updates, its 10 epochs, in 38 s).
-# The cosine of section 2 was 0.79 and the whole file took 4 min 38 s (a run on 2026-12-01 printed
-# the same final rows). With 200 test puzzles, ±3 points is noise, and one seed is one draw; the
-# README gives three seeds, 500 puzzles and 600 s per run from the same kind of start
-# (full-trajectory +14.6, BGPO +16.9, dTRPO +9.8 points).
+# The table above is this run's own result; the dictionary below repeats its gains. With 200 test
+# puzzles a score has a binomial standard error of about ±3 points, so a gain of a few points in
+# one seed is within the noise: docs/results.md gives three seeds, 500 puzzles and 600 s per run
+# from the same kind of start ("Block layout: the recipe, three seeds").
 #
 # - **dTRPO gains fastest per second.** The `rows/response` column is the report's cost
 #   prediction, measured: one row per response for dTRPO, against T_B = 4 for full-trajectory GRPO
 #   and n_mc = 4 for BGPO (at constant activation memory). One update (16 pairs) takes a few
-#   hundredths of a second against 3–4 s for an online update on 512 rollouts, so 45 s is hundreds
-#   of updates. What it pays instead is that its pairs are fixed: it learns only
-#   from responses the start sampled, and in the README's runs it levels off near +10 while the
-#   online objectives keep climbing.
-# - **The rollouts' reward shows no trend in 90 s.** Its mean over the last 5 iterations stays
-#   within 0.64–0.67 while greedy test accuracy rises: at temperature 1 each iteration's reward is
-#   measured on new puzzles, and its noise is as large as the change. Test accuracy is the signal.
+#   hundredths of a second against seconds for an online update on 512 rollouts, so its budget is
+#   hundreds of updates. What it pays instead is that its pairs are fixed: it learns only from
+#   responses the start sampled, and in longer runs it levels off while the online objectives keep
+#   climbing.
+# - **The rollouts' reward is a noisy signal over a few iterations**: at temperature 1 each
+#   iteration's reward is measured on new puzzles, and its noise is as large as the change. Greedy
+#   test accuracy on fixed puzzles is the signal.
 # - **The online objectives start slowly.** Each iteration is 512 rollouts and one step at lr 1e-4,
-#   so 90 s is about 20 steps: the recipe is tuned for 600 s, where it gains 15 points. One batch's
-#   policy gradient is mostly noise (README, `bench/gradient_alignment.py`: two batches' gradients
-#   at cosine 0.19), which is why the recipe samples 64 puzzles per iteration, not 16. The
-#   README's main command doubles BGPO's rate for its 36 iterations.
+#   so 90 s is a few dozen steps at most. One batch's policy gradient is mostly noise
+#   (`bench/gradient_alignment.py` in docs/results.md), which is why the recipe samples 64 puzzles
+#   per iteration, not 16; the demo doubles BGPO's rate for its 36 iterations.
 # - **BGPO gains in this layout only with the right Monte Carlo masks.** Its ELBO masks are the
 #   rollout's own visited states in the block layout (`elbo_masks=auto`), not the paper's uniform
 #   masks: with uniform masks most samples score states this sampler never visits, and BGPO did not
-#   gain here (README, "Block layout").
+#   gain here (docs/results.md, "What did not help").
 # - **The selection term.** Training on the full log-probability, $\log S_t$ included
-#   (`rl --position_term=true`), is measured in the README next to the recipe.
+#   (`rl --position_term=true`), is measured in docs/results.md next to the recipe.
 #
-# To compare the objectives with seeds and intervals, run `python -m minidtrpo compare` (README).
+# To compare the objectives with seeds and intervals, run `python -m minidtrpo compare`.
 
 # %%
 print({name: round(gain, 1) for name, gain in gains.items()})

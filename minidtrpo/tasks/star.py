@@ -23,7 +23,7 @@ class Star(Task):
 
     name = "star"
     # A small model, small batches and a constant rate leave the lookup plateau in the fewest
-    # steps and seconds found (docs/recipes.md, "Star graph")
+    # steps and seconds found (docs/results.md, "Supervised training")
     sft_recipe = {"n_layers": 2, "batch_size": 32, "min_lr_ratio": 1.0}
 
     def __init__(self, degree: int = 2, path_len: int = 4, num_nodes: int = 20,
