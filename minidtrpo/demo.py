@@ -35,7 +35,8 @@ class DemoConfig(CompareConfig):
     dpo_args: str = arg("epochs=5", "dpo options for the DPO runs")
     objectives: str = arg("full_trajectory,bgpo,dpo_dtrpo", "comma-separated objectives")
     seeds: str = arg("0", "comma-separated seeds; each objective runs once per seed")
-    # The counts above end every run; the budget is only a cap far beyond them.
+    # The counts above end every run; the budgets are only caps far beyond them.
+    sft_budget: float = arg(3600.0, "cap on the start's SFT seconds", gt=0)
     budget: float = arg(3600.0, "cap on each run's training seconds", gt=0)
     eval_every_s: float = arg(90.0, "also evaluate every this many training seconds", ge=0)
     out_dir: str = arg("runs/demo", "folder of the runs, compare.md and compare.png",
