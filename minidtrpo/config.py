@@ -101,6 +101,11 @@ class Config:
     whether the config comes from the command line or from Python. Subclasses add the rules
     between fields in their own __post_init__ (calling this one first)."""
 
+    @classmethod
+    def defaults(cls, given: dict) -> dict:
+        """Defaults that depend on other options given on the command line: none here."""
+        return {}
+
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -196,7 +201,7 @@ def build_parser(cls, prog: str) -> argparse.ArgumentParser:
         extra = f"; one of {', '.join(map(str, choices))}" if choices else ""
         extra += f"; {_bounds_text(f)}" if f.metadata.get("bounds") else ""
         groups[name].add_argument(f"--{f.name}", type=_converter(f.name, hints[f.name]),
-                            default=f.default, metavar=hints[f.name].__name__.upper(),
+                            default=argparse.SUPPRESS,  # absent from the result unless given metavar=hints[f.name].__name__.upper(),
                             nargs="?" if hints[f.name] is bool else None,
                             const=True if hints[f.name] is bool else None,  # bare "--resume" = true
                             help=f"{f.metadata.get('help', '')} (default {f.default!r}{extra})")
@@ -204,15 +209,18 @@ def build_parser(cls, prog: str) -> argparse.ArgumentParser:
 
 
 def parse(cls, argv: list[str], prog: str):
-    """Build a `cls` instance from command-line tokens; bad input exits with one clear line."""
+    """Build a `cls` instance from command-line tokens; bad input exits with one clear line.
+    An option not given takes its default: the field's, or the one `cls.defaults(given)` sets from
+    the options given (sft: the task's recipe)."""
     parser = build_parser(cls, prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         name = unknown[0].split("=")[0]
         valid = ", ".join(f"--{f.name}" for f in dataclasses.fields(cls))
         fail(f"unknown option {name} for '{prog}'; valid options: {valid}")
+    given = vars(args)
     try:
-        return cls(**vars(args))
+        return cls(**{**cls.defaults(given), **given})
     except ValueError as e:  # a rule of __post_init__
         fail(str(e))
 

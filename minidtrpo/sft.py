@@ -15,7 +15,7 @@ Shapes: B batch, P prompt length, L response length, V vocab.
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,18 +35,14 @@ class SFTConfig(RunConfig):
     task_options: str = arg("", "task options as key=value,... (e.g. digits=4 or max_blanks=12)")
     layout: str = arg("block", "attention layout", LAYOUTS)
     d_model: int = arg(128, "residual width", ge=1, group="model")
-    n_layers: int = arg(0, "transformer blocks (0: the task's recipe, Task.sft_recipe)", ge=0,
-                       group="model")
+    n_layers: int = arg(4, "transformer blocks", ge=1, group="model")
     n_heads: int = arg(4, "attention heads", ge=1, group="model")
-    block_size: int = arg(0, "response tokens per block b (0: the task's default)", ge=0,
-                         group="model")
+    block_size: int = arg(4, "response tokens per block b", ge=1, group="model")
     init: str = arg("", "start from this checkpoint's weights (same architecture)")
-    batch_size: int = arg(0, "sequences per step (0: the task's recipe)", ge=0)
+    batch_size: int = arg(128, "sequences per step", ge=1)
     lr: float = arg(2e-3, "peak AdamW learning rate", gt=0)
-    min_lr_ratio: float = arg(-1.0, "final learning rate as a fraction of lr, cosine decay (1: "
-                                    "constant; -1: the task's recipe)",
-                              valid=lambda v: None if v == -1 or 0 <= v <= 1 else
-                              "a number in [0, 1], or -1 (task's recipe)", group="optimizer")
+    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of lr, cosine decay (1: "
+                                   "constant)", ge=0, le=1, group="optimizer")
     warmup_steps: int = arg(50, "linear warm-up steps", ge=0, group="optimizer")
     t_min: float = arg(1e-3, "noise levels t ~ U(t_min, 1) (LLaDA's ε; 1: every response token "
                              "masked, the autoregressive loss in the block layout with "
@@ -60,16 +56,22 @@ class SFTConfig(RunConfig):
                        valid=folder_problem)
     compile: bool = arg(False, "torch.compile the model (opt-in)", group="model")
 
+    @classmethod
+    def defaults(cls, given: dict) -> dict:
+        """On the command line, the options not given take the task's recipe where it has one:
+        its decoding block and `Task.sft_recipe` (e.g. the star graph: 2 layers, batch 32)."""
+        name = given.get("task", cls.task)
+        if name not in TASKS:  # refused by __post_init__, naming the option
+            return {}
+        task = task_from(name, given.get("task_options", cls.task_options))
+        return {"block_size": task.block_size, **task.sft_recipe}
+
     def __post_init__(self):
         super().__post_init__()
         task = task_from(self.task, self.task_options)
-        defaults = {f.name: f.default for f in fields(self)}
-        for name, value in task.sft_recipe.items():  # the task's recipe where left at the default
-            if getattr(self, name) == defaults[name]:
-                setattr(self, name, value)
-        b = self.block_size or task.block_size
+        b = self.block_size
         check(task.response_len % b == 0, "block_size", self.block_size,
-              f"0 or a divisor of the response length {task.response_len}")
+              f"a divisor of the response length {task.response_len}")
         check(self.steps_per_block <= b, "steps_per_block", self.steps_per_block,
               f"0..{b}, the block size")
         check(self.d_model % self.n_heads == 0 and self.d_model // self.n_heads % 2 == 0,
@@ -129,7 +131,7 @@ def build(cfg: SFTConfig):
     """The task and a fresh model, initialised from cfg.seed (the global RNG is left intact)."""
     task = task_from(cfg.task, cfg.task_options)
     sizes = dict(layout=cfg.layout, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                 block_size=cfg.block_size or task.block_size)
+                 block_size=cfg.block_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # parameter initialisation only
         model = MaskedDiffusionTransformer(model_config(task, **sizes))

@@ -144,12 +144,19 @@ def test_a_run_saved_with_other_options_is_refused_in_one_line(tmp_path, capsys)
     assert sum("loss" in r for r in read_metrics(out)) == 6
 
 
-def test_a_task_recipe_fills_only_the_options_left_at_their_defaults():
+def test_a_task_recipe_fills_only_the_options_the_command_line_leaves():
+    from minidtrpo.config import parse
     from minidtrpo.sft import SFTConfig
-    recipe = lambda c: (c.n_layers, c.batch_size, c.min_lr_ratio)  # noqa: E731
-    assert recipe(SFTConfig(task="star")) == (2, 32, 1.0)  # Star.sft_recipe
-    assert recipe(SFTConfig(task="sudoku")) == (4, 128, 0.1)  # Task.sft_recipe
-    assert recipe(SFTConfig(task="star", n_layers=4, batch_size=128, min_lr_ratio=0.0)) \
-        == (4, 128, 0.0)  # given values win, 0 for the ratio included
-    with pytest.raises(ValueError, match="-1 \\(task's recipe\\)"):
+
+    def recipe(argv):
+        c = parse(SFTConfig, argv, "sft")
+        return c.n_layers, c.batch_size, c.min_lr_ratio, c.block_size
+
+    assert recipe(["--task=star"]) == (2, 32, 1.0, 4)  # Star.sft_recipe
+    assert recipe(["--task=sudoku"]) == (4, 128, 0.1, 4)  # SFTConfig's own defaults
+    assert recipe(["--task=addition"]) == (4, 128, 0.1, 1)  # the task's decoding block
+    # given values win, the defaults' own values included
+    assert recipe(["--task=star", "--n_layers=4", "--batch_size=128", "--min_lr_ratio=0.1"]) \
+        == (4, 128, 0.1, 4)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
         SFTConfig(min_lr_ratio=-0.5)

@@ -68,8 +68,9 @@ class Task:
 
     name, block_size, prompt_len, response_len = "task", 4, 0, 0
     draws_split = False  # True if `_candidates` returns only problems of the requested split
-    # The SFT options this task's recipe sets (SFTConfig's 0 / -1 defaults; docs/results.md)
-    sft_recipe = {"n_layers": 4, "batch_size": 128, "min_lr_ratio": 0.1}
+    # SFT options this task's recipe sets where the command line leaves them (SFTConfig.defaults;
+    # docs/results.md): none, SFTConfig's own defaults
+    sft_recipe = {}
 
     def __init__(self, **options):
         self.vocab, self.options = Vocab(), options
