@@ -269,29 +269,35 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: str, seeds: str = "", eval_n: int = 500):
-    """Test exact accuracy and reward vs training seconds and iterations: mean, min–max of seeds."""
+    """Test exact accuracy against training seconds and against the share of each run's
+    iterations: every seed thin, their mean bold with a min–max band up to where every seed
+    reached, and the final checkpoints' mean as a dot with a min–max bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for name, runs in results.items():
-        for row, (y, label) in enumerate([(2, "test exact (fraction solved)"),
-                                          (3, "test reward (mean, 0 to 1)")]):
-            for col, (x, xlabel) in enumerate([(0, "training seconds (rollouts + updates)"),
-                                               (1, "iterations (RL) or updates (DPO)")]):
-                end = min(r["curve"][-1][x] for r in runs)  # the x range every seed reached
-                grid = np.linspace(0, end, 80)
-                ys = np.stack([np.interp(grid, [p[x] for p in r["curve"]],
-                                         [p[y] for p in r["curve"]]) for r in runs])
-                ax = axes[row, col]
-                line, = ax.plot(grid, ys.mean(0), label=name, lw=1.4)
-                ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15,
-                                lw=0)
-                ax.set(xlabel=xlabel, ylabel=label)
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"test scores on {eval_n} fixed problems (greedy decoding); line = mean over "
-                 f"seeds {seeds}, band = min–max over them")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for k, (name, runs) in enumerate(results.items()):
+        ys = [np.array([100 * p[2] for p in r["curve"]]) for r in runs]  # test exact, %
+        for ax, xs in zip(axes, (
+                [np.array([p[0] for p in r["curve"]]) for r in runs],  # training seconds
+                [np.array([p[1] / max(r["curve"][-1][1], 1) for p in r["curve"]]) for r in runs])):
+            for x, y in zip(xs, ys):
+                ax.plot(x, y, color=f"C{k}", lw=0.6, alpha=0.35)
+            grid = np.linspace(0, min(x[-1] for x in xs), 80)  # the range every seed reached
+            on_grid = np.stack([np.interp(grid, x, y) for x, y in zip(xs, ys)])
+            ax.plot(grid, on_grid.mean(0), color=f"C{k}", lw=1.8, label=name)
+            ax.fill_between(grid, on_grid.min(0), on_grid.max(0), color=f"C{k}", alpha=0.15, lw=0)
+            finals = np.array([y[-1] for y in ys])
+            ax.errorbar(np.mean([x[-1] for x in xs]), finals.mean(), fmt="o", color=f"C{k}",
+                        yerr=[[finals.mean() - finals.min()], [finals.max() - finals.mean()]],
+                        capsize=3)
+    axes[0].set(xlabel="training seconds (rollouts + updates; evaluation excluded)",
+                ylabel=f"test exact, % of {eval_n} problems (greedy)")
+    axes[1].set(xlabel="share of the run's iterations (RL) or updates (DPO)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"seeds {seeds}: thin = one seed, bold = their mean with a min–max band, "
+                 "dot = final checkpoints' mean with a min–max bar", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
