@@ -12,7 +12,7 @@ commands use:
    the exact trajectory log-ratio (`dpo --estimator=full_trajectory --flat_memory=false`, T_B
    `[x ; y ; ỹ]` passes per response, the fewest rows of the two ways it can run) and with dTRPO's
    single pass (`dpo --estimator=dtrpo`, one pass); and the exact update on responses decoded
-   with CJ-GRPO's ascending schedule (1, 2, 4, 8, 16, 1: six steps per block).
+   with CJ-GRPO's ascending schedule (1, 2, 4, 8, 17: five steps per block).
    The reference's terms are read from the record (the reference decoded the pairs), so each
    update runs only the policy.
 2. against n_mc ∈ {1, 2, 4, 8, 16, 32}: one online BGPO update (`rl --objective=bgpo`, gradients

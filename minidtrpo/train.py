@@ -56,7 +56,7 @@ class DecodingConfig(Config):
                          REMASKING)
     steps_per_block: int = arg(0, "sampler steps per block T_B (0: block_size)", ge=0)
     schedule: str = arg("uniform", "tokens per step: uniform (LLaDA) or ascending (CJ-GRPO: "
-                                   "1, 2, 4, ... per block)", SCHEDULES)
+                                   "1, 2, 4, ..., the rest last; ⌊log₂ b⌋ steps)", SCHEDULES)
     threshold: float = arg(0.9, "remasking=threshold or credit: reveal every position at least "
                                 "this confident", gt=0, le=1)
     eos_factor: float = arg(1.0, "EOS early rejection (CJ-GRPO): an EOS candidate's confidence "

@@ -104,7 +104,7 @@ def test_position_term_random_is_log_binomial():
 def test_position_term_low_confidence_by_enumeration(layout, schedule):
     """The low-confidence transition probability Π μ_i(y_i)·S_t equals brute force: enumerate every
     candidate tuple at the block's masked positions, keep those whose top-k confident set is I_t
-    with y. The ascending schedule (k = 1, 2, 1) too: S_t holds for any k_t."""
+    with y. The ascending schedule (k = 1, 3) too: S_t holds for any k_t."""
     model = tiny_model(layout)
     traj = rollout(model, steps_per_block=2 if schedule == "uniform" else None, temperature=0.8,
                    batch=2, seed=3, schedule=schedule)

@@ -17,11 +17,17 @@ def test_reveal_schedule():
     assert reveal_schedule(4, 1) == [4]
     with pytest.raises(ValueError, match="steps_per_block"):
         reveal_schedule(4, 5)
-    # CJ-GRPO's ascending step size: 2^s tokens at step s, the rest at the last: ⌈log₂(b+1)⌉ steps
-    assert reveal_schedule(4, schedule="ascending") == [1, 2, 1]
-    assert reveal_schedule(8, schedule="ascending") == [1, 2, 4, 1]
-    assert reveal_schedule(7, schedule="ascending") == [1, 2, 4]
+    # CJ-GRPO's ascending step size, as its code: ⌊log₂ b⌋ steps, 2^s tokens at step s, the rest
+    # folded into the last (b = 2^S: 1, 2, ..., 2^(S−1) + 1)
+    assert reveal_schedule(4, schedule="ascending") == [1, 3]
+    assert reveal_schedule(8, schedule="ascending") == [1, 2, 5]
+    assert reveal_schedule(32, schedule="ascending") == [1, 2, 4, 8, 17]
+    assert reveal_schedule(7, schedule="ascending") == [1, 6]
+    assert reveal_schedule(2, schedule="ascending") == [2]
     assert reveal_schedule(1, schedule="ascending") == [1]
+    for b in range(1, 70):  # the counts fill the block, in ⌊log₂ b⌋ steps
+        ks = reveal_schedule(b, schedule="ascending")
+        assert sum(ks) == b and len(ks) == max(1, math.floor(math.log2(b)))
     with pytest.raises(ValueError, match="steps_per_block"):
         reveal_schedule(4, 2, schedule="ascending")
 
