@@ -216,6 +216,77 @@ def test_random_remasking_is_seeded():
     assert not torch.equal(a.unmask_step, c.unmask_step)
 
 
+# --------------------------------------------------------------------------------------------------
+# P12: random remasking reveals a uniformly random k-subset of the m masked positions, the premise
+# of log S_t = −log C(m, k) (docs/math.md §4.1) and so of P2
+
+FALSE_ALARM = 1e-6  # chance that the check fails on a correct sampler (any seed)
+
+
+def chi2_quantile(dof, alpha):
+    """x with P(χ²_dof > x) ≈ alpha, by Wilson–Hilferty: (χ²/k)^(1/3) ≈ N(1 − 2/(9k), 2/(9k)).
+    The normal quantile z is found by bisection on P(N(0, 1) > z) = erfc(z/√2)/2."""
+    lo, hi = 0.0, 40.0
+    for _ in range(100):
+        z = (lo + hi) / 2
+        lo, hi = (z, hi) if math.erfc(z / math.sqrt(2)) / 2 > alpha else (lo, z)
+    v = 2 / (9 * dof)
+    return dof * (1 - v + z * math.sqrt(v)) ** 3
+
+
+# (decoding options, hinted positions of the one block of 4): k_s = 2, 1, 1 of 4 masked; CJ-GRPO's
+# ascending 1, 3; 2 then 2 with one position hinted, so m = 3 (k = 2), then 1 (k = 1)
+SUBSET_CASES = {"k = 2, 1, 1": (dict(steps_per_block=3), []),
+                "ascending": (dict(schedule="ascending"), []),
+                "hint, k = 2, 1": (dict(steps_per_block=2), [0])}
+
+
+def subset_chi2(options, hinted, n=4000):
+    """Decode n one-block responses (b = 4) with random remasking; count each ordered outcome
+    (I_0, I_1, ...), which must have probability Π_t 1/C(m_t, k_t). Returns Pearson's χ² against
+    the uniform counts and the number of possible outcomes."""
+    model = tiny_model("block", prompt_len=2, response_len=4, block_size=4)
+    hints = torch.full((n, 4), M)
+    hints[:, hinted] = 0
+    traj = generate(model, random_prompts(n, prompt_len=2), temperature=1.0, remasking="random",
+                    hints=hints, generator=torch.Generator().manual_seed(11), **options)
+    ks = reveal_schedule(4, options.get("steps_per_block"), options.get("schedule", "uniform"))
+    outcomes, m = 1, 4 - len(hinted)
+    for s, k in enumerate(ks):
+        k = min(k, m)  # a hinted block runs out of masked positions early
+        assert ((traj.unmask_step == s).sum(1) == k).all()  # k_s positions at step s, every row
+        outcomes, m = outcomes * math.comb(m, k), m - k
+    _, counts = torch.unique(traj.unmask_step, dim=0, return_counts=True)  # one row per outcome
+    assert len(counts) == outcomes  # every outcome drawn, none else
+    expected = n / outcomes
+    return ((counts - expected) ** 2 / expected).sum().item(), outcomes
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("case", SUBSET_CASES)
+def test_random_remasking_draws_every_subset_uniformly(case):
+    """P12: the counts of the ordered outcomes are uniform: Pearson's χ² below its quantile at
+    false-alarm rate 1e-6 (Wilson–Hilferty's approximation, K − 1 degrees of freedom, ≥ 300
+    expected per cell)."""
+    x2, outcomes = subset_chi2(*SUBSET_CASES[case])
+    assert x2 < chi2_quantile(outcomes - 1, FALSE_ALARM), (x2, outcomes)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_the_subset_check_fails_on_a_biased_selection(monkeypatch):
+    """The same check rejects a sampler whose random scores lean by 0.03 per position toward the
+    end of the block (torch.rand patched for the (B, b) draw of random remasking only)."""
+    rand = torch.rand
+
+    def leaning(*size, **kw):
+        u = rand(*size, **kw)
+        return u if "dtype" in kw else u + 0.03 * torch.arange(u.shape[-1])  # not the Gumbel draw
+
+    monkeypatch.setattr(torch, "rand", leaning)
+    x2, outcomes = subset_chi2(*SUBSET_CASES["k = 2, 1, 1"])
+    assert x2 > chi2_quantile(outcomes - 1, FALSE_ALARM), (x2, outcomes)
+
+
 def test_bad_arguments():
     model = tiny_model("block")
     with pytest.raises(ValueError, match="remasking"):
