@@ -223,14 +223,18 @@ def test_random_remasking_is_seeded():
 FALSE_ALARM = 1e-6  # chance that the check fails on a correct sampler (any seed)
 
 
-def chi2_quantile(dof, alpha):
-    """x with P(χ²_dof > x) ≈ alpha, by Wilson–Hilferty: (χ²/k)^(1/3) ≈ N(1 − 2/(9k), 2/(9k)).
-    The normal quantile z is found by bisection on P(N(0, 1) > z) = erfc(z/√2)/2."""
+def normal_quantile(alpha):
+    """z with P(N(0, 1) > z) = alpha, by bisection on erfc(z/√2)/2."""
     lo, hi = 0.0, 40.0
     for _ in range(100):
         z = (lo + hi) / 2
         lo, hi = (z, hi) if math.erfc(z / math.sqrt(2)) / 2 > alpha else (lo, z)
-    v = 2 / (9 * dof)
+    return z
+
+
+def chi2_quantile(dof, alpha):
+    """x with P(χ²_dof > x) ≈ alpha, by Wilson–Hilferty: (χ²/k)^(1/3) ≈ N(1 − 2/(9k), 2/(9k))."""
+    z, v = normal_quantile(alpha), 2 / (9 * dof)
     return dof * (1 - v + z * math.sqrt(v)) ** 3
 
 
@@ -241,15 +245,22 @@ SUBSET_CASES = {"k = 2, 1, 1": (dict(steps_per_block=3), []),
                 "hint, k = 2, 1": (dict(steps_per_block=2), [0])}
 
 
+def one_block_rollout(n, hinted=(), **options):
+    """n one-block responses (P = 2, b = L = 4) decoded at τ = 1 with random remasking, and the
+    model that decoded them."""
+    model = tiny_model("block", prompt_len=2, response_len=4, block_size=4)
+    hints = torch.full((n, 4), M)
+    hints[:, list(hinted)] = 0
+    return model, generate(model, random_prompts(n, prompt_len=2), temperature=1.0,
+                           remasking="random", hints=hints,
+                           generator=torch.Generator().manual_seed(11), **options)
+
+
 def subset_chi2(options, hinted, n=4000):
     """Decode n one-block responses (b = 4) with random remasking; count each ordered outcome
     (I_0, I_1, ...), which must have probability Π_t 1/C(m_t, k_t). Returns Pearson's χ² against
     the uniform counts and the number of possible outcomes."""
-    model = tiny_model("block", prompt_len=2, response_len=4, block_size=4)
-    hints = torch.full((n, 4), M)
-    hints[:, hinted] = 0
-    traj = generate(model, random_prompts(n, prompt_len=2), temperature=1.0, remasking="random",
-                    hints=hints, generator=torch.Generator().manual_seed(11), **options)
+    _, traj = one_block_rollout(n, hinted, **options)
     ks = reveal_schedule(4, options.get("steps_per_block"), options.get("schedule", "uniform"))
     outcomes, m = 1, 4 - len(hinted)
     for s, k in enumerate(ks):
@@ -270,6 +281,22 @@ def test_random_remasking_draws_every_subset_uniformly(case):
     expected per cell)."""
     x2, outcomes = subset_chi2(*SUBSET_CASES[case])
     assert x2 < chi2_quantile(outcomes - 1, FALSE_ALARM), (x2, outcomes)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_random_remasking_ignores_the_candidates():
+    """P12: the selection is blind to the candidates, so a token revealed at the first step has
+    the confidence of any candidate there: the mean over n = 4000 rows of
+    Σ_{i∈I_0} [μ_i(y_i) − Σ_v μ_i(v)²] / k_0 is 0 within 4.9 standard errors (two-sided false
+    alarm 1e-6, normal approximation of a mean of bounded i.i.d. rows)."""
+    model, traj = one_block_rollout(4000, steps_per_block=3)  # k_0 = 2 of 4
+    first = traj.unmask_step == 0  # (n, 4)
+    with torch.no_grad():  # μ_i at the all-masked block, the state of step 0
+        mu = F.softmax(model(traj.state(0))[:, -4:], -1)  # (n, 4, V)
+    # μ_i(c_i) of a revealed candidate − its expectation under c_i ~ μ_i, E[μ_i(c_i)] = Σ_v μ_i(v)²
+    gap = torch.where(first, traj.logp_at_reveal.exp() - (mu ** 2).sum(-1), 0.0).sum(1) / 2
+    z = gap.mean() / (gap.std() / math.sqrt(len(gap)))
+    assert abs(z) < normal_quantile(FALSE_ALARM / 2), z
 
 
 @pytest.mark.usefixtures("single_thread")
