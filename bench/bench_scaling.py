@@ -155,11 +155,13 @@ def main():
                **online_update(name, n, policy, ref, traj, adv, device, args.repeat)}
               for name in ("bgpo", "vrpo_ol") for n in n_mcs]
 
-    print("\n| update | T_B | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
+    print("\n| update | T_B | seconds | passes/response | saved MB, activation proxy |"
+          "\n|---|---|---|---|---|")
     for r in by_steps:
         print(f"| {r['update']} | {r['T_B']} | {r['seconds']:.3f} | "
               f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")
-    print("\n| update | n_mc | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
+    print("\n| update | n_mc | seconds | passes/response | saved MB, activation proxy |"
+          "\n|---|---|---|---|---|")
     for r in by_nmc:
         print(f"| {r['update']} | {r['n_mc']} | {r['seconds']:.3f} | "
               f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")

@@ -7,9 +7,9 @@
 # step:
 #
 # - **CJ-GRPO** (arXiv 2509.23924) decodes a block in ⌊log₂ b⌋ steps (step s reveals 2^s
-#   tokens, the last step the rest: the *ascending* schedule) and delays EOS (*early rejection*), so that the exact
-#   trajectory objective becomes cheap, and argues that the trajectory optimised must be the one
-#   the rollout took;
+#   tokens, the last step the rest: the *ascending* schedule) and delays EOS (*early
+#   rejection*), so that the exact trajectory objective becomes cheap, and argues that the
+#   trajectory optimised must be the one the rollout took;
 # - **confidence-threshold** decoding reveals every position the model is sure enough of;
 # - **CreditDecoding** (arXiv 2510.06133) adds *trace credit*, each position's decayed history of
 #   its top-1 predictions, so that a token the model kept predicting crosses the threshold sooner.
