@@ -314,8 +314,8 @@ def test_shared_masks_reduce_the_variance_of_the_elbo_difference(layout):
 
 
 def test_trajectory_masks_match_uniform_masks_in_expectation_not_in_distribution():
-    """P15. Block layout, random remasking, one token per step (T_B = b = 4, L = 8): over every pair of
-    block orders (24²) and every within-block step s (n = T_B stratified steps = each s once),
+    """P15. Block layout, random remasking, one token per step (T_B = b = 4, L = 8): over every
+    pair of block orders (24²) and every within-block step s (n = T_B stratified steps: each once),
     `sample_trajectory_masks` gives E[L·ℓ] equal to that of uniform masks (every mask enumerated),
     Σ_k ELBO_k (docs/math.md §4.3), to 1e-10; the variances differ: all blocks share one step,
     so their mask counts are equal, where uniform masks draw them jointly."""
