@@ -164,7 +164,8 @@ def main():
         rows.append({"objective": label, "n_mc": 0,
                      **dpo(estimator, flat, policy, ref, both, device, args.repeat)})
 
-    print("\n| update | n_mc | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
+    print("\n| update | n_mc | seconds | passes/response | saved MB, activation proxy |"
+          "\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['objective']} | {r['n_mc'] or '—'} | {r['update_s']:.3f} | "
               f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")

@@ -12,7 +12,7 @@ commands use:
    the exact trajectory log-ratio (`dpo --estimator=full_trajectory --flat_memory=false`, T_B
    `[x ; y ; ỹ]` passes per response, the fewest rows of the two ways it can run) and with dTRPO's
    single pass (`dpo --estimator=dtrpo`, one pass); and the exact update on responses decoded
-   with CJ-GRPO's ascending schedule (1, 2, 4, 8, 16, 1: six steps per block).
+   with CJ-GRPO's ascending schedule (1, 2, 4, 8, 17: five steps per block).
    The reference's terms are read from the record (the reference decoded the pairs), so each
    update runs only the policy.
 2. against n_mc ∈ {1, 2, 4, 8, 16, 32}: one online BGPO update (`rl --objective=bgpo`, gradients
@@ -156,11 +156,13 @@ def main():
                **online_update(name, n, policy, ref, traj, adv, device, args.repeat)}
               for name in ("bgpo", "vrpo_ol") for n in n_mcs]
 
-    print("\n| update | T_B | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
+    print("\n| update | T_B | seconds | passes/response | saved MB, activation proxy |"
+          "\n|---|---|---|---|---|")
     for r in by_steps:
         print(f"| {r['update']} | {r['T_B']} | {r['seconds']:.3f} | "
               f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")
-    print("\n| update | n_mc | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
+    print("\n| update | n_mc | seconds | passes/response | saved MB, activation proxy |"
+          "\n|---|---|---|---|---|")
     for r in by_nmc:
         print(f"| {r['update']} | {r['n_mc']} | {r['seconds']:.3f} | "
               f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")

@@ -249,8 +249,8 @@ def table(results: dict) -> str:
     """Markdown table: one row per objective, seeds pooled (final exact: mean ± 95% interval, and
     [min–max] over seeds)."""
     head = ("| objective | seeds | start exact | final exact, mean ± 95% CI [min–max] | "
-            "final reward | rollout s/iter | update s/iter | passes/response | peak saved MB | "
-            "peak RSS MB | iterations |")
+            "final reward | rollout s/iter | update s/iter | passes/response | "
+            "peak saved MB (activation proxy) | peak RSS MB | iterations |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, runs in results.items():
         def mean(key, fmt):

@@ -1,8 +1,9 @@
 """Likelihood estimators of a response under the masked-diffusion policy (docs/math.md §4).
 
 They call the model. What each objective uses to score a sampled response y given its prompt x:
-- `trajectory_logprob`: the exact log-probability of the decoding trajectory (docs/math.md §4.1;
-  TraceRL, arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924), T = N_B·T_B states.
+- `trajectory_logprob`: the exact log-probability of the decoding trajectory, T = N_B·T_B states
+  (docs/math.md §4.1): the token part TraceRL (arXiv 2509.06949) and CJ-GRPO (arXiv 2509.23924)
+  score, and optionally the selection term log S_t, this project's derivation.
 - `reduced_trajectory_logprob` + `dtrpo_logratio`: dTRPO's reduced trajectory (arXiv 2603.18806,
   docs/math.md §4.2), one sampled state per block, all scored in one forward pass.
 - `elbo_terms` + `sample_elbo_masks`: the Monte Carlo ELBO of VRPO (arXiv 2505.19223) / BGPO
@@ -23,6 +24,9 @@ Conventions and departures:
 4. ELBO masks in the full layout (option, `block_size=b`): instead of uniform masks over the whole
    response (states a block-by-block sampler never visits), blockwise masks keep earlier blocks
    clean, later blocks masked, and score one block: the semi-autoregressive sampler's ELBO (§4.3).
+5. ELBO masks: the n counts share one random offset, spread evenly over 1..L (stratified); VRPO's
+   n noise levels are independent. Its other techniques (n samples, one mask each, the same masks
+   for θ, old and ref) are as in the paper.
 
 Shapes: B batch, P prompt length, L response length, V vocab, N MC samples, N_B blocks, T steps,
 S forward passes (states scored side by side).
@@ -221,7 +225,7 @@ def dtrpo_logratio(policy, ref, traj, steps, scale="steps", *, single_pass=True)
     """dTRPO's trajectory log-ratio estimate D̂(x, y) -> (B,), gradient through the policy only.
 
     D̂ = c · Σ_b Σ_{i∈I_{b,s_b}} [log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)}) − log μ_ref(same)]
-    c = T_B for scale="steps" (E_s[D̂] = the exact trajectory log-ratio, P4), 1 for "one" (the
+    c = T_B for scale="steps" (E_s[D̂] = the exact token log-ratio, P4), 1 for "one" (the
     paper's, absorbed into β). log S_t is dropped: it cancels exactly under random remasking (P2),
     approximately under low confidence (the tests print the gap). Derivation: docs/math.md §4.2.
     """
@@ -239,7 +243,8 @@ def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None,
     """n_mc stratified masks per sequence (docs/math.md §4.3): (B, N, L) bool, True = masked.
 
     block_size=None (uniform): u ~ U{1..L} per sequence; m_j = ((u − 1 + round(j·L/n)) mod L) + 1;
-      sample j masks m_j positions uniformly without replacement (VRPO's stratification).
+      sample j masks m_j positions uniformly without replacement (the stratified offset is this
+      project's addition to VRPO, which draws its noise levels independently).
     block_size=b (departure 4): sample j reads a stratified cell c = k·b + m − 1 of the N_B·b as
       (block k_j, count m_j), masks m_j uniform positions of block k_j and every later block whole.
     """
@@ -266,7 +271,7 @@ def sample_elbo_masks(batch, response_len, n_mc, generator=None, device=None,
 
 def _stratified(batch, n_mc, n_cells, generator, device) -> torch.Tensor:
     """(B, N) cells c_j = (u + round(j·C/n)) mod C, u ~ U{0..C−1} per row: each c_j uniform,
-    together spread evenly over the C cells (VRPO's stratification)."""
+    together spread evenly over the C cells (stratification: this project's, not VRPO's)."""
     u = torch.randint(0, n_cells, (batch, 1), generator=generator, device=device)  # (B, 1)
     # round(j·C/n), half to even like Python's round
     j = torch.arange(n_mc, device=device, dtype=torch.float64)  # (N,)
@@ -280,8 +285,9 @@ def sample_trajectory_masks(traj, n_mc, generator=None, *, per_block=True) -> to
     per_block=True (block layout): every block just before its within-block step s_j, s_j
     stratified over 0..T_B−1 (one [x ; y ; ỹ] pass scores all blocks); False (full layout): the
     whole response just before global step t_j, stratified over 0..T−1; score it with
-    `elbo_terms(block_size=b)`, the block being decoded. Under random remasking these states have
-    the distribution of `sample_elbo_masks`' (uniform, resp. blockwise) when T_B = b.
+    `elbo_terms(block_size=b)`, the block being decoded. Under random remasking with T_B = b, each
+    state has the law of a blockwise mask (per_block=False); per_block=True matches the uniform
+    masks' mean of L·ℓ, Σ_k ELBO_k, but not their law (every block holds the same count, P15).
     """
     device = generator.device if generator is not None else traj.tokens.device
     B, L = traj.responses.shape

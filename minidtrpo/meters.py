@@ -1,9 +1,12 @@
 """What an update costs: seconds, rows through the model, activation memory, process memory.
 
-`SavedBytes` counts the bytes autograd saves for backward (the activation memory of docs/math.md
-§6 P7) through `torch.autograd.graph.saved_tensors_hooks`, so it works on any device; `Meters` adds
-forward rows (a forward pre-hook), the process's peak RSS and, on CUDA, the peak allocation. Used
-by the online and offline updates, the estimator report and bench/.
+`SavedBytes` counts the bytes autograd saves for backward through
+`torch.autograd.graph.saved_tensors_hooks`, so it works on any device: a proxy for activation memory
+(docs/math.md §6 P7), not a measurement of it. A tensor saved by two operations counts twice, saved
+parameters count, and what autograd does not save (forward temporaries, gradients, the allocator's
+slack) does not; it grows with what a graph keeps alive for backward, which is what P7 compares.
+`Meters` adds forward rows (a forward pre-hook), the process's peak RSS and, on CUDA, the peak
+allocation. Used by the online and offline updates, the estimator report and bench/.
 """
 
 import sys
@@ -20,7 +23,8 @@ def elapsed(t0, device) -> float:
 
 
 class SavedBytes:
-    """Bytes of the tensors autograd saves for backward, alive now and at peak.
+    """Bytes of the tensors autograd saves for backward, alive now and at peak: a proxy for
+    activation memory (module docstring).
 
         with SavedBytes() as meter:
             loss = model(x).sum()  # the forward is where autograd saves tensors

@@ -81,7 +81,8 @@ def clipped_pg_loss(logp, logp_old, advantages, eps=0.2, *, aggregation="sequenc
              "ratio_mean": _aggregate(ratio.detach(), mask, "token_mean").item()}
     if logp_ref is not None:
         delta = logp_ref.detach() - logp  # log π_ref − log π_θ
-        # KL_k3 = e^δ − δ − 1   (≥ 0; unbiased for KL(π_θ ‖ π_ref) on samples of π_θ)
+        # KL_k3 = e^δ − δ − 1   (≥ 0; on samples of π_θ unbiased for KL(π_θ ‖ π_ref) if both
+        # log-probs are normalised; its expected gradient is ∇KL(π_ref ‖ π_θ), docs/math.md §5.2)
         kl = torch.exp(delta) - delta - 1  # (B, K)
         kl_mean = _aggregate(kl, mask, aggregation)
         loss = loss + beta * kl_mean

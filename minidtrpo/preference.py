@@ -8,8 +8,10 @@ with one of three estimates of the trajectory log-ratio D = log π_θ(τ) − lo
 - dtrpo: dTRPO's reduced trajectory (arXiv 2603.18806, docs/math.md §4.2): one sampled step s_b
   per block, all blocks in one [x ; y ; ỹ] pass, c = T_B (`scale=steps`, unbiased) or 1
   (`scale=one`, the paper's form); per response one policy pass with grad, none for the reference.
-- full_trajectory: the exact log-ratio, §4.1 (TraceRL, arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924).
-- vrpo: VRPO's ELBO difference B̂_θ − B̂_ref, shared stratified masks (LLaDA 1.5, arXiv 2505.19223).
+- full_trajectory: the exact token log-ratio, §4.1 (TraceRL, arXiv 2509.06949; CJ-GRPO, arXiv
+  2509.23924); the full log-ratio under random remasking, where log S_t cancels.
+- vrpo: VRPO's ELBO difference B̂_θ − B̂_ref on masks shared by θ and ref (antithetic sampling;
+  LLaDA 1.5, arXiv 2505.19223), their counts stratified (this project's addition, §4.3).
 The run loop and checkpoints are train.py's.
 
 Departures:

@@ -280,7 +280,8 @@ def markdown(results: list[dict], setup: dict) -> str:
           for r in results if r["name"] == "exact + log S_t"],
         "- passes × tokens: forward rows per response per model (the reference costs the same "
         "again, without backward) × sequence length of each row; ms are per batch of B; saved MB "
-        "= peak bytes autograd keeps for backward during one gradient draw.",
+        "= peak bytes autograd keeps for backward during one gradient draw, a proxy for "
+        "activation memory (`meters.SavedBytes`).",
     ]
     return "\n".join(lines)
 

@@ -9,7 +9,8 @@ objectives differ only in how they score a response:
 - bgpo: BGPO's linear lower bound of the ELBO-ratio objective, backpropagated one MC sample at a
   time so memory does not grow with n_mc (arXiv 2510.11683, §5.4; `bgpo_accumulate`).
 - vrpo_ol: the exp-of-mean ELBO-ratio objective BGPO bounds, all n_mc graphs alive (BGPO's
-  baseline, with VRPO's stratified coupled masks, arXiv 2505.19223).
+  baseline, with VRPO's masks shared between θ, old and ref, arXiv 2505.19223, and this project's
+  stratified counts).
 The run loop (log, evaluate, checkpoint, resume) is train.run_loop; logged metrics: `METRICS`.
 
 Departures:
@@ -79,7 +80,8 @@ METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluatio
     "nll_revealed": "−mean log μ_θ of revealed tokens at reveal, an entropy stand-in (departure 6)",
     "rollout_s / update_s": "seconds of sampling + scoring / of old values + optimizer steps",
     "passes_per_response": "model rows run forward in the update per response (policy, old, ref)",
-    "peak_saved_mb": "peak MB autograd saved for backward in the update (activation memory, P7)",
+    "peak_saved_mb": "peak MB autograd saved for backward in the update (a proxy for activation "
+                     "memory, P7)",
     "rss_mb / cuda_peak_mb": "peak process resident memory (monotone) / peak CUDA allocation",
     "test_exact / test_reward": "greedy (temperature 0) decoding of the fixed test set",
 }

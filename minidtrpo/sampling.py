@@ -13,8 +13,9 @@ Departures from the LLaDA reference code:
 
 Other decoding rules of the works this project follows (docs/math.md §3, "Decoding rules"); each
 records the same `Trajectory`, so every estimator works unchanged:
-- schedule="ascending" (CJ-GRPO, arXiv 2509.23924): step s of a block reveals 2^s tokens, the last
-  what is left: ⌈log₂(b + 1)⌉ steps per block instead of b.
+- schedule="ascending" (CJ-GRPO, arXiv 2509.23924, as its code does it): S = ⌊log₂ b⌋ steps per
+  block instead of b, step s revealing 2^s tokens and the last what is left (b = 2^S: 1, 2, ...,
+  2^(S−1) + 1).
 - eos_factor (CJ-GRPO's EOS early rejection): an EOS candidate's confidence is scaled by a factor
   ramping linearly from eos_factor at the first step to 1 at the last, so EOS is revealed late.
 - remasking="threshold" (confidence-threshold parallel decoding): every masked position of the
@@ -120,16 +121,15 @@ class Trajectory:
 
 def reveal_schedule(block_size: int, steps_per_block=None, schedule="uniform") -> list[int]:
     """k_s tokens revealed at within-block step s. uniform: ⌊b/T_B⌋, +1 in the first (b mod T_B)
-    steps (T_B None: b, one token per step); ascending: 1, 2, 4, ... and the rest at the last step
-    (T_B follows from b)."""
+    steps (T_B None: b, one token per step); ascending: S = ⌊log₂ b⌋ steps (at least 1), 2^s
+    tokens at step s < S − 1 and the rest, b − 2^(S−1) + 1, at the last (T_B follows from b)."""
     if schedule == "ascending":
         if steps_per_block is not None:
             raise ValueError("the ascending schedule sets its own steps per block: "
                              f"steps_per_block={steps_per_block} must be left unset")
-        ks = []
-        while sum(ks) < block_size:  # 2^s, capped by what is left of the block
-            ks.append(min(2 ** len(ks), block_size - sum(ks)))
-        return ks
+        S = max(block_size.bit_length() - 1, 1)  # ⌊log₂ b⌋ steps, as CJ-GRPO's code
+        # 1, 2, ..., 2^(S−2), then what is left: b = 8 -> 1, 2, 5
+        return [2 ** s for s in range(S - 1)] + [block_size - (2 ** (S - 1) - 1)]
     if schedule != "uniform":
         raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
     steps_per_block = steps_per_block or block_size

@@ -61,7 +61,8 @@ class DecodingConfig(StepsConfig):
     remasking: str = arg("low_confidence", "position rule: which positions a step reveals",
                          REMASKING, group="decoding")
     schedule: str = arg("uniform", "tokens per step: uniform (LLaDA) or ascending (CJ-GRPO: "
-                                   "1, 2, 4, ... per block)", SCHEDULES, group="decoding")
+                                   "1, 2, 4, ..., the rest last; ⌊log₂ b⌋ steps)", SCHEDULES,
+                       group="decoding")
     threshold: float = arg(0.9, "remasking=threshold or credit: reveal every position at least "
                                 "this confident", gt=0, le=1, group="decoding")
     eos_factor: float = arg(1.0, "EOS early rejection (CJ-GRPO): an EOS candidate's confidence "

@@ -58,7 +58,7 @@ def test_bench_decoding_runs_every_rule_and_ends_with_its_json_line(tmp_path):
     assert rules[0]["passes_per_response"] == 16  # L = 16, one token per step
     by_name = {r["name"]: r for r in rules}
     assert by_name["two tokens per step (T_B = b/2)"]["passes_per_response"] == 8
-    assert by_name["ascending (CJ-GRPO)"]["passes_per_response"] == 12  # 3 steps × 4 blocks
+    assert by_name["ascending (CJ-GRPO)"]["passes_per_response"] == 8  # 2 steps (1, 3) × 4 blocks
     assert all(1 <= r["passes_per_response"] <= 16 and 0 <= r["exact"] <= 1 for r in rules)
 
 

@@ -6,17 +6,20 @@ hand-built states; they never call minidtrpo.estimators. The blockwise masks (do
 their own P11: the ELBO of the block-by-block orders.
 """
 
+import copy
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import (P, M, assert_grads_close, grads, naive_logmu, random_prompts, rollout,
-                      tiny_model)
+from conftest import (P, M, assert_grads_close, grads, naive_logmu, perturbed, random_prompts,
+                      rollout, tiny_model)
 from minidtrpo.estimators import (elbo_mask_block, elbo_terms, one_step_logprob, resolve_elbo_masks,
                                   sample_elbo_masks, sample_prompt_mask, sample_trajectory_masks,
                                   trajectory_logprob)
+from minidtrpo.preference import dpo_vrpo
 from minidtrpo.sampling import Trajectory, generate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -256,3 +259,87 @@ def test_trajectory_masks_are_visited_states(layout):
             seen += found
         assert sorted(seen) == list(range(n))  # stratified: n = T draws visit each step once
     assert elbo_mask_block("trajectory", layout, b) == (None if per_block else b)
+
+
+# --------------------------------------------------------------------------------------------------
+# VRPO's antithetic sampling; trajectory masks against uniform masks (docs/math.md §4.3)
+
+
+def every_mask(L):
+    """All 2^L − 1 nonempty masks (K, L) and their probability under uniform masks: m ~ U{1..L},
+    then a uniform m-subset, P(S) = 1 / (L·C(L, |S|))."""
+    subsets = [S for m in range(1, L + 1) for S in itertools.combinations(range(L), m)]
+    masks = torch.tensor([[j in S for j in range(L)] for S in subsets])
+    prob = torch.tensor([1 / (L * math.comb(L, len(S))) for S in subsets], dtype=torch.float64)
+    return masks, prob
+
+
+def stratified_variance(ell, masks, n):
+    """Exact variance of B̂ = (1/n) Σ_j ℓ^{(j)} under `sample_elbo_masks`' law, per response: ell
+    (B, K) on every mask. Given the offset u the counts are m_j = ((u − 1 + round(j·L/n)) mod L) + 1
+    and the n masks independent, so Var = E_u[(1/n²) Σ_j Var_{m_j}] + Var_u[(1/n) Σ_j E_{m_j}]."""
+    L, sizes = masks.shape[1], masks.sum(1)
+    mean = torch.stack([ell[:, sizes == m].mean(1) for m in range(1, L + 1)], 1)  # (B, L)
+    var = torch.stack([ell[:, sizes == m].var(1, unbiased=False) for m in range(1, L + 1)], 1)
+    cells = [[(u + round(j * L / n)) % L for j in range(n)] for u in range(L)]  # m_j − 1, per u
+    cond_mean = torch.stack([mean[:, c].mean(1) for c in cells], 1)  # (B, L) E[B̂ | u]
+    cond_var = torch.stack([var[:, c].sum(1) / n ** 2 for c in cells], 1)  # (B, L) Var[B̂ | u]
+    return cond_var.mean(1) + cond_mean.var(1, unbiased=False)
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_shared_masks_reduce_the_variance_of_the_elbo_difference(layout):
+    """P13, VRPO's antithetic sampling: the same masks for θ and ref lower the variance of
+    B̂_θ − B̂_ref against independent masks, exactly (every mask enumerated, L = 8, uniform
+    stratified masks, n = 1 and 4, a policy 0.02 from the reference): lower for every response,
+    and by at least 5× summed over the responses. Var_indep − Var_shared = 2·Cov(B̂_θ, B̂_ref).
+    And VRPO's DPO does share them: at θ = ref its D is exactly 0 for every response."""
+    ref = tiny_model(layout)
+    policy = perturbed(ref, 0.02)
+    traj = rollout(ref, batch=4)
+    masks, _ = every_mask(8)
+    with torch.no_grad():
+        ell = {m: elbo_terms(m, traj.prompts, traj.responses, masks.expand(4, -1, -1))
+               for m in (policy, ref)}  # (B, K) ℓ on every mask
+    for n in (1, 4):
+        shared = stratified_variance(ell[policy] - ell[ref], masks, n)  # (B,)
+        independent = stratified_variance(ell[policy], masks, n) + stratified_variance(
+            ell[ref], masks, n)
+        print(f"\n[antithetic] {layout}, n = {n}: Var shared / independent per response "
+              f"{[round(v, 3) for v in (shared / independent).tolist()]}")
+        assert (shared < independent).all() and shared.sum() < independent.sum() / 5
+    options = SimpleNamespace(elbo_masks="uniform", n_mc=4, elbo_per_token=False, beta=1.0)
+    at_ref = dpo_vrpo(options, copy.deepcopy(ref), ref, traj, torch.Generator().manual_seed(0))
+    assert at_ref["chosen_logratio"] == 0 and at_ref["rejected_logratio"] == 0
+
+
+def test_trajectory_masks_match_uniform_masks_in_expectation_not_in_distribution():
+    """P15. Block layout, random remasking, one token per step (T_B = b = 4, L = 8): over every
+    pair of block orders (24²) and every within-block step s (n = T_B stratified steps: each once),
+    `sample_trajectory_masks` gives E[L·ℓ] equal to that of uniform masks (every mask enumerated),
+    Σ_k ELBO_k (docs/math.md §4.3), to 1e-10; the variances differ: all blocks share one step,
+    so their mask counts are equal, where uniform masks draw them jointly."""
+    model, L, b = tiny_model("block"), 8, 4
+    one = rollout(model, batch=1)
+    prompt, y = one.prompts, one.responses
+    masks, prob = every_mask(L)
+    with torch.no_grad():
+        uniform = elbo_terms(model, prompt, y, masks[None], normalize=False)[0]  # (K,) L·ℓ
+    rank = torch.tensor([[order.index(j) for j in range(b)]
+                         for order in itertools.permutations(range(b))])  # (24, b)
+    pairs = torch.cartesian_prod(torch.arange(24), torch.arange(24))  # (576, 2) one order a block
+    us = torch.cat([rank[pairs[:, 0]], b + rank[pairs[:, 1]]], 1)  # (576, L) unmask_step
+    traj = Trajectory(tokens=torch.cat([prompt, y], 1).expand(len(us), -1), unmask_step=us,
+                      logp_at_reveal=torch.zeros(len(us), L, dtype=torch.float64), prompt_len=P,
+                      block_size=b, steps_per_block=b, temperature=1.0, remasking="random",
+                      mask_id=M)
+    visited = sample_trajectory_masks(traj, b, torch.Generator().manual_seed(0))  # (576, 4, L)
+    with torch.no_grad():
+        on_traj = elbo_terms(model, traj.prompts, traj.responses, visited,
+                             normalize=False).flatten()  # (2304,) L·ℓ, each state equally likely
+    mean_u = (prob * uniform).sum()
+    var_u = (prob * (uniform - mean_u) ** 2).sum()
+    print(f"\n[trajectory masks] E[L·ℓ] {on_traj.mean():.6f} (uniform {mean_u:.6f}); "
+          f"Var {on_traj.var(unbiased=False):.4f} (uniform {var_u:.4f})")
+    assert abs(on_traj.mean() - mean_u) < 1e-10
+    assert abs(on_traj.var(unbiased=False) / var_u - 1) > 0.05

@@ -18,6 +18,7 @@ from conftest import (P, M, assert_grads_close, grads, naive_logmu, perturbed, r
 from minidtrpo.estimators import (dtrpo_logratio, reduced_recorded_logprob,
                                   reduced_trajectory_logprob, sample_block_steps,
                                   trajectory_logprob)
+from minidtrpo.sampling import reveal_schedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -104,7 +105,7 @@ def test_position_term_random_is_log_binomial():
 def test_position_term_low_confidence_by_enumeration(layout, schedule):
     """The low-confidence transition probability Π μ_i(y_i)·S_t equals brute force: enumerate every
     candidate tuple at the block's masked positions, keep those whose top-k confident set is I_t
-    with y. The ascending schedule (k = 1, 2, 1) too: S_t holds for any k_t."""
+    with y. The ascending schedule (k = 1, 3) too: S_t holds for any k_t."""
     model = tiny_model(layout)
     traj = rollout(model, steps_per_block=2 if schedule == "uniform" else None, temperature=0.8,
                    batch=2, seed=3, schedule=schedule)
@@ -237,9 +238,11 @@ def all_step_combos(traj):
             len(combos))
 
 
-def test_p4_dtrpo_unbiased_and_variance_grows_with_steps():
-    """P4: with c = T_B, E_s[D̂] == exact trajectory log-ratio: exactly by enumerating all s (value
-    and gradient), and by Monte Carlo within 4 standard errors; Var_s[D̂] grows with T_B."""
+def test_p4_dtrpo_unbiased_and_its_variance():
+    """P4: with c = T_B, E_s[D̂] == the exact token log-ratio (the full log-ratio here: random
+    remasking, P2): exactly by enumerating all s (value and gradient), and by Monte Carlo within 4
+    standard errors. Var_s[D̂] over all s == T_B²·Σ_b Var_s(r_{b,s}), the per-step log-ratios
+    r_{b,s} from the naive per-state loop (docs/math.md §4.2); on this model it grows with T_B."""
     ref = tiny_model("block")
     policy = perturbed(ref, 0.02)
     var = {}
@@ -249,6 +252,12 @@ def test_p4_dtrpo_unbiased_and_variance_grows_with_steps():
         big, steps, C = all_step_combos(traj)
         d_hat = dtrpo_logratio(policy, ref, big, steps).view(C, -1)  # (C, B)
         torch.testing.assert_close(d_hat.mean(0), exact, rtol=0, atol=1e-10)
+        # r_{b,s}: the naive per-step log-ratios, (B, N_B, T_B)
+        with torch.no_grad():
+            r = (naive_step_logps(policy, traj) - naive_step_logps(ref, traj)).view(4, -1, T_B)
+        # Var_s[D̂] = T_B² · Σ_b Var_s(r_{b,s})   (s_b independent and uniform)
+        torch.testing.assert_close(d_hat.detach().var(0, unbiased=False),
+                                   T_B ** 2 * r.var(-1, unbiased=False).sum(-1), rtol=0, atol=1e-10)
         var[T_B] = d_hat.detach().var(0, unbiased=False).mean().item()
         if T_B == 4:
             assert_grads_close(grads(d_hat.mean(0).sum(), policy), grads(exact.sum(), policy))
@@ -265,6 +274,33 @@ def test_p4_dtrpo_unbiased_and_variance_grows_with_steps():
     print(f"\n[P4] mean Var_s[D̂] (c = T_B): T_B=1 {var[1]:.3g}, T_B=2 {var[2]:.3g}, "
           f"T_B=4 {var[4]:.3g}")
     assert var[1] < 1e-20 and var[4] > var[2] > 0.1
+
+
+@pytest.mark.parametrize("T_B", [1, 2, 3, 4])
+def test_p4_variance_for_iid_token_logratios_by_enumeration(T_B):
+    """P4's variance when the L token log-ratios are i.i.d. (mean μ, variance σ²), by enumerating
+    every outcome of a two-valued token law over N_B = 2 blocks of b = 4:
+    E[T_B²·Σ_b Var_s(r_{b,s})] = (T_B − 1)·L·σ² + N_B·T_B²·μ²·Var_s(k_s) (docs/math.md §4.2);
+    the last term vanishes when T_B divides b, as k_s is then constant."""
+    n_blocks, b, values, probs = 2, 4, (0.7, -0.4), (0.3, 0.7)
+    ks = reveal_schedule(b, T_B)
+    step_of = [s for s, k in enumerate(ks) for _ in range(k)]  # the step of each position
+    mu = sum(p * v for p, v in zip(probs, values))
+    sigma2 = sum(p * (v - mu) ** 2 for p, v in zip(probs, values))
+    expected_var = 0.0
+    for outcome in itertools.product(range(2), repeat=n_blocks * b):  # 2^8 token log-ratio draws
+        prob = math.prod(probs[o] for o in outcome)
+        delta = [values[o] for o in outcome]
+        total = 0.0
+        for blk in range(n_blocks):  # T_B²·Var_s(r_{b,s}), r_{b,s} = Σ_{i∈I_{b,s}} δ_i
+            r = [sum(delta[blk * b + i] for i in range(b) if step_of[i] == s) for s in range(T_B)]
+            mean_r = sum(r) / T_B
+            total += T_B ** 2 * sum((x - mean_r) ** 2 for x in r) / T_B
+        expected_var += prob * total
+    var_k = sum((k - b / T_B) ** 2 for k in ks) / T_B
+    formula = (T_B - 1) * n_blocks * b * sigma2 + n_blocks * T_B ** 2 * mu ** 2 * var_k
+    assert abs(expected_var - formula) < 1e-12
+    assert (var_k == 0) == (b % T_B == 0)
 
 
 def test_dtrpo_reference_gets_no_gradient():

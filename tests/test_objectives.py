@@ -134,6 +134,35 @@ def test_p8_clipped_loss_on_policy_gradient_is_reinforce():
     assert_grads_close(grads(loss, model), grads(-(ADV * d1).mean(), model))
 
 
+def test_k3_kl_is_unbiased_for_kl_and_its_expected_gradient_is_the_reverse_kls():
+    """P14: the k3 penalty of clipped_pg_loss (A = 0, β = 1), averaged exactly over the samples of a
+    categorical π_θ (6 outcomes): its value is KL(π_θ ‖ π_ref); its gradient, the samples held
+    fixed, is ∇KL(π_ref ‖ π_θ), not ∇KL(π_θ ‖ π_ref) (docs/math.md §5.2). With unnormalised
+    log-probs (logits without their log-normaliser) the value is biased."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_(True)
+    ref_logits = torch.randn(6, generator=gen, dtype=torch.float64)
+    logp, logp_ref = logits.log_softmax(0), ref_logits.log_softmax(0)
+    p, p_ref = logp.exp(), logp_ref.exp()
+
+    def expected_k3(lp, lp_ref):  # Σ_y π_θ(y)·k3(y), each y a batch of one, weights held fixed
+        return sum(p[y].detach() * clipped_pg_loss(lp[y:y + 1], lp[y:y + 1].detach(),
+                                                   torch.zeros(1), logp_ref=lp_ref[y:y + 1],
+                                                   beta=1.0)[0] for y in range(6))
+
+    value = expected_k3(logp, logp_ref)
+    kl_forward = (p * (logp - logp_ref)).sum()  # KL(π_θ ‖ π_ref)
+    kl_reverse = (p_ref * (logp_ref - logp)).sum()  # KL(π_ref ‖ π_θ)
+    assert abs(value.item() - kl_forward.item()) < 1e-12
+    (g,) = torch.autograd.grad(value, logits, retain_graph=True)
+    (g_reverse,) = torch.autograd.grad(kl_reverse, logits, retain_graph=True)
+    (g_forward,) = torch.autograd.grad(kl_forward, logits, retain_graph=True)
+    torch.testing.assert_close(g, g_reverse, rtol=0, atol=1e-12)
+    assert (g - g_forward).norm() > 0.1 * g_forward.norm()
+    biased = expected_k3(logits, ref_logits)  # log π̂ = logit: off by log Z_θ − log Z_ref
+    assert abs(biased.item() - kl_forward.item()) > 1e-2
+
+
 # --------------------------------------------------------------------------------------------------
 # §5.3 DPO form (P10)
 

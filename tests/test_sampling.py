@@ -17,11 +17,17 @@ def test_reveal_schedule():
     assert reveal_schedule(4, 1) == [4]
     with pytest.raises(ValueError, match="steps_per_block"):
         reveal_schedule(4, 5)
-    # CJ-GRPO's ascending step size: 2^s tokens at step s, the rest at the last: ⌈log₂(b+1)⌉ steps
-    assert reveal_schedule(4, schedule="ascending") == [1, 2, 1]
-    assert reveal_schedule(8, schedule="ascending") == [1, 2, 4, 1]
-    assert reveal_schedule(7, schedule="ascending") == [1, 2, 4]
+    # CJ-GRPO's ascending step size, as its code: ⌊log₂ b⌋ steps, 2^s tokens at step s, the rest
+    # folded into the last (b = 2^S: 1, 2, ..., 2^(S−1) + 1)
+    assert reveal_schedule(4, schedule="ascending") == [1, 3]
+    assert reveal_schedule(8, schedule="ascending") == [1, 2, 5]
+    assert reveal_schedule(32, schedule="ascending") == [1, 2, 4, 8, 17]
+    assert reveal_schedule(7, schedule="ascending") == [1, 6]
+    assert reveal_schedule(2, schedule="ascending") == [2]
     assert reveal_schedule(1, schedule="ascending") == [1]
+    for b in range(1, 70):  # the counts fill the block, in ⌊log₂ b⌋ steps
+        ks = reveal_schedule(b, schedule="ascending")
+        assert sum(ks) == b and len(ks) == max(1, math.floor(math.log2(b)))
     with pytest.raises(ValueError, match="steps_per_block"):
         reveal_schedule(4, 2, schedule="ascending")
 
@@ -208,6 +214,104 @@ def test_random_remasking_is_seeded():
                for s in (5, 5, 6))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.unmask_step, b.unmask_step)
     assert not torch.equal(a.unmask_step, c.unmask_step)
+
+
+# --------------------------------------------------------------------------------------------------
+# P12: random remasking reveals a uniformly random k-subset of the m masked positions, the premise
+# of log S_t = −log C(m, k) (docs/math.md §4.1) and so of P2
+
+FALSE_ALARM = 1e-6  # chance that the check fails on a correct sampler (any seed)
+
+
+def normal_quantile(alpha):
+    """z with P(N(0, 1) > z) = alpha, by bisection on erfc(z/√2)/2."""
+    lo, hi = 0.0, 40.0
+    for _ in range(100):
+        z = (lo + hi) / 2
+        lo, hi = (z, hi) if math.erfc(z / math.sqrt(2)) / 2 > alpha else (lo, z)
+    return z
+
+
+def chi2_quantile(dof, alpha):
+    """x with P(χ²_dof > x) ≈ alpha, by Wilson–Hilferty: (χ²/k)^(1/3) ≈ N(1 − 2/(9k), 2/(9k))."""
+    z, v = normal_quantile(alpha), 2 / (9 * dof)
+    return dof * (1 - v + z * math.sqrt(v)) ** 3
+
+
+# (decoding options, hinted positions of the one block of 4): k_s = 2, 1, 1 of 4 masked; CJ-GRPO's
+# ascending 1, 3; 2 then 2 with one position hinted, so m = 3 (k = 2), then 1 (k = 1)
+SUBSET_CASES = {"k = 2, 1, 1": (dict(steps_per_block=3), []),
+                "ascending": (dict(schedule="ascending"), []),
+                "hint, k = 2, 1": (dict(steps_per_block=2), [0])}
+
+
+def one_block_rollout(n, hinted=(), **options):
+    """n one-block responses (P = 2, b = L = 4) decoded at τ = 1 with random remasking, and the
+    model that decoded them."""
+    model = tiny_model("block", prompt_len=2, response_len=4, block_size=4)
+    hints = torch.full((n, 4), M)
+    hints[:, list(hinted)] = 0
+    return model, generate(model, random_prompts(n, prompt_len=2), temperature=1.0,
+                           remasking="random", hints=hints,
+                           generator=torch.Generator().manual_seed(11), **options)
+
+
+def subset_chi2(options, hinted, n=4000):
+    """Decode n one-block responses (b = 4) with random remasking; count each ordered outcome
+    (I_0, I_1, ...), which must have probability Π_t 1/C(m_t, k_t). Returns Pearson's χ² against
+    the uniform counts and the number of possible outcomes."""
+    _, traj = one_block_rollout(n, hinted, **options)
+    ks = reveal_schedule(4, options.get("steps_per_block"), options.get("schedule", "uniform"))
+    outcomes, m = 1, 4 - len(hinted)
+    for s, k in enumerate(ks):
+        k = min(k, m)  # a hinted block runs out of masked positions early
+        assert ((traj.unmask_step == s).sum(1) == k).all()  # k_s positions at step s, every row
+        outcomes, m = outcomes * math.comb(m, k), m - k
+    _, counts = torch.unique(traj.unmask_step, dim=0, return_counts=True)  # one row per outcome
+    assert len(counts) == outcomes  # every outcome drawn, none else
+    expected = n / outcomes
+    return ((counts - expected) ** 2 / expected).sum().item(), outcomes
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("case", SUBSET_CASES)
+def test_random_remasking_draws_every_subset_uniformly(case):
+    """P12: the counts of the ordered outcomes are uniform: Pearson's χ² below its quantile at
+    false-alarm rate 1e-6 (Wilson–Hilferty's approximation, K − 1 degrees of freedom, ≥ 300
+    expected per cell)."""
+    x2, outcomes = subset_chi2(*SUBSET_CASES[case])
+    assert x2 < chi2_quantile(outcomes - 1, FALSE_ALARM), (x2, outcomes)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_random_remasking_ignores_the_candidates():
+    """P12: the selection is blind to the candidates, so a token revealed at the first step has
+    the confidence of any candidate there: the mean over n = 4000 rows of
+    Σ_{i∈I_0} [μ_i(y_i) − Σ_v μ_i(v)²] / k_0 is 0 within 4.9 standard errors (two-sided false
+    alarm 1e-6, normal approximation of a mean of bounded i.i.d. rows)."""
+    model, traj = one_block_rollout(4000, steps_per_block=3)  # k_0 = 2 of 4
+    first = traj.unmask_step == 0  # (n, 4)
+    with torch.no_grad():  # μ_i at the all-masked block, the state of step 0
+        mu = F.softmax(model(traj.state(0))[:, -4:], -1)  # (n, 4, V)
+    # μ_i(c_i) of a revealed candidate − its expectation under c_i ~ μ_i, E[μ_i(c_i)] = Σ_v μ_i(v)²
+    gap = torch.where(first, traj.logp_at_reveal.exp() - (mu ** 2).sum(-1), 0.0).sum(1) / 2
+    z = gap.mean() / (gap.std() / math.sqrt(len(gap)))
+    assert abs(z) < normal_quantile(FALSE_ALARM / 2), z
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_the_subset_check_fails_on_a_biased_selection(monkeypatch):
+    """The same check rejects a sampler whose random scores lean by 0.03 per position toward the
+    end of the block (torch.rand patched for the (B, b) draw of random remasking only)."""
+    rand = torch.rand
+
+    def leaning(*size, **kw):
+        u = rand(*size, **kw)
+        return u if "dtype" in kw else u + 0.03 * torch.arange(u.shape[-1])  # not the Gumbel draw
+
+    monkeypatch.setattr(torch, "rand", leaning)
+    x2, outcomes = subset_chi2(*SUBSET_CASES["k = 2, 1, 1"])
+    assert x2 > chi2_quantile(outcomes - 1, FALSE_ALARM), (x2, outcomes)
 
 
 def test_bad_arguments():

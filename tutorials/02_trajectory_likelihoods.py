@@ -7,7 +7,8 @@
 # end of a *trajectory* of unmasking steps, and many trajectories end at the same y. This tutorial
 # computes and checks, on the toy sudoku model of tutorial 1:
 #
-# 1. the exact log-probability of the recorded trajectory (TraceRL / CJ-GRPO, docs/math.md §4.1);
+# 1. the exact log-probability of the recorded trajectory (docs/math.md §4.1): its token part is
+#    what TraceRL and CJ-GRPO score, the selection term $S_t$ this project's derivation;
 # 2. why the position-selection term $S_t$ cancels under random remasking, and how much it does not
 #    under low-confidence remasking;
 # 3. dTRPO's two reductions (arXiv 2603.18806): ratio reduction, then state reduction with one step
@@ -102,7 +103,10 @@ def rollout(model, n, steps_per_block, remasking="low_confidence", seed=0):
 # drawn from $\mu_\theta$, so
 # $$\log \pi_\theta(\tau \mid x) = \sum_{t=0}^{T-1}\Big[\log S_t(I_t \mid \tau_t)
 #   + \sum_{i \in I_t} \log \mu_\theta(y_i \mid x, \tau_t)\Big],$$
-# where $S_t$ is the probability that the sampler chose exactly the positions $I_t$. Leave $S_t$
+# where $S_t$ is the probability that the sampler chose exactly the positions $I_t$, given the
+# tokens drawn there. This is the chain rule (the tokens' probability times the selection's given
+# them), not an independence: under low confidence the selection depends on those tokens. TraceRL
+# and CJ-GRPO score the token part; the $S_t$ term is this project's derivation. Leave $S_t$
 # aside for now (§2). The token part needs the model at every state $\tau_t$, which means T forward
 # passes if done naively. Because the sampler recorded $\log\mu_\theta(y_i \mid x, \tau_t)$ as
 # `logp_at_reveal`, the estimator, run on the sampling model, must reproduce $\sum_i$
@@ -135,8 +139,8 @@ assert torch.allclose(exact_lib, naive, rtol=0, atol=1e-10)
 # ## 2. Why $S_t$ cancels under random remasking
 #
 # With **random remasking** the sampler reveals $k_t$ of the $m_t$ masked positions of the block
-# uniformly at random, so $S_t = 1/\binom{m_t}{k_t}$. This does not depend on θ, and in any ratio it
-# cancels:
+# uniformly at random, so $S_t = 1/\binom{m_t}{k_t}$ (the sampler's counts are checked against
+# this, P12). This does not depend on θ, and in any ratio it cancels:
 # $$\log\frac{\pi_\theta(\tau_{t+1}\mid\tau_t)}{\pi_{\mathrm{ref}}(\tau_{t+1}\mid\tau_t)}
 #   = \sum_{i\in I_t}\big[\log\mu_\theta(y_i\mid x,\tau_t)
 #   - \log\mu_{\mathrm{ref}}(y_i\mid x,\tau_t)\big].$$
@@ -189,7 +193,9 @@ print(f"low-confidence remasking, T_B = 2: mean |log-ratio with S_t − token-on
 # The blocks' steps are independent and $\hat D$ is a sum over blocks, so its variance is
 # $T_B^2 \sum_b \mathrm{Var}_{s}(r_{b,s})$. Each block's share is the variance over s of the
 # conditional mean $\mathbb E[\hat D \mid s_b = s]$. The variance is zero for $T_B = 1$, where the
-# reduced trajectory *is* the trajectory, and the factor $T_B^2$ makes it grow with $T_B$. (The
+# reduced trajectory *is* the trajectory. How it grows with $T_B$ depends on the $r_{b,s}$, which
+# change with the trajectory: if the L token log-ratios were i.i.d. with variance $\sigma^2$ and
+# $T_B$ divided b, its mean would be $(T_B - 1)\,L\,\sigma^2$ (docs/math.md §4.2, P4). (The
 # paper writes c = 1 and absorbs $T_B$ into β; `scale="one"`.)
 #
 # The check: for $T_B = 1, 2, 4$ we enumerate all $T_B^{N_B}$ choices of $(s_0, \dots, s_{N_B-1})$.
@@ -310,8 +316,9 @@ assert full_gap.max() > 1e-6
 # combinations. The likelihood factorises too:
 # $\log p(y) = \sum_b \log \frac{1}{24}\sum_{\sigma_b} p_{\sigma_b}(y_b)$.
 #
-# VRPO and BGPO estimate the ELBO by Monte Carlo (docs/math.md §4.3): n masks with stratified sizes
-# $m_j$, $\ell^{(j)} = \frac{1}{m_j}\sum_{i\in S_j}\log\mu_\theta(y_i \mid x, y^{(j)})$, and
+# VRPO and BGPO estimate the ELBO by Monte Carlo (docs/math.md §4.3): n masks, one per sampled
+# size $m_j$ (VRPO's allocation; spreading the sizes evenly, stratification, is this project's),
+# $\ell^{(j)} = \frac{1}{m_j}\sum_{i\in S_j}\log\mu_\theta(y_i \mid x, y^{(j)})$, and
 # $\hat B = \frac1n\sum_j \ell^{(j)}$. Then $L\hat B$ is an unbiased estimate of the ELBO. Three
 # checks: the exact ELBO, computed by enumerating masks, equals the average over orders; it lies
 # below $\log p$; and $L \hat B$ converges to it.
@@ -487,8 +494,9 @@ print(f"saved {OUT / '02_estimators.png'}")
 #   reproduces the sampler's own numbers.
 # - Under random remasking the position term $S_t$ cancels exactly. Under low-confidence remasking
 #   it does not, and the printed gap shows by how much.
-# - dTRPO's $\hat D$ with $c = T_B$ is unbiased for the exact log-ratio at the cost of **one** pass,
-#   and its variance grows with $T_B$.
+# - dTRPO's $\hat D$ with $c = T_B$ is unbiased for the exact token log-ratio at the cost of **one**
+#   pass; its variance, $T_B^2 \sum_b \mathrm{Var}_s(r_{b,s})$, is zero at $T_B = 1$ and grew with
+#   $T_B$ here.
 # - The ELBO of VRPO / BGPO is the expected log-likelihood over random decoding orders, below
 #   $\log p$, and is estimated without bias by the stratified Monte Carlo average.
 #

@@ -11,7 +11,8 @@
 # 3. DPO on dTRPO's trajectory log-ratio: its loss is log 2 at θ = ref;
 # 4. BGPO's bound (arXiv 2510.11683), $e^\delta \ge 1 + \delta$. On-policy it matches the
 #    exp-of-mean ELBO objective in value and gradient, and it lets the Monte Carlo samples be
-#    backpropagated one at a time. We measure the activation memory autograd keeps for n = 1, 4, 16;
+#    backpropagated one at a time. We measure the bytes autograd keeps for backward (a proxy for
+#    activation memory) for n = 1, 4, 16;
 # 5. a few iterations of online RL on sudoku with the library's `rl.train_rl`.
 #
 # Run it as `python tutorials/03_policy_optimisation.py` (about a minute on one CPU thread) or open
@@ -313,9 +314,10 @@ assert (bound <= exact + 1e-12).all()
 
 # %% [markdown]
 # **Memory.** `torch.autograd.graph.saved_tensors_hooks` sees every tensor that autograd saves for
-# backward. We count their bytes while they are alive and keep the peak. This is the activation
-# memory, on any device. For n = 1, 4, 16 samples per response, BGPO's per-sample accumulation stays
-# flat, while the exp-of-mean objective keeps all n graphs at once.
+# backward. We count their bytes while they are alive and keep the peak, on any device: a proxy for
+# activation memory (a tensor saved twice counts twice; what autograd does not save, not at all).
+# For n = 1, 4, 16 samples per response, BGPO's per-sample accumulation stays flat, while the
+# exp-of-mean objective keeps all n graphs at once.
 
 # %%
 # a saved_tensors_hooks pair that counts bytes alive and at peak
@@ -339,14 +341,16 @@ for n in (1, 4, 16):
         peaks[name][n] = meter.peak / 2**20
         mem_model.zero_grad()
 for name, p in peaks.items():
-    print(f"{name:28}: peak saved MB for n = 1, 4, 16: {', '.join(f'{v:.2f}' for v in p.values())}")
+    print(f"{name:28}: peak saved MB (activation proxy) for n = 1, 4, 16: "
+          f"{', '.join(f'{v:.2f}' for v in p.values())}")
 bg, em = peaks["BGPO (per-sample backward)"], peaks["exp-of-mean (all n graphs)"]
 assert bg[16] <= 1.05 * bg[1] and em[16] > 8 * em[1]
 fig, ax = plt.subplots(figsize=(5, 3.5))
 for name, p in peaks.items():
     ax.plot(list(p), list(p.values()), "o-", label=name)
 ax.set(xscale="log", xlabel="MC samples per response n", ylabel="peak MB saved for backward",
-       title="activation memory, 8 responses", xticks=[1, 4, 16], xticklabels=["1", "4", "16"])
+       title="saved bytes (activation proxy), 8 responses", xticks=[1, 4, 16],
+       xticklabels=["1", "4", "16"])
 ax.legend()
 fig.tight_layout()
 fig.savefig(OUT / "03_bgpo_memory.png", dpi=110)

@@ -79,10 +79,13 @@ print(f"start: {100 * start['exact']:.1f}% of {start['n']} test puzzles exact, "
 #
 # **The selection term.** A step of the low-confidence sampler does two things: it draws a token
 # for every masked position, then reveals the k most confident ones. The probability of the step
-# is therefore $S_t \cdot \prod_{i \in I_t} \mu_\theta(y_i)$, where $S_t$, the probability that
-# exactly the positions $I_t$ were selected, depends on θ too (docs/math.md §4.1). Every objective
-# here drops $\log S_t$: full-trajectory GRPO and dTRPO keep the token part, BGPO's ELBO has no
-# notion of order at all. Under random remasking $S_t$ does not depend on θ and cancels exactly
+# is therefore $S_t \cdot \prod_{i \in I_t} \mu_\theta(y_i)$ by the chain rule, where $S_t$, the
+# probability that exactly the positions $I_t$ are selected given the tokens drawn there, depends on
+# θ too (this project's derivation, docs/math.md §4.1; TraceRL and CJ-GRPO score the token part).
+# Every objective here drops $\log S_t$: full-trajectory GRPO and dTRPO keep the token part, and
+# BGPO's ELBO scores no selection at all. The order still enters BGPO here: its default masks in
+# the block layout are the rollout's own visited states (`elbo_masks=auto`), which the order
+# decides; $S_t$ does not. Under random remasking $S_t$ does not depend on θ and cancels exactly
 # (P2). Under low confidence it does not, so the objectives follow a gradient that is not the
 # gradient of what the sampler does. How far apart are the two? Below: the policy gradient
 # $\sum_i A_i \nabla_\theta \log \pi_\theta(\tau_i)$ on this start's own rollouts, with and without

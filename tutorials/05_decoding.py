@@ -6,10 +6,10 @@
 # objectives feel it, because the exact trajectory objective costs one forward pass per decoding
 # step:
 #
-# - **CJ-GRPO** (arXiv 2509.23924) decodes a block in about log₂ b steps (step s reveals 2^s
-#   tokens: the *ascending* schedule) and delays EOS (*early rejection*), so that the exact
-#   trajectory objective becomes cheap, and argues that the trajectory optimised must be the one
-#   the rollout took;
+# - **CJ-GRPO** (arXiv 2509.23924) decodes a block in ⌊log₂ b⌋ steps (step s reveals 2^s
+#   tokens, the last step the rest: the *ascending* schedule) and delays EOS (*early
+#   rejection*), so that the exact trajectory objective becomes cheap, and argues that the
+#   trajectory optimised must be the one the rollout took;
 # - **confidence-threshold** decoding reveals every position the model is sure enough of;
 # - **CreditDecoding** (arXiv 2510.06133) adds *trace credit*, each position's decayed history of
 #   its top-1 predictions, so that a token the model kept predicting crosses the threshold sooner.
@@ -72,8 +72,8 @@ print(f"{100 * start['exact']:.1f}% of {start['n']} test puzzles exact; "
 #
 # Each row below decodes the same puzzle greedily; a cell's colour is the step at which that
 # position was revealed (dark: early), its text the digit. One token per step takes L = 16 steps;
-# two per step, 8; the ascending schedule reveals 1, 2, then 1 tokens per block: 3 steps per block,
-# 12 in all. The threshold rules take as many steps as the model's doubt requires: a block the
+# two per step, 8; the ascending schedule reveals 1, then 3 tokens per block: 2 steps per block,
+# 8 in all. The threshold rules take as many steps as the model's doubt requires: a block the
 # model is sure of goes in one step.
 
 # %%
@@ -106,7 +106,7 @@ plt.close(fig)
 for name, traj in one.items():
     print(f"{name:>22}: steps {traj.unmask_step[0].tolist()}")
 assert one["one token per step"].num_steps == L
-assert one["ascending (CJ-GRPO)"].num_steps == 3 * L // b
+assert one["ascending (CJ-GRPO)"].num_steps == 2 * L // b
 
 # %% [markdown]
 # ## 3. What each rule costs, and what it gets right
@@ -155,12 +155,12 @@ with torch.no_grad():
 # ## 5. CJ-GRPO's argument: optimise the trajectory the rollout took
 #
 # A policy-gradient ratio is π_θ(τ) / π_old(τ) for the trajectory τ that was sampled. With the
-# ascending schedule, τ reveals two tokens together at each block's second step. Suppose an
+# ascending schedule, τ reveals three tokens together at each block's second step. Suppose an
 # objective scores the same response as if it had been decoded one token per step, in the order
-# revealed (two tokens revealed together put in position order): a different, finer trajectory
+# revealed (tokens revealed together put in position order): a different, finer trajectory
 # τ'. On-policy, the ratio of the real trajectory is exactly 1; the ratio of τ' against the
-# record is not: the second token of each pair is scored at a state that contains the first, which
-# the sampler never saw.
+# record is not: the later tokens of each group are scored at states that contain the earlier
+# ones, which the sampler never saw.
 
 # %%
 with torch.no_grad():
@@ -181,11 +181,11 @@ if not QUICK:  # a trained model: scoring the wrong states moves the ratio away 
 
 # %% [markdown]
 # What this shows: the objective must score the states the sampler visited. A rollout decoded in
-# 3 steps per block and optimised as if decoded in 4 has a ratio away from 1 before the policy has
+# 2 steps per block and optimised as if decoded in 4 has a ratio away from 1 before the policy has
 # moved at all, a bias that clipping then treats as a policy change. CJ-GRPO therefore trains with
 # the same schedule it decodes with: `rl --objective=full_trajectory --ratio_level=step
-# --schedule=ascending`, at 3 rather than 4 rows per response here (log₂ b + 1 against b; the
-# saving grows with b: 6 against 32 rows for b = 32, `bench/bench_scaling.py`).
+# --schedule=ascending`, at 2 rather than 4 rows per response here (log₂ b against b; the
+# saving grows with b: 5 against 32 rows for b = 32, `bench/bench_scaling.py`).
 
 # %% [markdown]
 # ## 6. The planning pitfall of left to right (Bachmann & Nagarajan, arXiv 2403.06963)
