@@ -18,13 +18,15 @@ commands use:
 2. against n_mc ∈ {1, 2, 4, 8, 16, 32}: one online BGPO update (`rl --objective=bgpo`, gradients
    accumulated one Monte Carlo sample at a time), one VRPO-OL update (the exp-of-mean objective,
    one graph over all samples) and one two-pass VRPO-OL update (`--vrpo_two_pass`: the same
-   gradient, one sample's graph at a time after a no-grad pass for its factor), each on-policy
-   (μ = 1 optimizer step per batch) and off-policy (μ = 2: the old values' pass, then each step's;
-   the two-pass form's no-grad pass runs in the second step).
+   gradient, one sample's graph at a time after a no-grad pass for its factor), on-policy (μ = 1
+   optimizer step per batch); and off-policy (μ = 2: the old values' pass, then each step's; the
+   two-pass form's no-grad pass runs in the second step): the two-pass update at every n_mc, all
+   three at n_mc = 4.
 For each: the median seconds, the model rows run forward per response, and the peak bytes autograd
 saves for backward (`meters.SavedBytes`). Ends with one JSON line: the seconds ratio dTRPO / exact
 per T_B, each ELBO objective's activation memory over its n_mc = 1 value (μ = 1, and the two-pass
-form's at μ = 2 too), and the rows per response at μ = 2. Log-log figures go to --out.
+form's at μ = 2 too), and each one's rows per response at μ = 2, n_mc = 4. Log-log figures go to
+--out.
 """
 
 import copy
@@ -160,9 +162,11 @@ def main():
                     generator=torch.Generator(device).manual_seed(3))
     adv = torch.randn(args.responses, generator=gen).to(device)
     elbo = ("bgpo", "vrpo_ol", "vrpo_ol_two_pass")
+    jobs = [(name, 1, n) for name in elbo for n in n_mcs]  # (update, μ, n_mc)
+    jobs += [("vrpo_ol_two_pass", 2, n) for n in n_mcs] + [(name, 2, 4) for name in elbo[:2]]
     by_nmc = [{"update": name, "mu": mu, "n_mc": n,
                **online_update(name, n, mu, policy, ref, traj, adv, device, args.repeat)}
-              for mu in (1, 2) for name in elbo for n in n_mcs]
+              for name, mu, n in jobs]
 
     print("\n| update | T_B | seconds | passes/response | peak saved MB |\n|---|---|---|---|---|")
     for r in by_steps:
@@ -190,8 +194,8 @@ def main():
         "n_mc": n_mcs,
         **{f"{name}_memory_ratio": memory_ratio(name) for name in elbo},
         "vrpo_ol_two_pass_memory_ratio_mu2": memory_ratio("vrpo_ol_two_pass", mu=2),
-        "rows_per_response_mu2": {name: [pick(by_nmc, name, "n_mc", n, 2)["passes_per_response"]
-                                         for n in n_mcs] for name in elbo},
+        "rows_per_response_mu2_nmc4": {name: pick(by_nmc, name, "n_mc", 4, 2)["passes_per_response"]
+                                       for name in elbo},
     }
     print("\ndTRPO / exact seconds per T_B: "
           + ", ".join(f"{t}: {r:.3f} (1/T_B = {1 / t:.3f})"
