@@ -1,6 +1,6 @@
 """Benchmark of the objectives' update cost: BGPO's flat memory and dTRPO's cheap DPO update.
 
-    python bench/bench_objectives.py                                    # ~1 minute on a 2-core CPU
+    python bench/bench_objectives.py                                    # ~3 minutes on a 2-core CPU
     python bench/bench_objectives.py --ckpt=runs/h2h/sft/checkpoint.pt  # a trained model's rollouts
     python bench/bench_objectives.py --device=cuda
 
