@@ -1,6 +1,6 @@
 """Benchmark of the objectives' update cost: BGPO's flat memory and dTRPO's cheap DPO update.
 
-    python bench/bench_objectives.py                                    # ~1 minute on a 2-core CPU
+    python bench/bench_objectives.py                                    # ~3 minutes on a 2-core CPU
     python bench/bench_objectives.py --ckpt=runs/h2h/sft/checkpoint.pt  # a trained model's rollouts
     python bench/bench_objectives.py --device=cuda
 
@@ -8,14 +8,17 @@ Everything runs side by side in one process, on one batch of rollouts, through t
 the training commands use (`rl.UPDATES`, `preference.DPO_ESTIMATORS`), so it measures the code that
 trains:
 1. online updates (B = num_prompts × G responses, advantages A ~ N(0, 1) from a seeded generator:
-   the cost of an update does not depend on A's values): bgpo and vrpo_ol at n_mc = 1, 4, 16,
-   full_trajectory and diffu_grpo; for each, the median seconds of one update, the model rows run
-   forward per response, and the peak bytes autograd saves for backward (the activation memory,
+   the cost of an update does not depend on A's values): bgpo, vrpo_ol (one graph) and
+   vrpo_ol_two_pass (`--vrpo_two_pass`) at n_mc = 1, 4, 16, on-policy, and at n_mc = 4 off-policy
+   (μ = 2 optimizer steps per batch: the old values' pass, then each step's); full_trajectory and
+   diffu_grpo; for each, the median seconds of one update, the model rows run forward per
+   response, and the peak bytes autograd saves for backward (the activation memory,
    `meters.SavedBytes`; on CUDA also the peak allocation);
 2. DPO updates on the same pairs (the rollouts paired two by two): dTRPO (one [x ; y ; ỹ] pass per
    response and model in the block layout, one pass per block state in the full one),
    exact-trajectory DPO with flat memory (the default) and with plain autograd.
-Targets: bgpo's peak at n_mc = 16 within 1.2× of n_mc = 1 while vrpo_ol's grows; a dTRPO update
+Targets: bgpo's and vrpo_ol_two_pass's peaks at n_mc = 16 within 1.2× of n_mc = 1 while vrpo_ol's
+grows; a dTRPO update
 ≤ 1/4 of an exact-trajectory DPO update. The ratios are printed and saved as JSON; a figure shows
 peak saved memory against n_mc.
 
@@ -71,14 +74,17 @@ def measure(fn, policy, ref, device, responses: int, repeat: int) -> dict:
     return out
 
 
-def online(name, n_mc, policy, ref, traj, adv, device, repeat) -> dict:
-    cfg = RLConfig(objective=name, n_mc=n_mc or 1)  # n_mc 0: an objective without ELBO samples
+def online(name, n_mc, mu, policy, ref, traj, adv, device, repeat) -> dict:
+    # n_mc 0: an objective without ELBO samples; vrpo_ol_two_pass: vrpo_ol --vrpo_two_pass
+    two_pass = name.endswith("_two_pass")
+    cfg = RLConfig(objective=name.removesuffix("_two_pass"), vrpo_two_pass=two_pass,
+                   n_mc=n_mc or 1, num_iterations=mu)
     gen = torch.Generator(device).manual_seed(0)
 
     def update():
         gen.manual_seed(0)  # the same masks (ELBO) or prompt mask (one-step) at every repeat
         # step: keep the weights fixed
-        UPDATES[name](cfg, policy, ref, traj, adv, gen, step=lambda: None)
+        UPDATES[cfg.objective](cfg, policy, ref, traj, adv, gen, step=lambda: None)
 
     return measure(update, policy, ref, device, len(adv), repeat)
 
@@ -99,8 +105,9 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, style in (("bgpo", "o-"), ("vrpo_ol", "s--")):
-        pts = sorted((r["n_mc"], r["peak_saved_mb"]) for r in rows if r["objective"] == name)
+    for name, style in (("bgpo", "o-"), ("vrpo_ol", "s--"), ("vrpo_ol_two_pass", "^:")):
+        pts = sorted((r["n_mc"], r["peak_saved_mb"]) for r in rows
+                     if r["objective"] == name and r["mu"] == 1)
         ax.plot(*zip(*pts), style, label=name)
     ax.set(xlabel="Monte Carlo samples n_mc", ylabel="peak MB saved for backward", xscale="log",
            title="activation memory of one update")
@@ -153,41 +160,41 @@ def main():
           f"T = {traj.num_steps} decoding steps")
 
     rows = []
-    jobs = [("bgpo", n) for n in (1, 4, 16)] + [("vrpo_ol", n) for n in (1, 4, 16)]
-    jobs += [("full_trajectory", 0), ("diffu_grpo", 0)]
-    for name, n_mc in jobs:
-        rows.append({"objective": name, "n_mc": n_mc,
-                     **online(name, n_mc, policy, ref, traj, adv, device, args.repeat)})
+    elbo = ("bgpo", "vrpo_ol", "vrpo_ol_two_pass")
+    jobs = [(name, n, 1) for name in elbo for n in (1, 4, 16)] + [(name, 4, 2) for name in elbo]
+    jobs += [("full_trajectory", 0, 1), ("diffu_grpo", 0, 1)]
+    for name, n_mc, mu in jobs:  # mu: optimizer steps per batch (num_iterations)
+        rows.append({"objective": name, "n_mc": n_mc, "mu": mu,
+                     **online(name, n_mc, mu, policy, ref, traj, adv, device, args.repeat)})
     for estimator, flat in (("dtrpo", True), ("full_trajectory", True), ("full_trajectory", False)):
         label = "dpo_" + estimator + ("" if estimator == "dtrpo"
                                       else ", flat memory" if flat else ", plain autograd")
-        rows.append({"objective": label, "n_mc": 0,
+        rows.append({"objective": label, "n_mc": 0, "mu": 1,
                      **dpo(estimator, flat, policy, ref, both, device, args.repeat)})
 
-    print("\n| update | n_mc | seconds | passes/response | saved MB, activation proxy |"
-          "\n|---|---|---|---|---|")
+    print("\n| update | n_mc | μ | seconds | passes/response | saved MB, activation proxy |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['objective']} | {r['n_mc'] or '—'} | {r['update_s']:.3f} | "
+        print(f"| {r['objective']} | {r['n_mc'] or '—'} | {r['mu']} | {r['update_s']:.3f} | "
               f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")
-    pick = {(r["objective"], r["n_mc"]): r for r in rows}
+    pick = {(r["objective"], r["n_mc"], r["mu"]): r for r in rows}
     ratios = {
-        "bgpo_peak_16_over_1": pick["bgpo", 16]["peak_saved_mb"] / pick["bgpo", 1]["peak_saved_mb"],
-        "vrpo_ol_peak_16_over_1": pick["vrpo_ol", 16]["peak_saved_mb"]
-        / pick["vrpo_ol", 1]["peak_saved_mb"],
-        "dtrpo_over_exact_dpo_seconds": pick["dpo_dtrpo", 0]["update_s"]
-        / pick["dpo_full_trajectory, flat memory", 0]["update_s"],
-        "dtrpo_over_exact_dpo_seconds_plain": pick["dpo_dtrpo", 0]["update_s"]
-        / pick["dpo_full_trajectory, plain autograd", 0]["update_s"],
+        **{f"{name}_peak_16_over_1": pick[name, 16, 1]["peak_saved_mb"]
+           / pick[name, 1, 1]["peak_saved_mb"] for name in elbo},
+        "dtrpo_over_exact_dpo_seconds": pick["dpo_dtrpo", 0, 1]["update_s"]
+        / pick["dpo_full_trajectory, flat memory", 0, 1]["update_s"],
+        "dtrpo_over_exact_dpo_seconds_plain": pick["dpo_dtrpo", 0, 1]["update_s"]
+        / pick["dpo_full_trajectory, plain autograd", 0, 1]["update_s"],
     }
-    print(f"\nbgpo peak saved memory, n_mc 16 / 1: {ratios['bgpo_peak_16_over_1']:.2f}x "
-          "(target <= 1.2)")
+    print(f"\nbgpo peak saved memory, n_mc 16 / 1: {ratios['bgpo_peak_16_over_1']:.2f}x, "
+          f"vrpo_ol_two_pass: {ratios['vrpo_ol_two_pass_peak_16_over_1']:.2f}x (target <= 1.2)")
     print(f"vrpo_ol peak saved memory, n_mc 16 / 1: {ratios['vrpo_ol_peak_16_over_1']:.2f}x "
           "(grows with n_mc)")
     print("dTRPO DPO update / exact-trajectory DPO update: "
           f"{ratios['dtrpo_over_exact_dpo_seconds']:.3f} (flat memory), "
           f"{ratios['dtrpo_over_exact_dpo_seconds_plain']:.3f} (plain autograd) (target <= 0.25)")
     os.makedirs(args.out, exist_ok=True)
-    plot([r for r in rows if r["objective"] in ("bgpo", "vrpo_ol")],
+    plot([r for r in rows if r["objective"] in elbo],
          os.path.join(args.out, "memory_vs_nmc.png"))
     result = {"device": str(device), "threads": torch.get_num_threads(), "ckpt": args.ckpt,
               "responses": B, "rows": rows, "ratios": ratios}

@@ -16,11 +16,16 @@ commands use:
    The reference's terms are read from the record (the reference decoded the pairs), so each
    update runs only the policy.
 2. against n_mc ∈ {1, 2, 4, 8, 16, 32}: one online BGPO update (`rl --objective=bgpo`, gradients
-   accumulated one Monte Carlo sample at a time) and one VRPO-OL update (the exp-of-mean objective,
-   one graph over all samples).
+   accumulated one Monte Carlo sample at a time), one VRPO-OL update (the exp-of-mean objective,
+   one graph over all samples) and one two-pass VRPO-OL update (`--vrpo_two_pass`: the same
+   gradient, one sample's graph at a time after a no-grad pass for its factor), on-policy (μ = 1
+   optimizer step per batch); and off-policy (μ = 2: the old values' pass, then each step's; the
+   two-pass form's no-grad pass runs in the second step): the two-pass update at every n_mc, all
+   three at n_mc = 4.
 For each: the median seconds, the model rows run forward per response, and the peak bytes autograd
 saves for backward (`meters.SavedBytes`). Ends with one JSON line: the seconds ratio dTRPO / exact
-per T_B, and each ELBO objective's activation memory over its n_mc = 1 value. Log-log figures go to
+per T_B, each ELBO objective's activation memory over its n_mc = 1 value (μ = 1, and the two-pass
+form's at μ = 2 too), and each one's rows per response at μ = 2, n_mc = 4. Log-log figures go to
 --out.
 """
 
@@ -88,12 +93,17 @@ def dpo_update(estimator, policy, ref, both, device, repeat) -> dict:
     return measure(update, policy, device, len(both.tokens), repeat)
 
 
-def online_update(objective, n_mc, policy, ref, traj, adv, device, repeat) -> dict:
-    cfg, gen = RLConfig(objective=objective, n_mc=n_mc), torch.Generator(device).manual_seed(0)
+def online_update(name, n_mc, mu, policy, ref, traj, adv, device, repeat) -> dict:
+    # vrpo_ol_two_pass: vrpo_ol --vrpo_two_pass; mu optimizer steps per batch (num_iterations)
+    two_pass = name.endswith("_two_pass")
+    cfg = RLConfig(objective=name.removesuffix("_two_pass"), vrpo_two_pass=two_pass, n_mc=n_mc,
+                   num_iterations=mu)
+    gen = torch.Generator(device).manual_seed(0)
 
     def update():
         gen.manual_seed(0)  # the same ELBO masks at every repeat
-        UPDATES[objective](cfg, policy, ref, traj, adv, gen, step=lambda: None)
+        # step: keep the weights fixed (the second step's cost does not depend on them)
+        UPDATES[cfg.objective](cfg, policy, ref, traj, adv, gen, step=lambda: None)
 
     return measure(update, policy, device, len(adv), repeat)
 
@@ -152,23 +162,31 @@ def main():
     traj = generate(ref, prompts[:args.responses], temperature=1.0,
                     generator=torch.Generator(device).manual_seed(3))
     adv = torch.randn(args.responses, generator=gen).to(device)
-    by_nmc = [{"update": name, "n_mc": n,
-               **online_update(name, n, policy, ref, traj, adv, device, args.repeat)}
-              for name in ("bgpo", "vrpo_ol") for n in n_mcs]
+    elbo = ("bgpo", "vrpo_ol", "vrpo_ol_two_pass")
+    jobs = [(name, 1, n) for name in elbo for n in n_mcs]  # (update, μ, n_mc)
+    jobs += [("vrpo_ol_two_pass", 2, n) for n in n_mcs] + [(name, 2, 4) for name in elbo[:2]]
+    by_nmc = [{"update": name, "mu": mu, "n_mc": n,
+               **online_update(name, n, mu, policy, ref, traj, adv, device, args.repeat)}
+              for name, mu, n in jobs]
 
     print("\n| update | T_B | seconds | passes/response | saved MB, activation proxy |"
           "\n|---|---|---|---|---|")
     for r in by_steps:
         print(f"| {r['update']} | {r['T_B']} | {r['seconds']:.3f} | "
               f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")
-    print("\n| update | n_mc | seconds | passes/response | saved MB, activation proxy |"
-          "\n|---|---|---|---|---|")
+    print("\n| update | μ | n_mc | seconds | passes/response | saved MB, activation proxy |\n"
+          "|---|---|---|---|---|---|")
     for r in by_nmc:
-        print(f"| {r['update']} | {r['n_mc']} | {r['seconds']:.3f} | "
+        print(f"| {r['update']} | {r['mu']} | {r['n_mc']} | {r['seconds']:.3f} | "
               f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")
 
-    def pick(rows, name, key, x):
-        return next(r for r in rows if r["update"] == name and r[key] == x)
+    def pick(rows, name, key, x, mu=1):
+        return next(r for r in rows if r["update"] == name and r[key] == x
+                    and r.get("mu", 1) == mu)
+
+    def memory_ratio(name, mu=1):  # peak saved bytes over n_mc, relative to n_mc = 1
+        return [pick(by_nmc, name, "n_mc", n, mu)["peak_saved_mb"]
+                / pick(by_nmc, name, "n_mc", 1, mu)["peak_saved_mb"] for n in n_mcs]
     result = {
         "T_B": steps,
         "dtrpo_over_exact": [pick(by_steps, "dpo dtrpo", "T_B", t)["seconds"]
@@ -176,9 +194,10 @@ def main():
                              for t in steps],
         "ascending_steps_per_block": asc.steps_per_block,
         "n_mc": n_mcs,
-        **{f"{name}_memory_ratio": [pick(by_nmc, name, "n_mc", n)["peak_saved_mb"]
-                                    / pick(by_nmc, name, "n_mc", 1)["peak_saved_mb"]
-                                    for n in n_mcs] for name in ("bgpo", "vrpo_ol")},
+        **{f"{name}_memory_ratio": memory_ratio(name) for name in elbo},
+        "vrpo_ol_two_pass_memory_ratio_mu2": memory_ratio("vrpo_ol_two_pass", mu=2),
+        "rows_per_response_mu2_nmc4": {name: pick(by_nmc, name, "n_mc", 4, 2)["passes_per_response"]
+                                       for name in elbo},
     }
     print("\ndTRPO / exact seconds per T_B: "
           + ", ".join(f"{t}: {r:.3f} (1/T_B = {1 / t:.3f})"
@@ -186,7 +205,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     plot([{**r, "y": r["seconds"]} for r in by_steps], "T_B", steps,
          os.path.join(args.out, "seconds_vs_steps.png"), "seconds of one DPO update")
-    plot([{**r, "y": r["peak_saved_mb"]} for r in by_nmc], "n_mc", n_mcs,
+    plot([{**r, "y": r["peak_saved_mb"]} for r in by_nmc if r["mu"] == 1], "n_mc", n_mcs,
          os.path.join(args.out, "memory_vs_nmc.png"), "MB saved for backward, one update")
     with open(os.path.join(args.out, "bench_scaling.json"), "w") as f:
         json.dump({"device": str(device), "threads": torch.get_num_threads(), "L": L, "b": b,

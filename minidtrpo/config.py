@@ -201,10 +201,11 @@ def build_parser(cls, prog: str) -> argparse.ArgumentParser:
         extra = f"; one of {', '.join(map(str, choices))}" if choices else ""
         extra += f"; {_bounds_text(f)}" if f.metadata.get("bounds") else ""
         groups[name].add_argument(f"--{f.name}", type=_converter(f.name, hints[f.name]),
-                            default=argparse.SUPPRESS,  # absent from the result unless given metavar=hints[f.name].__name__.upper(),
-                            nargs="?" if hints[f.name] is bool else None,
-                            const=True if hints[f.name] is bool else None,  # bare "--resume" = true
-                            help=f"{f.metadata.get('help', '')} (default {f.default!r}{extra})")
+                                  default=argparse.SUPPRESS,  # absent from the result unless given
+                                  metavar=hints[f.name].__name__.upper(),
+                                  nargs="?" if hints[f.name] is bool else None,
+                                  const=True if hints[f.name] is bool else None,  # bare: true
+                                  help=f"{f.metadata.get('help', '')} (default {f.default!r}{extra})")
     return parser
 
 

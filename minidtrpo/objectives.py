@@ -15,6 +15,9 @@ Departures:
    can backpropagate them one sample at a time (`rl.bgpo_accumulate`): nothing here runs the model.
 3. BGPO's optional PPO-style clip (`clip_eps`) acts per MC sample on 1 + d_j (A ≥ 0) or exp(d_j)
    (A < 0); on-policy every d_j = 0 and the clip is inert.
+4. The exp-of-mean objective's optional clip acts on each response's ratio exp(mean_j d_j), so one
+   sample's d_j can switch off the gradient of all n. Its per-sample split (`elbo_ratio_terms`)
+   takes mean_j d_j as a value from a no-grad pass (`rl.vrpo_two_pass`).
 A policy-gradient loss value is not a progress signal (≈ 0 on-policy by construction): watch reward.
 
 Shapes: B batch, G group size, K steps or tokens per sequence, N MC samples.
@@ -132,13 +135,49 @@ def bgpo_loss_terms(ell, ell_old, advantages, *, n_mc=None, clip_eps=None):
     return terms, stats
 
 
-def elbo_ratio_loss(ell, ell_old, advantages):
+def elbo_ratio_loss(ell, ell_old, advantages, *, clip_eps=None):
     """The exp-of-mean ELBO-ratio objective ("VRPO-OL", BGPO's baseline) -> (loss, stats).
 
-    Its gradient needs all N samples' graphs at once: peak memory grows with N (docs/math.md §5.4).
+    One graph over all N samples, so peak memory grows with N; `elbo_ratio_terms` splits the same
+    value and gradient into per-sample terms (docs/math.md §5.4). clip_eps: optional PPO-style clip
+    of each response's ratio exp(mean_j d_j) (inert on-policy, where the ratio is 1).
     """
     d = ell - ell_old.detach()  # (B, N)
-    # R̂ = A · exp((1/n) Σ_j d_j);  L = −(1/B) Σ_i R̂_i
-    objective = advantages.to(ell.dtype) * torch.exp(d.mean(1))  # (B,)
+    adv = advantages.to(ell.dtype)  # (B,)
+    ratio = torch.exp(d.mean(1))  # (B,) ρ = exp((1/n) Σ_j d_j)
+    # R̂ = A·ρ
+    objective = adv * ratio  # (B,)
+    if clip_eps is not None:  # R̂ = min(A·ρ, A·clip(ρ, 1−ε, 1+ε)): one clip for all n samples
+        objective = torch.min(objective, adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    # L = −(1/B) Σ_i R̂_i
     loss = -objective.mean()
     return loss, {"objective": objective.mean().item(), "logratio_mean": d.mean().item()}
+
+
+def elbo_ratio_terms(ell, logratio_mean, advantages, *, n_mc=None, clip_eps=None):
+    """The exp-of-mean objective as per-sample terms (docs/math.md §5.4) -> (terms (B, N), stats).
+
+    Summed over all n samples the terms have the value and gradient of `elbo_ratio_loss`:
+    ∇R̂ = c·(1/n)·Σ_j ∇ℓ_θ^{(j)} with c = ∂R̂/∂(mean_j d_j), a number per response.
+    ell: (B, N) ℓ_θ^{(j)} of some of the samples, with graph (n_mc = n, the total);
+    logratio_mean: (B,) mean_j d_j over all n samples, a value (`rl.vrpo_two_pass` gets it from a
+    no-grad pass).
+    """
+    B, n = ell.shape[0], ell.shape[1] if n_mc is None else n_mc
+    adv = advantages.to(ell.dtype)  # (B,)
+    ratio = torch.exp(logratio_mean.detach().to(ell.dtype))  # (B,) ρ = exp(mean_j d_j), a value
+    objective = adv * ratio  # (B,) R̂ = A·ρ
+    # c = A·ρ: the derivative of A·exp(δ) at δ = mean_j d_j
+    slope = adv * ratio  # (B,)
+    if clip_eps is not None:  # as elbo_ratio_loss: min(A·ρ, A·clip(ρ, 1−ε, 1+ε))
+        objective = torch.min(objective, adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+        # the clipped side is the min where ρ > 1+ε (A > 0) or ρ < 1−ε (A < 0): c = 0 there
+        clipped = ((adv > 0) & (ratio > 1 + clip_eps)) | ((adv < 0) & (ratio < 1 - clip_eps))
+        slope = slope.masked_fill(clipped, 0.0)
+    # ℓ − ℓ.detach() is 0 in value and ∇ℓ in gradient
+    zero = ell - ell.detach()  # (B, N)
+    # t_ij = −(R̂_i + c_i·(ℓ_ij − ℓ_ij detached)) / (n·B); Σ_ij t_ij = −(1/B) Σ_i R̂_i in value,
+    # and its gradient −(1/B) Σ_i c_i·(1/n) Σ_j ∇ℓ_ij is the one-graph gradient
+    terms = -(objective[:, None] + slope[:, None] * zero) / (n * B)  # (B, N)
+    stats = {"objective": objective.mean().item(), "logratio_mean": logratio_mean.mean().item()}
+    return terms, stats

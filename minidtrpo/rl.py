@@ -10,7 +10,8 @@ objectives differ only in how they score a response:
   time so memory does not grow with n_mc (arXiv 2510.11683, §5.4; `bgpo_accumulate`).
 - vrpo_ol: the exp-of-mean ELBO-ratio objective BGPO bounds, all n_mc graphs alive (BGPO's
   baseline, with VRPO's masks shared between θ, old and ref, arXiv 2505.19223, and this project's
-  stratified counts).
+  stratified counts); vrpo_two_pass: the same gradient one sample at a time, after a no-grad pass
+  for its factor.
 The run loop (log, evaluate, checkpoint, resume) is train.run_loop; logged metrics: `METRICS`.
 
 Departures:
@@ -21,7 +22,8 @@ Departures:
    reference (as d1); a sequence ratio, not d1's per-token one. bgpo, vrpo_ol: one set of ELBO
    masks per rollout batch. With num_iterations > 1 the old values cost one no-grad pass.
 4. The k3 KL penalty (β) is clipped_pg_loss's (full_trajectory, diffu_grpo); bgpo and vrpo_ol
-   refuse β > 0 (BGPO trains without KL).
+   refuse β > 0 (BGPO trains without KL). vrpo_ol clips each response's ratio exp(mean_j d_j)
+   (objectives.py, departure 4).
 5. Groups with all-equal rewards (A = 0) are dropped; if none is left the update is skipped.
    AdamW, gradient clipping; the learning rate optionally ramped up over `warmup_iters` and
    decayed along a cosine to `min_lr_ratio`·lr over the run's limit (default constant).
@@ -63,7 +65,8 @@ from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_masks_for, elbo_terms
                          one_step_logprob, sample_prompt_mask, trajectory_logprob)
 from .igpo import inpaint
 from .meters import Meters, elapsed
-from .objectives import bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, grpo_advantages
+from .objectives import (bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, elbo_ratio_terms,
+                         grpo_advantages)
 from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, lr_at, rollout,
                     run_loop, run_progress)
 
@@ -105,8 +108,8 @@ class RLConfig(RunConfig, DecodingConfig):
     # ---- the objective's options
     num_iterations: int = arg(1, "optimizer steps per rollout batch μ (1 = on-policy)", ge=1,
                               group="objective")
-    clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; inert on-policy)",
-                          ge=0, group="objective")
+    clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; vrpo_ol: of "
+                          "exp(mean_j d_j); inert on-policy)", ge=0, group="objective")
     beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, diffu_grpo only)",
                       ge=0, group="objective")
     scale_std: bool = arg(True, "divide advantages by the group std (false: d1 / Dr. GRPO)",
@@ -122,6 +125,8 @@ class RLConfig(RunConfig, DecodingConfig):
                     "forward row per response)", ge=1, group="objective")
     elbo_per_token: bool = arg(True, "ℓ^(j) per masked token as in BGPO's code (false: × L)",
                                group="objective")
+    vrpo_two_pass: bool = arg(False, "vrpo_ol: a no-grad pass for exp(mean_j d_j), then one "
+                              "sample's graph at a time (docs/math.md §5.4)", group="objective")
     group_masks: bool = arg(False, "bgpo, vrpo_ol, uniform or blockwise masks: the G responses "
                             "of a prompt share one set (common random numbers; docs/math.md §5.4)",
                             group="objective")
@@ -251,38 +256,83 @@ def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
 
 def update_vrpo_ol(cfg, policy, ref, traj, adv, gen, step):
     masks, ell_old = _elbo_setup(cfg, policy, traj, gen)  # (B, N, L), (B, N) or None on-policy
-    for _ in range(cfg.num_iterations):
-        ell = _elbo(cfg, policy, traj, masks)  # (B, N): all n graphs alive until backward (∝ n)
-        # R̂ = A · exp((1/n) Σ_j (ℓ_θ^(j) − ℓ_old^(j)))
-        loss, stats = elbo_ratio_loss(ell, ell.detach() if ell_old is None else ell_old, adv)
-        loss.backward()
+    for k in range(cfg.num_iterations):
+        if cfg.vrpo_two_pass:  # the same value and gradient, one sample's graph at a time
+            # the first step's θ is θ_old: d_j = 0 as on-policy, so no first pass (old = None)
+            _, stats = vrpo_two_pass(lambda j: _elbo(cfg, policy, traj, masks[:, j:j + 1])[:, 0],
+                                     ell_old if k > 0 else None, adv, n_mc=cfg.n_mc,
+                                     clip_eps=cfg.clip_eps)
+        else:
+            ell = _elbo(cfg, policy, traj, masks)  # (B, N): all n graphs alive until backward
+            # R̂ = A · exp((1/n) Σ_j (ℓ_θ^(j) − ℓ_old^(j)))
+            loss, stats = elbo_ratio_loss(ell, ell.detach() if ell_old is None else ell_old, adv,
+                                          clip_eps=cfg.clip_eps)
+            loss.backward()
         step()
     return stats
+
+
+def backward_per_sample(ell_fn, ell_old, n, terms_fn):
+    """Backpropagate Σ_j terms_fn(ℓ_θ^{(j)}, ℓ_old^{(j)}) one MC sample's graph at a time
+    -> (loss value, mean_j d_j (B,)).
+
+    ell_fn(j) -> (B,) the policy's ℓ_θ^{(j)} with its graph (the caller runs the model on
+    masks[:, j:j+1]); ell_old: (B, N) without grad, or None on-policy (θ_old = θ): then
+    ℓ_old^{(j)} = ℓ_θ^{(j)} detached, one pass cheaper. terms_fn gets (B, 1) columns and returns
+    terms that depend on sample j alone, so the n backwards sum to the gradient of their sum.
+    Gradients accumulate in .grad; the caller steps the optimizer.
+    """
+    total, d_sum = 0.0, 0.0
+    for j in range(n):
+        ell_j = ell_fn(j)  # (B,) builds the graph of sample j only
+        old_j = ell_j.detach() if ell_old is None else ell_old[:, j]  # (B,)
+        loss_j = terms_fn(ell_j[:, None], old_j[:, None]).sum()
+        loss_j.backward()  # frees sample j's graph before sample j+1 is built: memory ∝ one sample
+        total += loss_j.item()
+        d_sum = d_sum + (ell_j.detach() - old_j)
+    return total, d_sum / n
 
 
 def bgpo_accumulate(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
     """BGPO's memory-efficient backward: one MC sample's graph at a time -> (loss value, stats).
 
-    ell_fn(j) -> (B,) the policy's ℓ_θ^{(j)} with its graph (the caller runs the model on
-    masks[:, j:j+1]); ell_old: (B, N) without grad, or None on-policy (θ_old = θ): then
-    ℓ_old^{(j)} = ℓ_θ^{(j)} detached, one pass cheaper; n_mc is then required.
-    Gradients accumulate in .grad; the caller steps the optimizer. Each term of `bgpo_loss_terms`
-    depends on one sample only, so these separate backwards sum to the bound's gradient
-    (docs/math.md §5.4, P6).
+    ell_fn, ell_old as `backward_per_sample`; n_mc is required when ell_old is None. Each term of
+    `bgpo_loss_terms` depends on one sample only, so the separate backwards sum to the bound's
+    gradient (docs/math.md §5.4, P6).
     """
     n = ell_old.shape[1] if ell_old is not None else n_mc
-    total, ell_sum, old_sum = 0.0, 0.0, 0.0
-    for j in range(n):
-        ell_j = ell_fn(j)  # (B,) builds the graph of sample j only
-        old_j = ell_j.detach() if ell_old is None else ell_old[:, j]  # (B,)
-        terms, _ = bgpo_loss_terms(ell_j[:, None], old_j[:, None], advantages, n_mc=n,
-                                   clip_eps=clip_eps)
-        loss_j = terms.sum()
-        loss_j.backward()  # frees sample j's graph before sample j+1 is built: memory ∝ one sample
-        total += loss_j.item()
-        ell_sum, old_sum = ell_sum + ell_j.detach(), old_sum + old_j
-    d_mean = ((ell_sum - old_sum) / n).mean().item()
-    return torch.tensor(total, dtype=advantages.dtype), {"bound": -total, "logratio_mean": d_mean}
+
+    def terms(ell_j, old_j):  # (B, 1) each
+        return bgpo_loss_terms(ell_j, old_j, advantages, n_mc=n, clip_eps=clip_eps)[0]
+
+    total, d_mean = backward_per_sample(ell_fn, ell_old, n, terms)
+    return (torch.tensor(total, dtype=advantages.dtype),
+            {"bound": -total, "logratio_mean": d_mean.mean().item()})
+
+
+def vrpo_two_pass(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
+    """The exp-of-mean objective at one sample's memory -> (loss value, stats), with the value and
+    the .grad of `elbo_ratio_loss` (docs/math.md §5.4).
+
+    ∇R̂ = A·exp(mean_j d_j)·(1/n)·Σ_j ∇ℓ_θ^{(j)}: the factor needs the samples' values, not their
+    graphs. Pass 1 computes every ℓ_θ^{(j)} without grad (n·B rows, nothing saved); pass 2
+    backpropagates one sample at a time, like `bgpo_accumulate`. ell_fn, ell_old as
+    `backward_per_sample`; ell_old None (θ_old = θ): every d_j = 0, so there is no pass 1.
+    """
+    n = ell_old.shape[1] if ell_old is not None else n_mc
+    if ell_old is None:  # on-policy: mean_j d_j = 0 exactly, the factor is A
+        d_mean = torch.zeros_like(advantages)  # (B,)
+    else:
+        with torch.no_grad():  # pass 1: values only, one sample at a time as in pass 2
+            ell = torch.stack([ell_fn(j) for j in range(n)], 1)  # (B, N)
+        d_mean = (ell - ell_old).mean(1)  # (B,) mean_j d_j
+
+    def terms(ell_j, old_j):  # (B, 1) each; old_j is inside d_mean
+        return elbo_ratio_terms(ell_j, d_mean, advantages, n_mc=n, clip_eps=clip_eps)[0]
+
+    total, _ = backward_per_sample(ell_fn, ell_old, n, terms)
+    return (torch.tensor(total, dtype=advantages.dtype),
+            {"objective": -total, "logratio_mean": d_mean.mean().item()})
 
 
 UPDATES = {"full_trajectory": update_full_trajectory, "diffu_grpo": update_diffu_grpo,

@@ -18,7 +18,8 @@ def test_bench_objectives_runs_and_ends_with_its_ratios(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     ratios = json.loads(out.stdout.strip().splitlines()[-1])
     assert ratios["bgpo_peak_16_over_1"] <= 1.2  # BGPO's memory does not grow with n_mc (P7)
-    assert ratios["vrpo_ol_peak_16_over_1"] > 4  # the exp-of-mean objective's does
+    assert ratios["vrpo_ol_peak_16_over_1"] > 4  # the exp-of-mean objective's does in one graph
+    assert ratios["vrpo_ol_two_pass_peak_16_over_1"] <= 1.2  # and not in two passes
     assert (tmp_path / "bench_objectives.json").exists()
     assert (tmp_path / "memory_vs_nmc.png").exists()
 
@@ -31,13 +32,21 @@ def test_bench_scaling_runs_and_ends_with_its_json_line(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(line) >= {"T_B", "dtrpo_over_exact", "n_mc", "bgpo_memory_ratio",
-                         "vrpo_ol_memory_ratio"}
+                         "vrpo_ol_memory_ratio", "vrpo_ol_two_pass_memory_ratio"}
     assert max(line["bgpo_memory_ratio"]) <= 1.05  # flat in n_mc
     assert line["vrpo_ol_memory_ratio"][-1] > 0.5 * line["n_mc"][-1]  # about linear in n_mc
+    # the exp-of-mean objective in two passes: flat, also off-policy where its no-grad pass runs
+    assert max(line["vrpo_ol_two_pass_memory_ratio"] + line["vrpo_ol_two_pass_memory_ratio_mu2"]) \
+        <= 1.05
+    # rows per response at μ = 2, n = 4: n old values + 2n (bgpo, one graph); two passes add n
+    assert line["rows_per_response_mu2_nmc4"] == {"bgpo": 12, "vrpo_ol": 12, "vrpo_ol_two_pass": 16}
     saved = json.load(open(tmp_path / "bench_scaling.json"))
     for row in saved["by_steps"]:  # T_B rows per response for the exact update, one for dTRPO
         expected = 1 if row["update"] == "dpo dtrpo" else row["T_B"]
         assert abs(row["passes_per_response"] - expected) < 1e-9
+    for row in saved["by_nmc"]:  # on-policy: n rows per response for all three, no first pass
+        if row["mu"] == 1:
+            assert row["passes_per_response"] == row["n_mc"]
     assert (tmp_path / "seconds_vs_steps.png").exists()
     assert (tmp_path / "memory_vs_nmc.png").exists()
 

@@ -1,4 +1,5 @@
-"""Objectives (docs/math.md §5) against naive loops over sequences and samples: P5–P8, P10.
+"""Objectives (docs/math.md §5) against naive loops over sequences and samples: P5–P8, P10, and the
+two-pass exp-of-mean objective against its one-graph form.
 
 Gradients are taken on the tiny float64 model's parameters through the estimators, so each property
 is checked end to end; the references are written straight from the formulas.
@@ -17,7 +18,7 @@ from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob,
                                   trajectory_logprob)
 from minidtrpo.objectives import (bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
                                   grpo_advantages)
-from minidtrpo.rl import bgpo_accumulate
+from minidtrpo.rl import bgpo_accumulate, vrpo_two_pass
 from minidtrpo.sampling import generate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -192,7 +193,7 @@ def test_p10_dpo_at_reference():
 
 
 # --------------------------------------------------------------------------------------------------
-# §5.4 BGPO (P5, P6, P7)
+# §5.4 BGPO (P5, P6, P7) and the exp-of-mean objective in two passes
 
 
 def elbo_setup(n, old_scale=0.0, batch=6):
@@ -268,18 +269,56 @@ def test_p6_bgpo_accumulated_gradient_and_lower_bound_off_policy():
     assert (bound <= exact + 1e-12).all() and (bound < exact - 1e-8).sum() >= 4
 
 
+# both signs and zero; with elbo_setup(4, old_scale=0.03, batch=8) and ε = 0.1 the ratios
+# exp(mean_j d_j) fall below, inside and above [1 − ε, 1 + ε] for responses of either sign
+ADV8 = torch.tensor([1.3, 0.8, -0.7, -2.0, -0.5, 0.0, 0.6, -1.1], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.1])
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_vrpo_two_pass_equals_one_graph(on_policy, clip_eps):
+    """The exp-of-mean objective in two passes (mean_j d_j without grad, then one sample's graph at
+    a time) has the loss value and the gradient of the one-graph `elbo_ratio_loss`, for A > 0,
+    A < 0 and A = 0; off-policy the clip binds for responses of both signs and not for others."""
+    model, traj, masks, ell_old = elbo_setup(4, old_scale=0.0 if on_policy else 0.03, batch=8)
+    ell = elbo_terms(model, traj.prompts, traj.responses, masks)  # (B, N) one graph
+    old = ell.detach() if on_policy else ell_old  # on-policy: θ_old = θ
+    base, base_stats = elbo_ratio_loss(ell, old, ADV8, clip_eps=clip_eps)
+    g_base = grads(base, model)
+    total, stats = vrpo_two_pass(
+        lambda j: elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0],
+        None if on_policy else ell_old, ADV8, n_mc=4, clip_eps=clip_eps)
+    torch.testing.assert_close(total, base.detach(), rtol=1e-12, atol=0)
+    assert_grads_close([p.grad for p in model.parameters()], g_base, rtol=1e-10)
+    assert stats["logratio_mean"] == pytest.approx(base_stats["logratio_mean"], abs=1e-14)
+    ratio = torch.exp((ell - old).detach().mean(1))  # (B,)
+    if on_policy:
+        assert (ratio == 1).all()
+        return
+    # the premise: off-policy, every (sign of A, side of the clip range) pair occurs
+    eps = 0.1 if clip_eps is None else clip_eps
+    side = (ratio > 1 + eps).long() - (ratio < 1 - eps).long()  # (B,) −1 below, 0 inside, 1 above
+    assert {(a, s) for a, s in zip(ADV8.sign().tolist(), side.tolist()) if a != 0} == \
+        {(a, s) for a in (-1.0, 1.0) for s in (-1, 0, 1)}
+
+
 def test_p7_bgpo_peak_memory_does_not_grow_with_n():
-    """P7: peak bytes saved for backward: flat in n for BGPO (one sample's graph at a time), growing
-    with n for the exp-of-mean baseline (all graphs at once)."""
-    peaks = {"bgpo": {}, "exp_mean": {}}
+    """P7: peak bytes saved for backward: flat in n for BGPO (one sample's graph at a time) and for
+    the exp-of-mean objective in two passes (its first pass saves nothing), growing with n for the
+    exp-of-mean objective in one graph (all graphs at once)."""
+    peaks = {"bgpo": {}, "two_pass": {}, "exp_mean": {}}
     for n in (1, 4, 16):
         model, traj, masks, ell_old = elbo_setup(n, batch=4)
+
+        def ell_fn(j):
+            return elbo_terms(model, traj.prompts, traj.responses, masks[:, j:j + 1])[:, 0]
+
         for name in peaks:
             with SavedBytes() as meter:
                 if name == "bgpo":
-                    bgpo_accumulate(lambda j: elbo_terms(model, traj.prompts, traj.responses,
-                                                         masks[:, j:j + 1])[:, 0],
-                                    ell_old, ADV[:4])
+                    bgpo_accumulate(ell_fn, ell_old, ADV[:4])
+                elif name == "two_pass":  # ell_old given: the no-grad first pass runs
+                    vrpo_two_pass(ell_fn, ell_old, ADV[:4])
                 else:
                     # all n graphs at once
                     ell = elbo_terms(model, traj.prompts, traj.responses, masks)
@@ -287,8 +326,9 @@ def test_p7_bgpo_peak_memory_does_not_grow_with_n():
             peaks[name][n] = meter.peak
             model.zero_grad()
     print(f"\n[P7] peak saved-activation bytes, n = 1/4/16: BGPO {list(peaks['bgpo'].values())}, "
+          f"two passes {list(peaks['two_pass'].values())}, "
           f"exp-of-mean {list(peaks['exp_mean'].values())}")
-    assert (peaks["bgpo"][16] <= 1.05 * peaks["bgpo"][1]
-            and peaks["bgpo"][4] <= 1.05 * peaks["bgpo"][1])
+    for name in ("bgpo", "two_pass"):
+        assert peaks[name][16] <= 1.05 * peaks[name][1] and peaks[name][4] <= 1.05 * peaks[name][1]
     assert (peaks["exp_mean"][16] > 8 * peaks["exp_mean"][1]
             and peaks["exp_mean"][4] > 2 * peaks["exp_mean"][1])

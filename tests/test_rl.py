@@ -3,10 +3,11 @@
 Smoke runs of every objective and estimator through the command line on a tiny checkpoint; exact
 resume (an interrupted run, resumed, writes the same metrics as an uninterrupted one); bad options
 exit with 2; the measured activation memory of BGPO is flat in n_mc while the exp-of-mean
-baseline's grows; and the flat-memory exact-trajectory DPO gradient equals plain autograd's
-(float64).
+baseline's grows; the two-pass exp-of-mean update moves the weights as the one-graph one does; and
+the flat-memory exact-trajectory DPO gradient equals plain autograd's (float64).
 """
 
+import copy
 import json
 import os
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from minidtrpo.__main__ import main
 from minidtrpo.compare import interval, reusable, stops_alike
 from minidtrpo.config import BadInput
 from minidtrpo.estimators import reduced_trajectory_logprob, trajectory_logprob
+from minidtrpo.meters import Meters
 from minidtrpo.objectives import dpo_loss
 from minidtrpo.preference import dpo_full_trajectory
 from minidtrpo.rl import OBJECTIVES, RLConfig
@@ -228,6 +230,41 @@ def test_bgpo_memory_flat_in_n_mc_vrpo_grows(full_ckpt, tmp_path):
             peak[objective, n] = [r for r in rows(out) if "peak_saved_mb" in r][0]["peak_saved_mb"]
     assert peak["bgpo", 16] <= 1.2 * peak["bgpo", 1]
     assert peak["vrpo_ol", 16] > 8 * peak["vrpo_ol", 1]
+
+
+def test_vrpo_two_pass_update_equals_one_graph_update():
+    """vrpo_ol with vrpo_two_pass: three optimizer steps on one batch (the last two off-policy, with
+    the clip binding) leave the weights the one-graph update leaves (float64). Forward rows per
+    response: n for the old values, then n per step for bgpo and the one-graph form; the two-pass
+    form adds n no-grad rows to every step but the first (whose θ is θ_old)."""
+    model, G, n, mu = tiny_model("block"), 4, 3, 3
+    traj = generate(model, random_prompts(2).repeat_interleave(G, 0), temperature=1.0,
+                    generator=torch.Generator().manual_seed(0))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -1.0, -0.5, -0.5], dtype=torch.float64)
+    weights, rows = {}, {}
+    for name, objective, two_pass, eps in (("one graph", "vrpo_ol", False, 0.1),
+                                           ("two pass", "vrpo_ol", True, 0.1),
+                                           ("unclipped", "vrpo_ol", False, 100.0),
+                                           ("bgpo", "bgpo", False, 0.1)):
+        policy = copy.deepcopy(model)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+        cfg = RLConfig(objective=objective, num_generations=G, n_mc=n, num_iterations=mu,
+                       clip_eps=eps, vrpo_two_pass=two_pass)
+
+        def step():
+            opt.step()
+            opt.zero_grad()
+
+        with Meters(torch.device("cpu"), policy) as meters:
+            rl_module.UPDATES[objective](cfg, policy, None, traj, adv,
+                                         torch.Generator().manual_seed(0), step)
+        weights[name] = torch.cat([p.detach().flatten() for p in policy.parameters()])
+        rows[name] = meters.rows / len(adv)
+    torch.testing.assert_close(weights["two pass"], weights["one graph"], rtol=1e-10, atol=1e-12)
+    # the premise: the clip changed the update (it binds off-policy)
+    assert (weights["one graph"] - weights["unclipped"]).abs().max() > 1e-3
+    assert rows == {"one graph": (1 + mu) * n, "unclipped": (1 + mu) * n, "bgpo": (1 + mu) * n,
+                    "two pass": (1 + mu) * n + (mu - 1) * n}
 
 
 def test_compare_in_process(full_ckpt, tmp_path):

@@ -11,8 +11,9 @@
 # 3. DPO on dTRPO's trajectory log-ratio: its loss is log 2 at θ = ref;
 # 4. BGPO's bound (arXiv 2510.11683), $e^\delta \ge 1 + \delta$. On-policy it matches the
 #    exp-of-mean ELBO objective in value and gradient, and it lets the Monte Carlo samples be
-#    backpropagated one at a time. We measure the bytes autograd keeps for backward (a proxy for
-#    activation memory) for n = 1, 4, 16;
+#    backpropagated one at a time. So does the exp-of-mean objective itself, in two passes. We
+#    measure the bytes autograd keeps for backward (a proxy for activation memory) for n = 1, 4,
+#    16, and say what the bound buys;
 # 5. a few iterations of online RL on sudoku with the library's `rl.train_rl`.
 #
 # Run it as `python tutorials/03_policy_optimisation.py` (about a minute on one CPU thread) or open
@@ -50,7 +51,7 @@ from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, sample_block_steps
                                   trajectory_logprob)
 from minidtrpo.objectives import (bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
                                   grpo_advantages)
-from minidtrpo.rl import RLConfig, bgpo_accumulate, train_rl
+from minidtrpo.rl import RLConfig, bgpo_accumulate, train_rl, vrpo_two_pass
 from minidtrpo.folders import read_metrics
 from minidtrpo.sft import SFTConfig, train_sft
 from minidtrpo.train import load
@@ -238,7 +239,7 @@ assert loss2.item() < math.log(2) and stats2["margin"] > 0
 # policy, let $d_j = \ell^{(j)}_\theta - \ell^{(j)}_{\mathrm{old}}$. The natural on-policy objective
 # is the exp-of-mean ratio ("VRPO-OL"):
 # $$\hat R = A\,\exp\Big(\frac1n\sum_j d_j\Big).$$
-# Its gradient couples all n samples through the exponential, so all n graphs must stay alive until
+# Computed as one graph, as BGPO's baseline computes it, all n samples' graphs stay alive until
 # backward, and memory grows with n. BGPO maximises a lower bound that is a **sum** of per-sample
 # terms:
 # $$\hat R_{\mathrm{lb}} = \sum_j g_j,\qquad g_j = \begin{cases}
@@ -313,11 +314,40 @@ print(f"            R̂    = {[round(v, 4) for v in exact.tolist()]}")
 assert (bound <= exact + 1e-12).all()
 
 # %% [markdown]
+# **The exp-of-mean objective, one sample at a time.** $\hat R$ is not a sum over samples, but its
+# gradient is:
+# $$\nabla \hat R = c\,\frac1n\sum_j \nabla \ell^{(j)}_\theta,\qquad
+#   c = A\,e^{\mathrm{mean}_j d_j}\quad(0 \text{ where a PPO clip of } e^{\mathrm{mean}_j d_j}
+#   \text{ binds}).$$
+# The factor $c$ needs the n values $\ell^{(j)}_\theta$, not their graphs. `rl.vrpo_two_pass`
+# computes them without grad (pass 1), then backpropagates one sample at a time the terms of
+# `objectives.elbo_ratio_terms` (pass 2), like `bgpo_accumulate`. Off-policy, with a clip small
+# enough to bind at this distance from θ_old (ε = 0.02), it leaves the `.grad` of the one-graph
+# objective:
+
+# %%
+eps = 0.02
+base_off, _ = elbo_ratio_loss(elbo_terms(elbo_model, x, y, masks), ell_old, A, clip_eps=eps)
+g_one = grads(base_off, elbo_model)
+elbo_model.zero_grad()
+total_off, _ = vrpo_two_pass(lambda j: elbo_terms(elbo_model, x, y, masks[:, j:j + 1])[:, 0],
+                             ell_old, A, clip_eps=eps)
+g_two = [p.grad for p in elbo_model.parameters()]
+rho = torch.exp((ell_new - ell_old).mean(1))  # (B,) the ratio of each response
+binds = int(((A > 0) & (rho > 1 + eps) | (A < 0) & (rho < 1 - eps)).sum())
+print(f"off-policy, clip binding for {binds} of {B} responses: loss one graph "
+      f"{base_off.item():.10f}, two passes {total_off.item():.10f}; "
+      f"gradient gap {max_grad_gap(g_two, g_one):.1e}")
+assert abs(total_off.item() - base_off.item()) < 1e-12 and max_grad_gap(g_two, g_one) < 1e-8
+assert binds > 0
+
+# %% [markdown]
 # **Memory.** `torch.autograd.graph.saved_tensors_hooks` sees every tensor that autograd saves for
 # backward. We count their bytes while they are alive and keep the peak, on any device: a proxy for
 # activation memory (a tensor saved twice counts twice; what autograd does not save, not at all).
-# For n = 1, 4, 16 samples per response, BGPO's per-sample accumulation stays flat, while the
-# exp-of-mean objective keeps all n graphs at once.
+# For n = 1, 4, 16 samples per response, BGPO's per-sample accumulation stays flat, and so does the
+# exp-of-mean objective in two passes (its first pass saves nothing), while the exp-of-mean objective
+# in one graph keeps all n graphs at once.
 
 # %%
 # a saved_tensors_hooks pair that counts bytes alive and at peak
@@ -326,7 +356,8 @@ from minidtrpo.meters import SavedBytes
 
 mem_model = copy.deepcopy(model).requires_grad_(True)  # float32, as in training
 xm, ym, Am = traj.prompts[:8], traj.responses[:8], torch.tensor([1.0, -1.0] * 4)
-peaks = {"BGPO (per-sample backward)": {}, "exp-of-mean (all n graphs)": {}}
+peaks = {"BGPO (per-sample backward)": {}, "exp-of-mean (two passes)": {},
+         "exp-of-mean (all n graphs)": {}}
 for n in (1, 4, 16):
     masks = sample_elbo_masks(8, L, n, torch.Generator().manual_seed(9))
     with torch.no_grad():
@@ -336,6 +367,9 @@ for n in (1, 4, 16):
             if name.startswith("BGPO"):
                 bgpo_accumulate(lambda j: elbo_terms(mem_model, xm, ym, masks[:, j:j + 1])[:, 0],
                                 ell_old, Am)
+            elif name.endswith("(two passes)"):
+                vrpo_two_pass(lambda j: elbo_terms(mem_model, xm, ym, masks[:, j:j + 1])[:, 0],
+                              ell_old, Am)
             else:
                 elbo_ratio_loss(elbo_terms(mem_model, xm, ym, masks), ell_old, Am)[0].backward()
         peaks[name][n] = meter.peak / 2**20
@@ -344,7 +378,8 @@ for name, p in peaks.items():
     print(f"{name:28}: peak saved MB (activation proxy) for n = 1, 4, 16: "
           f"{', '.join(f'{v:.2f}' for v in p.values())}")
 bg, em = peaks["BGPO (per-sample backward)"], peaks["exp-of-mean (all n graphs)"]
-assert bg[16] <= 1.05 * bg[1] and em[16] > 8 * em[1]
+tp = peaks["exp-of-mean (two passes)"]
+assert bg[16] <= 1.05 * bg[1] and tp[16] <= 1.05 * tp[1] and em[16] > 8 * em[1]
 fig, ax = plt.subplots(figsize=(5, 3.5))
 for name, p in peaks.items():
     ax.plot(list(p), list(p.values()), "o-", label=name)
@@ -356,6 +391,20 @@ fig.tight_layout()
 fig.savefig(OUT / "03_bgpo_memory.png", dpi=110)
 plt.close(fig)
 print(f"saved {OUT / '03_bgpo_memory.png'}")
+
+# %% [markdown]
+# **What the bound buys.** Not memory. What it does buy:
+#
+# - forward rows, off-policy only. With μ optimizer steps per batch, BGPO and the one-graph
+#   objective run $(1 + \mu)\,n$ rows per response (the old values' pass, then n per step); the
+#   two-pass objective runs n more no-grad rows on each step after the first, $(\mu - 1)\,n$ in
+#   all. On-policy (μ = 1) nothing: the rows are the same n, and the gradients are equal (above);
+# - samples that do not interact. The gradient of $g_j$ depends on sample j alone, so BGPO's clip
+#   acts on each sample's surrogate and removes that sample's gradient only. The exp-of-mean
+#   objective has one ratio per response: its clip removes the gradient of all n samples at once,
+#   and one sample with a large $d_j$ can trigger it.
+#
+# `bench/bench_scaling.py` measures all three against n and μ (docs/math.md §5.4).
 
 # %% [markdown]
 # ## 5. A few iterations of online RL
