@@ -108,16 +108,19 @@ def online_update(name, n_mc, mu, policy, ref, traj, adv, device, repeat) -> dic
     return measure(update, policy, device, len(adv), repeat)
 
 
-def plot(rows, key, xs, path, title):
+def plot(rows, key, xs, path, title, xlabel, ylabel):
+    """One line per update against `key` on log-log axes, labelled at the measured xs only."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    from matplotlib.ticker import NullFormatter
+    fig, ax = plt.subplots(figsize=(5.4, 3.8))
     for name in dict.fromkeys(r["update"] for r in rows):
         pts = [(r[key], r["y"]) for r in rows if r["update"] == name]
         ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "k*", label=name, ms=5 if len(pts) > 1 else 9)
-    ax.set(xscale="log", yscale="log", xlabel=key, title=title)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.set_xticks(xs, [str(x) for x in xs])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # no "2×10¹" between the measured points
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -203,10 +206,13 @@ def main():
           + ", ".join(f"{t}: {r:.3f} (1/T_B = {1 / t:.3f})"
                       for t, r in zip(steps, result["dtrpo_over_exact"])))
     os.makedirs(args.out, exist_ok=True)
+    note = f"median of {args.repeat}, one seed, {device}"
     plot([{**r, "y": r["seconds"]} for r in by_steps], "T_B", steps,
-         os.path.join(args.out, "seconds_vs_steps.png"), "seconds of one DPO update")
+         os.path.join(args.out, "seconds_vs_steps.png"), f"one DPO update ({note})",
+         "T_B, decoding steps per block", "seconds")
     plot([{**r, "y": r["peak_saved_mb"]} for r in by_nmc if r["mu"] == 1], "n_mc", n_mcs,
-         os.path.join(args.out, "memory_vs_nmc.png"), "MB saved for backward, one update")
+         os.path.join(args.out, "memory_vs_nmc.png"), f"one online update, μ = 1 ({note})",
+         "n_mc, Monte Carlo samples per response", "MB saved for backward (activation proxy)")
     with open(os.path.join(args.out, "bench_scaling.json"), "w") as f:
         json.dump({"device": str(device), "threads": torch.get_num_threads(), "L": L, "b": b,
                    "by_steps": by_steps, "by_nmc": by_nmc, **result}, f, indent=1)
