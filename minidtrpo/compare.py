@@ -58,26 +58,21 @@ class CompareConfig(Config):
                        valid=folder_problem)
     # key=value options: task_options and *_args pass options through to another command (a task,
     # sft, rl, dpo, pairs), whose own parser checks them; lr_overrides maps objectives to rates.
-    task_options: str = arg("", "task options as key=value,... (for the SFT start)",
-                            group=RUNS)
-    sft_budget: float = arg(
-        180.0, "seconds of SFT for the start (reused when out_dir/sft/checkpoint.pt exists)", gt=0,
-        group=RUNS)
-    sft_args: str = arg("", "more sft options for the start, key=value,... (e.g. d_model=64)",
-                        group=RUNS)
+    # -- the SFT start
+    task_options: str = arg("", "task options, key=value,...", group=RUNS)
+    sft_budget: float = arg(180.0, "seconds of SFT (a finished start is reused)", gt=0, group=RUNS)
+    sft_args: str = arg("", "more sft options, e.g. d_model=64", group=RUNS)
+    # -- the runs of the objectives
     lr_overrides: str = arg(
         "vrpo_ol=2e-4,diffu_grpo=1e-5,dpo_full_trajectory=1e-5,dpo_vrpo=1e-5",
         "per-objective learning rates, name=lr,...; the others keep their command's default "
         "(rl 1e-4, dpo 3e-5): the rates each objective was tuned at", group=RUNS)
-    rl_args: str = arg("", "more rl options for the online runs, key=value,... (e.g. "
-                       "num_prompts=8)", group=RUNS)
-    dpo_args: str = arg("", "more dpo options for the DPO runs, key=value,... (e.g. beta=0.1)",
-                        group=RUNS)
-    pairs_args: str = arg("", "more pairs options, key=value,... (e.g. num_prompts=256)",
-                          group=RUNS)
-    eval_every_s: float = arg(
-        30.0, "evaluate every this many training seconds (and at the start and end)", ge=0,
-        group="evaluation")
+    rl_args: str = arg("", "more rl options for the online runs, e.g. num_prompts=8", group=RUNS)
+    dpo_args: str = arg("", "more dpo options, e.g. beta=0.1", group=RUNS)
+    pairs_args: str = arg("", "more pairs options (DPO's pairs), e.g. num_prompts=256", group=RUNS)
+    # -- evaluation and diagnostics
+    eval_every_s: float = arg(30.0, "evaluate every this many training seconds (and at the start "
+                              "and end)", ge=0, group="evaluation")
     eval_n: int = arg(500, "fixed test problems per evaluation", ge=1, group="evaluation")
     subprocess: bool = arg(True, "one subprocess per run (clean peak memory); false: in-process",
                            group="diagnostics")
