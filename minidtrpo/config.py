@@ -205,7 +205,8 @@ def build_parser(cls, prog: str) -> argparse.ArgumentParser:
                                   metavar=hints[f.name].__name__.upper(),
                                   nargs="?" if hints[f.name] is bool else None,
                                   const=True if hints[f.name] is bool else None,  # bare: true
-                                  help=f"{f.metadata.get('help', '')} (default {f.default!r}{extra})")
+                                  help=f"{f.metadata.get('help', '')} "
+                                       f"(default {f.default!r}{extra})")
     return parser
 
 

@@ -346,8 +346,8 @@ assert binds > 0
 # backward. We count their bytes while they are alive and keep the peak, on any device: a proxy for
 # activation memory (a tensor saved twice counts twice; what autograd does not save, not at all).
 # For n = 1, 4, 16 samples per response, BGPO's per-sample accumulation stays flat, and so does the
-# exp-of-mean objective in two passes (its first pass saves nothing), while the exp-of-mean objective
-# in one graph keeps all n graphs at once.
+# exp-of-mean objective in two passes (its first pass saves nothing), while the exp-of-mean
+# objective in one graph keeps all n graphs at once.
 
 # %%
 # a saved_tensors_hooks pair that counts bytes alive and at peak

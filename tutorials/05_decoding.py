@@ -233,8 +233,8 @@ for reverse in (False, True):
 # The planning pitfall table of docs/results.md trains the same star data for the same 1200 s with
 # block size 1 (`sft --task=star --block_size=1 --t_min=1`: the block layout with one token per
 # block is a left-to-right model, and t = 1 masks every token, which is exactly teacher forcing) and
-# with the default masked-diffusion decoder (one block of 4, any order inside it), forward and reversed,
-# and says what each learned in that budget. If those run folders exist (`runs/star/ar_fwd`,
+# with the default masked-diffusion decoder (one block of 4, any order inside it), forward and
+# reversed, and says what each learned in that budget. If those run folders exist (`runs/star/ar_fwd`,
 # `ar_rev`, `diff_fwd`, `diff_rev`, made by the commands there), the cell below scores them.
 
 # %%
