@@ -1,10 +1,11 @@
-"""Head-to-head: every objective from one SFT start, under the same wall-clock budget and seeds.
+"""Head-to-head: every objective from one SFT start, with the same seeds, each at its recipe's counts.
 
 The experiment the dTRPO (arXiv 2603.18806) and BGPO (arXiv 2510.11683) papers report at 7-8B
 scale, at toy scale: the four online objectives of rl.py (full_trajectory, bgpo, diffu_grpo,
 vrpo_ol) and the three DPO estimators of preference.py (dpo_dtrpo, dpo_full_trajectory, dpo_vrpo),
-each run for `budget` seconds of training (rollouts + updates; evaluation and pair sampling
-excluded) per seed. Writes compare.md (a table, also printed) and compare.png (test exact accuracy
+each run for its command's count (rl's iterations, dpo's epochs over the pairs; `rl_args` and
+`dpo_args` change them) per seed, `budget` seconds of training (rollouts + updates; evaluation and
+pair sampling excluded) an optional cap. Writes compare.md (a table, also printed) and compare.png (test exact accuracy
 and reward against training seconds and iterations: mean over seeds, min–max band).
 
 Choices:
@@ -44,15 +45,14 @@ RUNS = "options of the runs"  # the --help group of what compare passes on to sf
 
 @dataclass
 class CompareConfig(Config):
-    """Run every objective from the same start, budget and seeds; write a table and figures."""
+    """Run every objective from the same start and seeds; write a table and figures."""
     task: str = arg("sudoku", "task", TASKS)
     layout: str = arg("block", "attention layout of the SFT start", LAYOUTS)
     init: str = arg("", "start from this checkpoint instead of training one")
     objectives: str = arg(",".join(ALL), f"comma-separated subset of {', '.join(ALL)}")
     seeds: str = arg("0,1", "comma-separated seeds; each objective runs once per seed")
-    budget: float = arg(
-        240.0, "seconds of training per run (rollout + update; evaluation excluded)", gt=0)
-    max_iters: int = arg(100_000, "also stop a run after this many iterations", ge=1)
+    budget: float = arg(0.0, "also stop a run after this many training seconds (rollout + update; "
+                             "evaluation excluded; 0: no cap, its count ends it)", ge=0)
     device: str = device_arg()
     out_dir: str = arg("runs/compare", "folder of the runs, compare.md and compare.png",
                        valid=folder_problem)
@@ -60,7 +60,8 @@ class CompareConfig(Config):
     # sft, rl, dpo, pairs), whose own parser checks them; lr_overrides maps objectives to rates.
     # -- the SFT start
     task_options: str = arg("", "task options, key=value,...", group=RUNS)
-    sft_budget: float = arg(180.0, "seconds of SFT (a finished start is reused)", gt=0, group=RUNS)
+    sft_budget: float = arg(0.0, "cap on the start's SFT seconds (0: none, the task's recipe of "
+                                 "steps ends it; a finished start is reused)", ge=0, group=RUNS)
     sft_args: str = arg("", "more sft options, e.g. d_model=64", group=RUNS)
     # -- the runs of the objectives
     lr_overrides: str = arg(
@@ -151,7 +152,7 @@ def pairs_argv(cfg: CompareConfig, init: str, seed: int) -> list[str]:
 def run_argv(cfg: CompareConfig, name: str, seed: int, init: str) -> tuple[str, type, list[str]]:
     """(command, its config class, its options) of objective `name` for one seed."""
     argv = [f"--init={init}", f"--seed={seed}", f"--time_budget={cfg.budget}",
-            f"--max_iters={cfg.max_iters}", "--eval_every=0", f"--eval_every_s={cfg.eval_every_s}",
+            "--eval_every=0", f"--eval_every_s={cfg.eval_every_s}",
             f"--eval_n={cfg.eval_n}", f"--device={cfg.device}",
             f"--out_dir={os.path.join(cfg.out_dir, name, f'seed{seed}')}"]
     lr = parse_options(cfg.lr_overrides).get(name)
@@ -322,9 +323,11 @@ def compare(cfg: CompareConfig) -> str:
     unused = {"task", "task_options", "layout", "sft_budget", "sft_args"} if cfg.init else ()
     command = ("python -m minidtrpo compare "
                + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items() if k not in unused))
+    budget = (f"each run at its command's count, capped at {cfg.budget:g} training seconds"
+              if cfg.budget else "each run at its command's count")
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
         f.write(f"# Head-to-head\n\n`{command}`\n\nstart: `{init}`; "
-                f"{cfg.budget:g} training seconds per run; seeds {cfg.seeds}; final checkpoint, "
+                f"{budget}; seeds {cfg.seeds}; final checkpoint, "
                 f"greedy decoding of {cfg.eval_n} test problems.\n\n"
                 f"{text}\n\n![compare](compare.png)\n")
     plot(results, os.path.join(cfg.out_dir, "compare.png"), cfg.seeds, cfg.eval_n)

@@ -259,7 +259,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     gens = {"estimator": torch.Generator(device).manual_seed(cfg.seed)}  # s_b draws and ELBO masks
     print(f"{n_pairs} pairs, {per_epoch} steps per epoch")
 
-    def iteration(it, train_seconds):
+    def iteration(it):
         epoch, b = divmod(it, per_epoch)
         # the order of epoch e is a function of (seed, e) alone: nothing to save for an exact resume
         order = torch.randperm(n_pairs,

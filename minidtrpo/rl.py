@@ -68,7 +68,7 @@ from .meters import Meters, elapsed
 from .objectives import (bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, elbo_ratio_terms,
                          grpo_advantages)
 from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, lr_at, rollout,
-                    run_loop, run_progress)
+                    run_loop)
 
 OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol")
 METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
@@ -101,7 +101,7 @@ class RLConfig(RunConfig, DecodingConfig):
                                ge=2)
     temperature: float = arg(1.0, "rollout temperature τ (> 0: greedy groups would be flat)",
                              gt=0)
-    max_iters: int = arg(1000, "stop after this many iterations", ge=1)
+    max_iters: int = arg(120, "iterations of the run (the block-layout recipe: 120)", ge=1)
     out_dir: str = arg(
         "runs/rl", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png",
         valid=folder_problem)
@@ -140,8 +140,8 @@ class RLConfig(RunConfig, DecodingConfig):
     warmup_iters: int = arg(0, "learning rate ramped linearly over this many first iterations "
                                "(0: constant from the start)", ge=0, group="optimizer")
     min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of lr, cosine decay over "
-                              "max_iters or time_budget, whichever is nearer (1: constant, the "
-                              "block layout's recipe; 0.1: the full layout's)", ge=0, le=1,
+                              "max_iters (1: constant, the block layout's recipe; 0.1: the full "
+                              "layout's)", ge=0, le=1,
                               group="optimizer")
     # ---- IGPO: hinted rollouts for groups without a correct response
     igpo: float = arg(0.0, "IGPO: share of an all-wrong group's G responses that correct "
@@ -352,9 +352,8 @@ def train_rl(cfg: RLConfig) -> dict:
             "estimator": torch.Generator(device).manual_seed(cfg.seed + 2)}  # ELBO, prompt masks
     G = cfg.num_generations
 
-    def iteration(it, train_seconds):
-        done = run_progress(it, cfg.max_iters, train_seconds, cfg.time_budget)
-        lr = lr_at(cfg.lr, it, done, cfg.warmup_iters, cfg.min_lr_ratio)
+    def iteration(it):
+        lr = lr_at(cfg.lr, it, cfg.max_iters, cfg.warmup_iters, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         # ---- rollouts: G responses per prompt from the current policy, scored by the task

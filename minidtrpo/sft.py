@@ -24,7 +24,7 @@ from .config import BadInput, arg, autocast, check, folder_problem, parse_option
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .tasks import TASKS, get_task
-from .train import RunConfig, clip_and_step, load, lr_at, run_loop, run_progress
+from .train import RunConfig, clip_and_step, load, lr_at, run_loop
 
 
 @dataclass
@@ -49,7 +49,8 @@ class SFTConfig(RunConfig):
                              "block_size = 1)", gt=0, le=1, group="optimizer")
     ema: float = arg(0.99, "EMA decay of the evaluated weights (0: no EMA)", ge=0, lt=1,
                        group="optimizer")
-    max_steps: int = arg(100_000, "stop after this many optimizer steps", ge=1)
+    max_steps: int = arg(300, "optimizer steps of the run, the schedule's length (sudoku's recipe; "
+                              "each task's own where the command line leaves it)", ge=1)
     eval_every: int = arg(100, "evaluate and checkpoint every this many steps (0: at the end)",
                           ge=0, group="evaluation")
     out_dir: str = arg("runs/sft", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves",
@@ -158,10 +159,9 @@ def train_sft(cfg: SFTConfig) -> dict:
     b, L = model.config.block_size, task.response_len
     seq_tokens = task.prompt_len + (2 * L - b if cfg.layout == "block" else L)  # tokens per row
 
-    def iteration(step, train_seconds):
+    def iteration(step):
         t0 = time.perf_counter()
-        done = run_progress(step, cfg.max_steps, train_seconds, cfg.time_budget)
-        lr = lr_at(cfg.lr, step, done, cfg.warmup_steps, cfg.min_lr_ratio)
+        lr = lr_at(cfg.lr, step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         prompts, answers = task.sample(cfg.batch_size, "train", gens["data"])

@@ -1,6 +1,6 @@
 """The one run loop of every kind of run (sft, rl, dpo), and what it needs around it.
 
-`run_loop` calls an algorithm's `iteration(it, train_seconds)` until a step or time budget is
+`run_loop` calls an algorithm's `iteration(it)` until a step or time budget is
 spent and does the rest the same way for every kind of run: the metrics log, periodic greedy
 evaluation, atomic checkpoints, exact resume, Ctrl-C, the progress bar and the figure. An
 algorithm module (sft.py, rl.py, preference.py) only says what one iteration is. The run folder's
@@ -39,8 +39,9 @@ class RunConfig(StepsConfig):
     """What every kind of run (sft, rl, dpo) shares."""
     seed: int = arg(0, "seed of every generator of the run (one per purpose)", ge=0, lt=2**31)
     lr: float = arg(1e-4, "AdamW learning rate (the peak, where a schedule decays it)", gt=0)
-    time_budget: float = arg(0.0, "stop after this many training seconds, evaluation excluded "
-                                  "(0: no limit)", ge=0)
+    time_budget: float = arg(0.0, "also stop after this many training seconds, evaluation "
+                                  "excluded (0: no limit); the schedule stays set by the count",
+                             ge=0)
     device: str = device_arg()
     out_dir: str = arg("runs/run", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves",
                        valid=folder_problem)
@@ -141,21 +142,15 @@ def evaluate(model, task, prompts, *, steps_per_block=0, temperature=0.0, genera
 # The optimizer step and the run loop
 
 
-def lr_at(lr: float, step: int, done: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay from lr to min_ratio·lr as `done`, the
-    share of the run behind (run_progress), goes from 0 to 1 (min_ratio = 1: constant)."""
+def lr_at(lr: float, step: int, max_steps: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from lr to min_ratio·lr over the run's
+    max_steps (min_ratio = 1: constant). A function of the step count alone, so the same command
+    follows the same rates on any machine; a time budget only stops a run early."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    # lr_t = lr · (r + (1 − r) · ½(1 + cos(π · done)))  (cosine schedule, SGDR arXiv 1608.03983)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+    # lr_t = lr · (r + (1 − r) · ½(1 + cos(π · step / max_steps)))  (SGDR, arXiv 1608.03983)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step / max_steps, 1.0)))
     return lr * (min_ratio + (1 - min_ratio) * cosine)
-
-
-def run_progress(step: int, max_steps: int, seconds: float, time_budget: float) -> float:
-    """max(step / max_steps, seconds / time_budget): a run stopped by either limit ends its schedule
-    near the end. Recomputed from the saved counters on resume, so a resumed run keeps its rates
-    if its limits stay the same; under a time budget the rates follow the measured seconds."""
-    return max(step / max_steps, seconds / time_budget if time_budget else 0.0)
 
 
 def clip_and_step(model, opt, grad_clip) -> float:
@@ -178,7 +173,7 @@ MAX_BAD_ITERS = 10  # a run stops after this many iterations in a row with a non
 
 def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, device,
              frozen=None, bar_keys=(), eval_at_start=True) -> dict:
-    """Call iteration(it, train_seconds) for it = 0, 1, ... until max_iters or cfg.time_budget; log,
+    """Call iteration(it) for it = 0, 1, ... until max_iters or cfg.time_budget; log,
     evaluate, checkpoint. Returns the last evaluation's metrics.
 
     models: {name: module} that training changes, saved in every checkpoint; models["model"] is
@@ -247,7 +242,7 @@ def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters
         state = run if state is None else state
         return state["iter"] >= max_iters or 0 < cfg.time_budget <= state["train_seconds"]
 
-    bar = tqdm(total=None if cfg.time_budget else max_iters, initial=run["iter"], desc=kind,
+    bar = tqdm(total=max_iters, initial=run["iter"], desc=kind,
                dynamic_ncols=True, mininterval=1.0, disable=None)  # disable=None: no bar off a tty
     snapshot, metrics, stopped = None, {}, None
     try:
@@ -264,7 +259,7 @@ def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters
             if done():
                 break
             snapshot = copy.deepcopy(mutable())  # Ctrl-C inside the iteration goes back to here
-            row = iteration(run["iter"], run["train_seconds"])
+            row = iteration(run["iter"])
             bad = (row.get("skipped_steps", 0) > 0 or not finite(models.values())
                    or any(isinstance(v, float) and not math.isfinite(v) for v in row.values()))
             if bad:  # undo the iteration's updates; its draws stay spent (the next one differs)

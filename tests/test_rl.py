@@ -358,8 +358,8 @@ def test_compare_interval_is_the_t_interval_of_the_mean():
 
 
 def test_compare_reuses_a_run_only_where_it_would_stop_alike():
-    """Block-layout runs made by `rl` (max_iters 1000) and `dpo` (no time budget, ended by its
-    epochs) gathered by compare (max_iters 100000, time budget 600) are the same training runs."""
+    """Runs made by `rl` (max_iters 1000, time budget 600) and `dpo` (no time budget, ended by its
+    epochs), asked for again with a higher iteration limit, are the same training runs."""
     rl_run = {"max_iters": 1000, "time_budget": 600.0}
     asked = {"max_iters": 100_000, "time_budget": 600.0}
     assert stops_alike(rl_run, asked, it=110, seconds=604.2)  # both stop on the 600 s

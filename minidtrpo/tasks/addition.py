@@ -22,12 +22,26 @@ class Addition(Task):
     Reward: 1 if the first n+1 characters of the response are the answer, else 0 (what follows them
     is ignored); partial=True gives the fraction of those n+1 digits that are right instead.
     Split: crc32 of the two operands in sorted order (a+b and b+a share a split).
+    Curriculum without a schedule: a share `short_share` of the training problems (default half)
+    have k ~ U{1..n} digits, zero-padded, the rest n; the test problems all have n. Trained on
+    n-digit problems alone, the model learns addition on some seeds and stays at chance on others
+    (the lookup of an answer digit's two operand digits is found late or never); the short
+    problems, most of whose answer digits are 0 or a single sum, show it early (docs/results.md,
+    "Supervised training").
     """
 
     name, block_size = "addition", 1
+    # SFT's recipe (docs/results.md "Supervised training"): ≥ 95% exact on every seed measured
+    sft_recipe = {"max_steps": 1000, "eval_every": 250}
 
-    def __init__(self, digits: int = 4, lsb_first: bool = True, partial: bool = False):
-        super().__init__(digits=digits, lsb_first=lsb_first, partial=partial)
+    def __init__(self, digits: int = 4, lsb_first: bool = True, partial: bool = False,
+                 short_share: float = 0.5):
+        super().__init__(digits=digits, lsb_first=lsb_first, partial=partial,
+                         short_share=short_share)
+        if type(short_share) not in (int, float) or not 0 <= short_share <= 1:
+            raise ValueError(f"option short_share={short_share!r} is invalid; valid: a number "
+                             "in [0, 1]")
+        self.short_share = float(short_share)
         self.n = check_option("digits", digits, range(1, 16))
         self.lsb_first = check_option("lsb_first", lsb_first, (True, False))
         self.partial = check_option("partial", partial, (True, False))
@@ -68,5 +82,12 @@ class Addition(Task):
         return right / len(answer) if self.partial else float(right == len(answer))
 
     def _candidates(self, m, split, generator):
-        operands = torch.randint(0, 10 ** self.n, (m, 2), generator=generator).tolist()  # (m, 2)
+        if split == "test":  # the test problems: n-digit operands, uniform
+            operands = torch.randint(0, 10 ** self.n, (m, 2), generator=generator).tolist()
+            return [f"{a:0{self.n}d}+{b:0{self.n}d}" for a, b in operands]
+        # training problems: short_share of them with k ~ U{1..n} digits (zero-padded), the rest n
+        digits = torch.randint(1, self.n + 1, (m, 1), generator=generator)
+        digits[torch.rand(m, 1, generator=generator) >= self.short_share] = self.n
+        operands = (torch.rand(m, 2, generator=generator, dtype=torch.float64)
+                    * 10.0 ** digits).long().tolist()  # (m, 2), each in [0, 10^k)
         return [f"{a:0{self.n}d}+{b:0{self.n}d}" for a, b in operands]
