@@ -35,8 +35,8 @@ def torchrun(argv, **kw):
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory, single_thread):
-    """A tiny block-layout sudoku checkpoint, and 5 of the pairs it samples: with 4 pairs per
-    step, an epoch's second batch is 1 pair, so the second process has none of it."""
+    """A tiny block-layout sudoku checkpoint, and 7 of the pairs it samples: an epoch's last
+    batch is short (4 pairs per step: 3, split 2 + 1; 2 per step: 1, split 1 + 0)."""
     root = tmp_path_factory.mktemp("start")
     main([*SFT, "--max_steps=4", f"--out_dir={root / 'sft'}"])
     ckpt = str(root / "sft" / "checkpoint.pt")
@@ -44,7 +44,7 @@ def start(tmp_path_factory, single_thread):
           f"--out={root / 'all_pairs.pt'}"])
     data = torch.load(root / "all_pairs.pt", weights_only=True)
     for side in ("chosen", "rejected"):
-        data[side] = {k: v[:5] if torch.is_tensor(v) else v for k, v in data[side].items()}
+        data[side] = {k: v[:7] if torch.is_tensor(v) else v for k, v in data[side].items()}
     torch.save(data, root / "pairs.pt")
     return ckpt, str(root / "pairs.pt")
 
@@ -65,8 +65,8 @@ def assert_same_weights(a, b):
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_two_processes_take_the_one_process_step(kind, start, tmp_path):
     """sft: every process draws the whole batch and its noise, each trains on half the rows.
-    dpo, exact trajectory (no draws): a batch of 4 pairs split 2 + 2, then one of 1 split 1 + 0,
-    the empty share weighted 0."""
+    dpo, exact trajectory (no draws): a batch of 4 pairs split 2 + 2, then one of 3 split 2 + 1,
+    the shares weighted 2/3 and 1/3."""
     ckpt, pairs = start
     argv = ([*SFT, "--max_steps=2", "--eval_every=0"] if kind == "sft" else
             ["dpo", f"--init={ckpt}", f"--pairs={pairs}", "--estimator=full_trajectory",
@@ -163,7 +163,8 @@ def command(kind, start):
 def test_two_processes_killed_and_resumed_write_the_same_metrics(kind, start, tmp_path):
     """Rank 0 killed (SIGKILL) once a checkpoint is saved and the log holds 10 rows; torchrun
     then ends rank 1. Resumed
-    with --resume on 2 processes, the log is the uninterrupted run's (timing fields aside)."""
+    with --resume on 2 processes, the log is the uninterrupted run's (timing fields aside).
+    dpo: every fourth batch is 1 pair, so the second process joins the backward with weight 0."""
     argv = command(kind, start)
     done = torchrun([*argv, f"--out_dir={tmp_path / 'straight'}"])
     assert done.returncode == 0, done.stderr[-3000:]
