@@ -102,7 +102,8 @@ def rl_update(rank, world, objective, out):
     prompts = repeat(random_prompts(4), "p l -> (p g) l", g=G)  # (B, P) the global batch
     traj = generate(policy, prompts, temperature=1.0, generator=torch.Generator().manual_seed(0))
     # the ELBO masks of the global batch, drawn once: each process gets its rows' masks
-    masks = elbo_masks_for(cfg.elbo_masks, "block", traj, cfg.n_mc, torch.Generator().manual_seed(1))
+    masks = elbo_masks_for(cfg.elbo_masks, "block", traj, cfg.n_mc,
+                           torch.Generator().manual_seed(1))  # (B, N, L)
     rows = share(cfg.num_prompts, rank, world, "num_prompts", group=G)
     traj, rewards = traj.index(torch.arange(len(prompts))[rows]), REWARDS[rows]
     adv, _ = grpo_advantages(rewards, G)
