@@ -1,4 +1,5 @@
-"""Command line: `python -m minidtrpo <command> [--option=value ...]`; `--help` lists options."""
+"""Command line: `python -m minidtrpo <command> [--option=value ...]`; `--help` lists options.
+sft, rl and dpo also run data-parallel: `torchrun --nproc_per_node=N -m minidtrpo <command> ...`."""
 
 import csv
 import json

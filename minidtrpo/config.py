@@ -71,8 +71,10 @@ def read_saved(path: str, what: str, keys: tuple, device="cpu") -> dict:
 
 
 def fail(message: str):
-    """Print one error line and exit with status 2 (the convention for bad command-line input)."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print one error line and exit with status 2 (the convention for bad command-line input).
+    Under torchrun every process finds the same error; rank 0 alone prints it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -30,11 +30,15 @@ Departures:
 6. dtrpo's single pass is used by default only where it is exact (block layout). A full-layout
    model was never trained on the [x ; y ; ỹ] layout, so there each sampled block state gets its
    own pass (N_B passes per response, still T_B times fewer than the exact trajectory).
+7. Data parallel (torchrun): each process takes its share of every batch of pairs, with its own
+   draws of s_b and of VRPO's masks; the exact trajectory draws nothing, so there the step is the
+   one-process step (tests/test_distributed.py).
 
 Shapes: B pairs per update, P prompt length, L response length, N MC samples, N_B blocks,
 T_B steps per block.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -52,8 +56,8 @@ from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_masks_fo
 from .meters import Meters, elapsed
 from .objectives import dpo_loss
 from .sampling import Trajectory
-from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, rollout,
-                    run_loop)
+from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, data_parallel,
+                    init_parallel, load, no_sync, rollout, run_loop, share, weigh)
 
 ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
 
@@ -202,14 +206,16 @@ def dpo_full_trajectory(cfg, policy, ref, both, gen):
     w = -cfg.beta / B * torch.sigmoid(-cfg.beta * (d[:B] - d[B:]))  # (B,)
     dL_dD = torch.cat([w, -w])  # (2B,)
     exact_states = policy.config.layout == "block"  # the [x ; y ; ỹ] pass is the true state (P3)
-    for s in range(both.steps_per_block):
+    T_B = both.steps_per_block
+    for s in range(T_B):
         steps = torch.full((2 * B, both.num_blocks), s, device=device)  # every block at step s
-        with autocast(device):  # step s's share of log π_θ(τ):
-            # Σ_b Σ_{i∈I_{b,s}} log μ_θ(y_i | state before step b·T_B + s)
+        # data parallel: steps 0..T_B−2 only accumulate, the last backward all-reduces the sum
+        with no_sync(policy)() if s < T_B - 1 else contextlib.nullcontext(), autocast(device):
+            # step s's share of log π_θ(τ): Σ_b Σ_{i∈I_{b,s}} log μ_θ(y_i | state before b·T_B + s)
             logp_s = reduced_trajectory_logprob(policy, both, steps,
                                                 single_pass=exact_states)  # (2B,)
-        # ∇L = Σ_s Σ_r (∂L/∂D_r) · ∇logp_s,r: backward now frees step s's graph (N_B states, not T)
-        (dL_dD * logp_s).sum().backward()
+            # ∇L = Σ_s Σ_r (∂L/∂D_r) · ∇logp_s,r: backward frees step s's graph (N_B states, not T)
+            (dL_dD * logp_s).sum().backward()
     return {"loss": loss.item(), **stats}
 
 
@@ -239,7 +245,8 @@ DPO_ESTIMATORS = {"dtrpo": dpo_dtrpo, "full_trajectory": dpo_full_trajectory, "v
 
 def train_dpo(cfg: DPOConfig) -> dict:
     """Run offline DPO as configured; returns the final test metrics. Ctrl-C saves a checkpoint."""
-    device = pick_device(cfg.device)
+    rank, world, device = init_parallel(cfg.device)
+    share(cfg.batch_size, rank, world, "batch_size")  # refused unless the shares are equal
     policy, task = load(cfg.init, device)
     ref, _ = load(cfg.init, device)  # frozen
     ref.requires_grad_(False)
@@ -257,7 +264,9 @@ def train_dpo(cfg: DPOConfig) -> dict:
     per_epoch = math.ceil(n_pairs / cfg.batch_size)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gens = {"estimator": torch.Generator(device).manual_seed(cfg.seed)}  # s_b draws and ELBO masks
-    print(f"{n_pairs} pairs, {per_epoch} steps per epoch")
+    fwd = data_parallel(policy, world)  # the estimators' forwards and backwards (DDP: all-reduced)
+    if rank == 0:
+        print(f"{n_pairs} pairs, {per_epoch} steps per epoch")
 
     def iteration(it):
         epoch, b = divmod(it, per_epoch)
@@ -265,10 +274,17 @@ def train_dpo(cfg: DPOConfig) -> dict:
         order = torch.randperm(n_pairs,
                                generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device)
-        both = Trajectory.cat([chosen.index(idx), rejected.index(idx)])  # (2B rows) chosen first
+        mine = idx.tensor_split(world)[rank]  # this process's pairs (an epoch's last batch: fewer)
+        # dpo_loss is a mean over this process's pairs: its gradient weighs its share of the batch
+        weigh(fwd, len(mine), len(idx))
+        if len(mine) == 0:  # every process must join each backward: this one adds 0 × a pair
+            mine = idx[:1]
+        if world > 1:  # own draws per process, a function of (seed, iteration, rank): resumable
+            gens["estimator"].manual_seed((cfg.seed * 1_000_003 + it) * world + rank)
+        both = Trajectory.cat([chosen.index(mine), rejected.index(mine)])  # (2B rows) chosen first
         t0 = time.perf_counter()
         with Meters(device, policy, ref) as meters:
-            stats = DPO_ESTIMATORS[cfg.estimator](cfg, policy, ref, both, gens["estimator"])
+            stats = DPO_ESTIMATORS[cfg.estimator](cfg, fwd, ref, both, gens["estimator"])
             grad_norm = clip_and_step(policy, opt, cfg.grad_clip)
         return {"epoch": round((it + 1) / per_epoch, 4), **stats, "grad_norm": grad_norm,
                 "skipped_steps": int(not math.isfinite(grad_norm)),  # a non-finite step: skipped

@@ -46,6 +46,10 @@ Departures:
    recomputed, so every estimator scores them; IGPO's entropy filter (only the 20% of hint
    positions of highest entropy scored) is not implemented. igpo_score_hints=false: hints are
    context only, never masked or scored. Chunks are 2-4 tokens (IGPO: 5-10); η is not sorted.
+11. Data parallel (torchrun): each process decodes and scores its own whole groups of one global
+   batch of prompts, with its own rollout and estimator draws, so a run on N processes is not the
+   one-process run draw for draw; given the same rollouts, the update is (docs/distributed.md).
+   IGPO runs in one process only.
 A policy-gradient loss value is not a progress signal: ρ ≡ 1 on-policy makes it ≈ 0 by construction
 (docs/math.md §5.2); watch reward and test accuracy.
 
@@ -53,6 +57,7 @@ Shapes: B responses in the update (prompts × G), G group size, P prompt length,
 N MC samples, T decoding steps, N_B blocks.
 """
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -60,15 +65,16 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange, repeat
 
-from .config import arg, autocast, check, folder_problem, pick_device
+from .config import BadInput, arg, autocast, check, folder_problem
 from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_masks_for, elbo_terms,
                          one_step_logprob, sample_prompt_mask, trajectory_logprob)
 from .igpo import inpaint
 from .meters import Meters, elapsed
 from .objectives import (bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, elbo_ratio_terms,
                          grpo_advantages)
-from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, lr_at, rollout,
-                    run_loop)
+from .train import (DecodingConfig, RunConfig, all_ranks, check_steps, clip_and_step,
+                    data_parallel, init_parallel, load, lr_at, no_sync, rollout, run_loop, share,
+                    weigh)
 
 OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol")
 METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
@@ -249,7 +255,8 @@ def update_bgpo(cfg, policy, ref, traj, adv, gen, step):
     for _ in range(cfg.num_iterations):
         # R̂_lb = Σ_j g_j: sample j's graph is built, backpropagated and freed before sample j+1
         _, stats = bgpo_accumulate(lambda j: _elbo(cfg, policy, traj, masks[:, j:j + 1])[:, 0],
-                                   ell_old, adv, n_mc=cfg.n_mc, clip_eps=cfg.clip_eps)
+                                   ell_old, adv, n_mc=cfg.n_mc, clip_eps=cfg.clip_eps,
+                                   no_sync=no_sync(policy))
         step()
     return stats
 
@@ -261,7 +268,7 @@ def update_vrpo_ol(cfg, policy, ref, traj, adv, gen, step):
             # the first step's θ is θ_old: d_j = 0 as on-policy, so no first pass (old = None)
             _, stats = vrpo_two_pass(lambda j: _elbo(cfg, policy, traj, masks[:, j:j + 1])[:, 0],
                                      ell_old if k > 0 else None, adv, n_mc=cfg.n_mc,
-                                     clip_eps=cfg.clip_eps)
+                                     clip_eps=cfg.clip_eps, no_sync=no_sync(policy))
         else:
             ell = _elbo(cfg, policy, traj, masks)  # (B, N): all n graphs alive until backward
             # R̂ = A · exp((1/n) Σ_j (ℓ_θ^(j) − ℓ_old^(j)))
@@ -272,7 +279,7 @@ def update_vrpo_ol(cfg, policy, ref, traj, adv, gen, step):
     return stats
 
 
-def backward_per_sample(ell_fn, ell_old, n, terms_fn):
+def backward_per_sample(ell_fn, ell_old, n, terms_fn, no_sync=contextlib.nullcontext):
     """Backpropagate Σ_j terms_fn(ℓ_θ^{(j)}, ℓ_old^{(j)}) one MC sample's graph at a time
     -> (loss value, mean_j d_j (B,)).
 
@@ -280,43 +287,48 @@ def backward_per_sample(ell_fn, ell_old, n, terms_fn):
     masks[:, j:j+1]); ell_old: (B, N) without grad, or None on-policy (θ_old = θ): then
     ℓ_old^{(j)} = ℓ_θ^{(j)} detached, one pass cheaper. terms_fn gets (B, 1) columns and returns
     terms that depend on sample j alone, so the n backwards sum to the gradient of their sum.
-    Gradients accumulate in .grad; the caller steps the optimizer.
+    Gradients accumulate in .grad; the caller steps the optimizer. no_sync: DDP's `model.no_sync`
+    (train.no_sync), entered for every sample but the last: the processes reduce gradients once.
     """
     total, d_sum = 0.0, 0.0
     for j in range(n):
-        ell_j = ell_fn(j)  # (B,) builds the graph of sample j only
-        old_j = ell_j.detach() if ell_old is None else ell_old[:, j]  # (B,)
-        loss_j = terms_fn(ell_j[:, None], old_j[:, None]).sum()
-        loss_j.backward()  # frees sample j's graph before sample j+1 is built: memory ∝ one sample
+        # data parallel: samples 0..n−2 only accumulate, the last backward all-reduces the sum
+        with no_sync() if j < n - 1 else contextlib.nullcontext():
+            ell_j = ell_fn(j)  # (B,) builds the graph of sample j only
+            old_j = ell_j.detach() if ell_old is None else ell_old[:, j]  # (B,)
+            loss_j = terms_fn(ell_j[:, None], old_j[:, None]).sum()
+            loss_j.backward()  # frees sample j's graph before j+1 is built: memory ∝ one sample
         total += loss_j.item()
         d_sum = d_sum + (ell_j.detach() - old_j)
     return total, d_sum / n
 
 
-def bgpo_accumulate(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
+def bgpo_accumulate(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None,
+                    no_sync=contextlib.nullcontext):
     """BGPO's memory-efficient backward: one MC sample's graph at a time -> (loss value, stats).
 
-    ell_fn, ell_old as `backward_per_sample`; n_mc is required when ell_old is None. Each term of
-    `bgpo_loss_terms` depends on one sample only, so the separate backwards sum to the bound's
-    gradient (docs/math.md §5.4, P6).
+    ell_fn, ell_old, no_sync as `backward_per_sample`; n_mc is required when ell_old is None. Each
+    term of `bgpo_loss_terms` depends on one sample only, so the separate backwards sum to the
+    bound's gradient (docs/math.md §5.4, P6).
     """
     n = ell_old.shape[1] if ell_old is not None else n_mc
 
     def terms(ell_j, old_j):  # (B, 1) each
         return bgpo_loss_terms(ell_j, old_j, advantages, n_mc=n, clip_eps=clip_eps)[0]
 
-    total, d_mean = backward_per_sample(ell_fn, ell_old, n, terms)
+    total, d_mean = backward_per_sample(ell_fn, ell_old, n, terms, no_sync)
     return (torch.tensor(total, dtype=advantages.dtype),
             {"bound": -total, "logratio_mean": d_mean.mean().item()})
 
 
-def vrpo_two_pass(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
+def vrpo_two_pass(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None,
+                  no_sync=contextlib.nullcontext):
     """The exp-of-mean objective at one sample's memory -> (loss value, stats), with the value and
     the .grad of `elbo_ratio_loss` (docs/math.md §5.4).
 
     ∇R̂ = A·exp(mean_j d_j)·(1/n)·Σ_j ∇ℓ_θ^{(j)}: the factor needs the samples' values, not their
     graphs. Pass 1 computes every ℓ_θ^{(j)} without grad (n·B rows, nothing saved); pass 2
-    backpropagates one sample at a time, like `bgpo_accumulate`. ell_fn, ell_old as
+    backpropagates one sample at a time, like `bgpo_accumulate`. ell_fn, ell_old, no_sync as
     `backward_per_sample`; ell_old None (θ_old = θ): every d_j = 0, so there is no pass 1.
     """
     n = ell_old.shape[1] if ell_old is not None else n_mc
@@ -330,7 +342,7 @@ def vrpo_two_pass(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
     def terms(ell_j, old_j):  # (B, 1) each; old_j is inside d_mean
         return elbo_ratio_terms(ell_j, d_mean, advantages, n_mc=n, clip_eps=clip_eps)[0]
 
-    total, _ = backward_per_sample(ell_fn, ell_old, n, terms)
+    total, _ = backward_per_sample(ell_fn, ell_old, n, terms, no_sync)
     return (torch.tensor(total, dtype=advantages.dtype),
             {"objective": -total, "logratio_mean": d_mean.mean().item()})
 
@@ -341,7 +353,13 @@ UPDATES = {"full_trajectory": update_full_trajectory, "diffu_grpo": update_diffu
 
 def train_rl(cfg: RLConfig) -> dict:
     """Run online RL as configured; returns the final test metrics. Ctrl-C saves a checkpoint."""
-    device = pick_device(cfg.device)
+    rank, world, device = init_parallel(cfg.device)
+    G = cfg.num_generations
+    # this process's rows: whole groups, so each group's mean and std are computed where it is
+    mine = share(cfg.num_prompts, rank, world, "num_prompts", group=G)
+    if world > 1 and cfg.igpo > 0:
+        raise BadInput(f"--igpo={cfg.igpo}: IGPO runs in one process (its hints are drawn from "
+                       "the prompt stream, which every process must draw alike)")
     policy, task = load(cfg.init, device)
     check_steps(cfg.steps_per_block, policy)
     ref, _ = load(cfg.init, device)  # the initial model, frozen: reference of the KL and of kl_ref
@@ -350,7 +368,7 @@ def train_rl(cfg: RLConfig) -> dict:
     gens = {"prompts": torch.Generator().manual_seed(cfg.seed),  # task.sample draws on the CPU
             "rollout": torch.Generator(device).manual_seed(cfg.seed + 1),  # the sampler's draws
             "estimator": torch.Generator(device).manual_seed(cfg.seed + 2)}  # ELBO, prompt masks
-    G = cfg.num_generations
+    fwd = data_parallel(policy, world)  # the update's forwards and backwards (DDP: all-reduced)
 
     def iteration(it):
         lr = lr_at(cfg.lr, it, cfg.max_iters, cfg.warmup_iters, cfg.min_lr_ratio)
@@ -359,7 +377,10 @@ def train_rl(cfg: RLConfig) -> dict:
         # ---- rollouts: G responses per prompt from the current policy, scored by the task
         t0 = time.perf_counter()
         prompts, answers = task.sample(cfg.num_prompts, "train", generator=gens["prompts"])
-        prompts = repeat(prompts, "p l -> (p g) l", g=G).to(device)  # (B, P), groups contiguous
+        prompts = repeat(prompts, "p l -> (p g) l", g=G)[mine].to(device)  # (B, P) groups whole
+        if world > 1:  # own draws per process, a function of (seed, iteration, rank): resumable
+            s = (cfg.seed * 1_000_003 + it) * world + rank
+            gens["rollout"].manual_seed(2 * s), gens["estimator"].manual_seed(2 * s + 1)
         traj, rewards, exact = rollout(policy, task, prompts, temperature=cfg.temperature,
                                        steps_per_block=cfg.steps_per_block,
                                        generator=gens["rollout"], **cfg.decoding(task))
@@ -369,31 +390,36 @@ def train_rl(cfg: RLConfig) -> dict:
         # The policy's own rollouts are logged; with igpo > 0 some are replaced here. igpo = 0
         # only counts the all-wrong groups (no random draw), so every run logs them.
         own.update(inpaint(cfg, policy, task, traj, rewards, exact,
-                           repeat(answers, "p l -> (p g) l", g=G), gens))
+                           repeat(answers, "p l -> (p g) l", g=G)[mine], gens))
         adv, adv_stats = grpo_advantages(rewards, G, scale_std=cfg.scale_std)  # (B,)
         signal = rearrange(adv, "(p g) -> p g", g=G).ne(0).any(1)  # (B/G,) groups with a signal
         keep = repeat(signal, "p -> (p g)", g=G)  # (B,)
+        kept = all_ranks(keep.sum().item())  # responses kept in the global batch
         row = {**adv_stats, **own, "lr": opt.param_groups[0]["lr"],
-               "kept": int(keep.sum()), "rollout_s": elapsed(t0, device)}
+               "kept": int(kept), "rollout_s": elapsed(t0, device)}
         if cfg.kl_rollouts > 0:  # untimed diagnostic on π_θ's own trajectories
             with torch.no_grad(), autocast(device):
                 # k1 = log π_θ(τ) − log π_init(τ)
                 row["kl_ref"] = (few.logp_at_reveal.sum(1)
                                  - trajectory_logprob(ref, few)).mean().item()
         # ---- update on the groups with signal
-        if not keep.any():
+        if kept == 0:
             return {**row, "update_s": 0.0, "skipped": 1}
-        t0, grad_norms = time.perf_counter(), []
+        t0, grad_norms, responses = time.perf_counter(), [], int(keep.sum())
+        # the losses are means over this process's rows: weight its gradient by its share of them
+        weigh(fwd, responses, kept)
+        if not keep.any():  # every process must join each backward: this one adds 0 × its groups
+            keep = torch.ones_like(keep)
 
         def step():
             grad_norms.append(clip_and_step(policy, opt, cfg.grad_clip))
 
         with Meters(device, policy, ref) as meters:
-            stats = UPDATES[cfg.objective](cfg, policy, ref, traj.index(keep), adv[keep],
+            stats = UPDATES[cfg.objective](cfg, fwd, ref, traj.index(keep), adv[keep],
                                            gens["estimator"], step)
         return {**row, **stats, "grad_norm": grad_norms[-1], "update_s": elapsed(t0, device),
                 "skipped_steps": sum(not math.isfinite(n) for n in grad_norms),  # not stepped
-                **meters.summary(responses=int(keep.sum()))}
+                **meters.summary(responses=responses)}
 
     return run_loop(cfg, "rl", models={"model": policy}, frozen={"ref_model": ref}, task=task,
                     opt=opt, generators=gens, iteration=iteration, max_iters=cfg.max_iters,

@@ -8,6 +8,8 @@ independently with probability t, predict the masked tokens, weight by 1/t. Depa
    shows it. One t per sequence is shared by all its blocks.
 3. Fresh task examples every step (an infinite stream), AdamW, warm-up then cosine decay, gradient
    clipping, and an exponential moving average (EMA) of the weights: what is evaluated and saved.
+4. Data parallel (torchrun), every process draws the whole batch and its noise and trains on its
+   share of the rows: the step is the one-process step (tests/test_distributed.py).
 
 Shapes: B batch, P prompt length, L response length, V vocab.
 """
@@ -20,11 +22,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import BadInput, arg, autocast, check, folder_problem, parse_options, pick_device
+from .config import BadInput, arg, autocast, check, folder_problem, parse_options
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .tasks import TASKS, get_task
-from .train import RunConfig, clip_and_step, load, lr_at, run_loop
+from .train import (RunConfig, clip_and_step, data_parallel, init_parallel, load, lr_at,
+                    run_loop, share)
 
 
 @dataclass
@@ -87,18 +90,20 @@ def task_from(name: str, options: str):
         raise ValueError(f"--task_options={options!r}: {e}") from None
 
 
-def sft_loss(model, prompts, answers, generator=None, t_min: float = 1e-3):
+def sft_loss(model, prompts, answers, generator=None, t_min: float = 1e-3, rows=slice(None)):
     """Masked-diffusion loss of a batch (prompts (B, P), answers (B, L)) -> (loss, stats).
     t_min: the lowest noise level. t_min = 1 masks every response token (t = 1, weight 1): in the
     block layout with block size 1 that is the exact autoregressive loss, the other noise levels
-    adding only variance (docs/math.md §2)."""
+    adding only variance (docs/math.md §2). rows: the rows scored (a process's share, data
+    parallel); the noise is drawn for all B, so a row's t and mask do not depend on the split."""
     cfg = model.config
     B, L = answers.shape
-    P = prompts.shape[1]
     device = answers.device
     # t ~ U(t_min, 1), one noise level per sequence (LLaDA eq. 3; docs/math.md §2)
     t = t_min + (1 - t_min) * torch.rand(B, 1, generator=generator, device=device)  # (B, 1)
     masked = torch.rand(B, L, generator=generator, device=device) < t  # (B, L) each masked w.p. t
+    prompts, answers, t, masked = prompts[rows], answers[rows], t[rows], masked[rows]
+    B, P = prompts.shape
     noisy = answers.masked_fill(masked, cfg.mask_id)  # y_t
     if cfg.layout == "block":  # [x ; y ; y_t]: the clean copy and the noisy copy share position ids
         # No noisy block looks at the last clean block (noisy block k sees clean blocks < k), so
@@ -141,7 +146,8 @@ def build(cfg: SFTConfig):
 
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT as configured; returns the final test metrics. Ctrl-C saves a checkpoint first."""
-    device = pick_device(cfg.device)
+    rank, world, device = init_parallel(cfg.device)
+    rows = share(cfg.batch_size, rank, world, "batch_size")  # this process's rows of each batch
     task, model = build(cfg)
     if cfg.init:  # continue from earlier weights (same architecture) on this config's task
         init_model, _ = load(cfg.init)
@@ -155,7 +161,8 @@ def train_sft(cfg: SFTConfig) -> dict:
                             weight_decay=cfg.weight_decay)
     gens = {"data": torch.Generator().manual_seed(cfg.seed),  # task examples (CPU)
             "noise": torch.Generator(device).manual_seed(cfg.seed + 1)}  # t and masks (device)
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = data_parallel(model, world)  # DDP for several processes: gradients all-reduced
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     b, L = model.config.block_size, task.response_len
     seq_tokens = task.prompt_len + (2 * L - b if cfg.layout == "block" else L)  # tokens per row
 
@@ -167,7 +174,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         prompts, answers = task.sample(cfg.batch_size, "train", gens["data"])
         prompts, answers = prompts.to(device), answers.to(device)
         with autocast(device):
-            loss, stats = sft_loss(fwd, prompts, answers, gens["noise"], cfg.t_min)
+            loss, stats = sft_loss(fwd, prompts, answers, gens["noise"], cfg.t_min, rows)
         loss.backward()
         norm = clip_and_step(model, opt, cfg.grad_clip)  # a non-finite norm: step skipped
         if ema is not model:  # θ_ema ← d·θ_ema + (1 − d)·θ, d warming up so early weights fade fast

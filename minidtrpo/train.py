@@ -6,20 +6,28 @@ evaluation, atomic checkpoints, exact resume, Ctrl-C, the progress bar and the f
 algorithm module (sft.py, rl.py, preference.py) only says what one iteration is. The run folder's
 lock, log and resume checks are in folders.py.
 
+Data parallel: launched by torchrun, each process runs the same loop on its share of every global
+batch (`share`), DDP sums the weighted gradients (`data_parallel`), and rank 0 alone evaluates,
+logs, checkpoints and plots (docs/distributed.md). Without torchrun: one process, as ever.
+
 Shapes: B batch, P prompt length, L response length.
 """
 
+import contextlib
 import copy
 import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, check,
-                     device_arg, folder_problem, read_saved, write_json)
+                     device_arg, folder_problem, pick_device, read_saved, write_json)
 from .folders import (CHECKPOINT, FolderLock, interrupt_on_sigterm, read_metrics,
                       remove_stale_files, resume_state)
 from .model import MaskedDiffusionTransformer, ModelConfig
@@ -139,6 +147,81 @@ def evaluate(model, task, prompts, *, steps_per_block=0, temperature=0.0, genera
 
 
 # --------------------------------------------------------------------------------------------------
+# Data parallel under torchrun (DDP; docs/distributed.md)
+
+
+def init_parallel(device_name: str):
+    """-> (rank, world size, device). Under torchrun (RANK set) join the process group, gloo on
+    CPU, nccl on CUDA with one GPU per process; otherwise (0, 1, the device asked): one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = pick_device(device_name, verbose=rank == 0)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def share(n: int, rank: int, world: int, option: str, group: int = 1) -> slice:
+    """Rank r's rows of a global batch of n groups of `group` rows each: the r-th of `world` equal
+    runs of whole groups (a group is never split). BadInput if n does not divide by world."""
+    if n % world:
+        whole = f" (its groups of {group} rows stay whole on one process)" if group > 1 else ""
+        raise BadInput(f"--{option}={n} does not divide among the {world} processes{whole}")
+    rows = n // world * group
+    return slice(rank * rows, (rank + 1) * rows)
+
+
+def _weighted_sum(weight, bucket):
+    """DDP's reduction: Σ_r w_r·g_r over ranks, where g_r is rank r's gradient of its loss."""
+    grad = bucket.buffer().mul_(weight.value)
+    return dist.all_reduce(grad, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def data_parallel(model, world: int):
+    """The module whose forward and backward compute the gradient: the model itself for one
+    process; DDP(model) for several, which all-reduces the gradients in backward, weighted by
+    `weigh` (each rank's loss is a mean over its own rows)."""
+    if world == 1:
+        return model
+    ddp = DDP(model)
+    ddp.config = model.config  # the estimators read model.config
+    ddp.weight = SimpleNamespace(value=1 / world)  # DDP's default: the mean of equal shares
+    ddp.register_comm_hook(ddp.weight, _weighted_sum)
+    return ddp
+
+
+def weigh(model, rows: int, total: int):
+    """Weight of this rank's gradient in the sum: its rows / the global batch's rows, so that the
+    sum of the ranks' row-mean gradients is the gradient of the global row mean."""
+    if isinstance(model, DDP):
+        model.weight.value = rows / total
+
+
+def no_sync(model):
+    """DDP's `model.no_sync`: a forward and backward inside it accumulate gradients without
+    reducing them, so n backwards reduce once, in the last. One process: a context doing nothing."""
+    return model.no_sync if isinstance(model, DDP) else contextlib.nullcontext
+
+
+def all_ranks(x: float, op=None) -> float:
+    """x summed (or op: dist.ReduceOp.MAX, ...) over the ranks; x itself for one process."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(float(x), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op or dist.ReduceOp.SUM)
+    return t.item()
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that evaluates, logs, checkpoints and plots."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# --------------------------------------------------------------------------------------------------
 # The optimizer step and the run loop
 
 
@@ -186,18 +269,22 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
     (a snapshot) and re-raises; after a kill, the rows logged since the last checkpoint are dropped
     on resume and written again. An iteration that skipped a step or left a non-finite weight is
     undone (weights and optimizer back to the snapshot); MAX_BAD_ITERS in a row raise RunStopped.
+    Data parallel, every rank runs this loop and resumes from the checkpoint; rank 0 alone holds
+    the folder's lock, evaluates, logs and saves, so the generators must be alike on every rank.
     """
     state = resume_state(cfg, kind, models, task, device) if cfg.resume else None
     os.makedirs(cfg.out_dir, exist_ok=True)
     interrupt_on_sigterm()
-    with FolderLock(cfg.out_dir):
+    with FolderLock(cfg.out_dir) if is_main() else contextlib.nullcontext():
         return _loop(cfg, kind, models, frozen or {}, task, opt, generators, iteration, max_iters,
                      device, bar_keys, eval_at_start, state)
 
 
 def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters, device,
           bar_keys, eval_at_start, state):
-    remove_stale_files(cfg.out_dir)
+    main = is_main()
+    if main:
+        remove_stale_files(cfg.out_dir)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     run = {"iter": 0, "train_seconds": 0.0, "pending_eval": eval_at_start,  # evaluate next?
@@ -205,6 +292,7 @@ def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters
     if state is not None:
         load_run_state(state, {**models, **frozen}, opt, generators)
         run.update({k: state.get(k, v) for k, v in run.items()})
+    if state is not None and main:
         # rows written after the checkpoint are redone: drop them (and an unfinished evaluation's)
         rows = [r for r in read_metrics(metrics_path) if r.get("iter", -1) < run["iter"] or
                 (r["iter"] == run["iter"] and not (run["pending_eval"] and "test_exact" in r))]
@@ -213,12 +301,15 @@ def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(tmp, metrics_path)  # a kill during the rewrite leaves the old log whole
         print(f"resumed {ckpt_path} at iteration {run['iter']}")
-    else:  # a fresh run starts a fresh log, and an old run's checkpoint must not be resumed
+    elif main:  # a fresh run starts a fresh log, and an old run's checkpoint must not be resumed
         for path in (metrics_path, ckpt_path):
             if os.path.exists(path):
                 os.remove(path)
-    write_json(asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
-    print("config:", json.dumps(asdict(cfg)))
+    if dist.is_initialized():  # every rank has read the checkpoint before rank 0 writes one
+        dist.barrier()
+    if main:
+        write_json(asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
+        print("config:", json.dumps(asdict(cfg)))
     test_prompts = task.test_set(cfg.eval_n)[0].to(device)
 
     def mutable():  # what changes during a run (a snapshot copies it)
@@ -235,6 +326,8 @@ def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters
                      "task_options": dict(task.options), "config": asdict(cfg)}, ckpt_path)
 
     def log(row):
+        if not main:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -242,11 +335,13 @@ def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters
         state = run if state is None else state
         return state["iter"] >= max_iters or 0 < cfg.time_budget <= state["train_seconds"]
 
-    bar = tqdm(total=max_iters, initial=run["iter"], desc=kind,
-               dynamic_ncols=True, mininterval=1.0, disable=None)  # disable=None: no bar off a tty
+    bar = tqdm(total=max_iters, initial=run["iter"], desc=kind, dynamic_ncols=True,
+               mininterval=1.0, disable=None if main else True)  # None: no bar off a tty; rank 0's
     snapshot, metrics, stopped = None, {}, None
     try:
         while True:
+            if run["pending_eval"] and not main:
+                run["pending_eval"] = False  # rank 0 evaluates; the others go on to the next batch
             if run["pending_eval"]:
                 # temperature 0: no randomness, so an evaluation never changes the run
                 metrics = evaluate(models["model"], task, test_prompts,
@@ -262,13 +357,16 @@ def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters
             row = iteration(run["iter"])
             bad = (row.get("skipped_steps", 0) > 0 or not finite(models.values())
                    or any(isinstance(v, float) and not math.isfinite(v) for v in row.values()))
+            bad = bool(all_ranks(bad, dist.ReduceOp.MAX))  # data parallel: all undo, or none
             if bad:  # undo the iteration's updates; its draws stay spent (the next one differs)
                 load_run_state(snapshot, models, opt, {})
                 row["skipped_steps"] = max(row.get("skipped_steps", 0), 1)
             run["bad_streak"] = run["bad_streak"] + 1 if bad else 0
             run["skipped_steps"] += row.get("skipped_steps", 0)
             before = run["train_seconds"]
-            run["train_seconds"] += row.get("rollout_s", 0.0) + row["update_s"]
+            # data parallel: the slowest rank's seconds, so that every rank stops at the same step
+            run["train_seconds"] += all_ranks(row.get("rollout_s", 0.0) + row["update_s"],
+                                              dist.ReduceOp.MAX)
             run["iter"] += 1
             log({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 3), **row})
             if run["bad_streak"] >= MAX_BAD_ITERS:
@@ -287,21 +385,23 @@ def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters
                             {"test": f"{metrics.get('exact', math.nan):.3f}",
                              "s": f"{run['train_seconds']:.0f}", "skipped": run["skipped_steps"]})
     except KeyboardInterrupt:
-        at = (snapshot or run)["iter"]
-        print(f"\ninterrupted: saving {ckpt_path} at iteration {at} (continue with --resume)")
-        save(snapshot if snapshot is not None else mutable())
+        if main:
+            at = (snapshot or run)["iter"]
+            print(f"\ninterrupted: saving {ckpt_path} at iteration {at} (continue with --resume)")
+            save(snapshot if snapshot is not None else mutable())
         raise
     finally:
         bar.close()
-        if os.path.exists(metrics_path):
+        if main and os.path.exists(metrics_path):
             plot_run(metrics_path, os.path.join(cfg.out_dir, "curves.png"), bar_keys)
-    evals = [r for r in read_metrics(metrics_path) if "test_exact" in r]
+    evals = [r for r in read_metrics(metrics_path) if "test_exact" in r] if main else []
     if not metrics and evals:  # resumed a finished run (or stopped): report its last evaluation
         metrics = {"exact": evals[-1]["test_exact"], "reward": evals[-1]["test_reward"],
                    "n": cfg.eval_n}
-    print(json.dumps({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 1),
-                      "skipped_steps": run["skipped_steps"], **metrics,
-                      **({"stopped": stopped} if stopped else {})}))
+    if main:
+        print(json.dumps({"iter": run["iter"], "train_seconds": round(run["train_seconds"], 1),
+                          "skipped_steps": run["skipped_steps"], **metrics,
+                          **({"stopped": stopped} if stopped else {})}))
     if stopped:
         raise RunStopped(stopped)
     return metrics
