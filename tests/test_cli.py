@@ -155,8 +155,26 @@ def test_a_task_recipe_fills_only_the_options_the_command_line_leaves():
     assert recipe(["--task=star"]) == (2, 32, 1.0, 4)  # Star.sft_recipe
     assert recipe(["--task=sudoku"]) == (4, 128, 0.1, 4)  # SFTConfig's own defaults
     assert recipe(["--task=addition"]) == (4, 128, 0.1, 1)  # the task's decoding block
+    # each task's recipe is a count of steps; a given count wins
+    steps = {t: parse(SFTConfig, [f"--task={t}"], "sft").max_steps
+             for t in ("addition", "countdown", "star", "sudoku")}
+    assert steps == {"addition": 1000, "countdown": 6500, "star": 30_000, "sudoku": 300}
+    assert parse(SFTConfig, ["--task=addition", "--max_steps=7"], "sft").max_steps == 7
     # given values win, the defaults' own values included
     assert recipe(["--task=star", "--n_layers=4", "--batch_size=128", "--min_lr_ratio=0.1"]) \
         == (4, 128, 0.1, 4)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         SFTConfig(min_lr_ratio=-0.5)
+
+
+def test_the_schedule_follows_the_step_count_and_a_time_budget_only_stops(tmp_path):
+    """The same command with a time budget that stops it early logs the same learning rates, step
+    for step, as without one: the cosine runs over max_steps, not over the seconds."""
+    full, capped = str(tmp_path / "full"), str(tmp_path / "capped")
+    options = [*TINY, "--max_steps=30", "--warmup_steps=2", "--eval_every=0"]
+    main(["sft", *options, f"--out_dir={full}"])
+    main(["sft", *options, "--time_budget=0.05", f"--out_dir={capped}"])
+    lrs = {name: [r["lr"] for r in read_metrics(out) if "lr" in r]
+           for name, out in (("full", full), ("capped", capped))}
+    assert 0 < len(lrs["capped"]) < len(lrs["full"]) == 30  # the budget stopped it
+    assert lrs["capped"] == lrs["full"][:len(lrs["capped"])]

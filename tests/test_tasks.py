@@ -259,6 +259,23 @@ def brute_force_grids():
     return grids[ok(grids.transpose(1, 2)) & ok(boxes)].reshape(-1, 16)
 
 
+def test_addition_trains_on_short_problems_and_tests_on_full_ones():
+    task = get_task("addition")  # digits=4, short_share=0.5
+    gen = torch.Generator().manual_seed(0)
+    train = [task.decode_problem(p) for p in task.sample(2000, "train", gen)[0]]
+    test = [task.decode_problem(p) for p in task.sample(2000, "test", gen)[0]]
+
+    def digits(problem):  # the longer operand's digit count, zero padding aside
+        return max(len(x.lstrip("0")) for x in problem.split("+"))
+
+    short = sum(digits(p) <= 2 for p in train) / len(train)  # 1 or 2 digits: 0.5 · 2/4 = 0.25
+    assert 0.2 < short < 0.3, short
+    assert sum(digits(p) <= 2 for p in test) / len(test) < 0.02  # (1 in 100 has both < 100)
+    full = get_task("addition", short_share=0)
+    assert sum(digits(full.decode_problem(p)) <= 2
+               for p in full.sample(2000, "train", gen)[0]) / 2000 < 0.02
+
+
 def test_sudoku_grids_and_unique_puzzles():
     reference = brute_force_grids()
     assert len(reference) == 288
