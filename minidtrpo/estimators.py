@@ -46,7 +46,7 @@ from .sampling import PARALLEL
 
 
 def _response_logps(model, prompts, states, tau, *, clean=None, block_size=None, chunk=256):
-    """log μ_θ(· | x, state) at the response positions of every row: (n, P), (n, K·L) -> (n, K·L, V).
+    """log μ_θ(· | x, state) at the response positions of each row: (n, P), (n, K·L) -> (n, K·L, V).
 
     clean=None: a plain pass on [x ; state] with the model's layout mask (K = 1).
     clean=(n, L) tokens: one pass on [x ; clean ; ỹ¹ … ỹᴷ], the K noisy copies side by side in
