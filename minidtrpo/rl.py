@@ -5,6 +5,8 @@ recorded), rewards, GRPO advantages, then `num_iterations` optimizer steps (1 = 
 objectives differ only in how they score a response:
 - full_trajectory: exact trajectory log-prob (§4.1) in the clipped surrogate (TraceRL,
   arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924); sequence-level ratio, or step-level (TraceRL).
+- dtrpo: dTRPO's reduced trajectory (arXiv 2603.18806, §4.2) in the same clipped surrogate, K of
+  each block's T_B steps scored (steps_scored; 1: dTRPO's D̂, T_B: the exact log-prob), c = T_B/K.
 - diffu_grpo: d1's one-step mean-field log-prob with a random prompt mask (arXiv 2504.12216, §4.4).
 - bgpo: BGPO's linear lower bound of the ELBO-ratio objective, backpropagated one MC sample at a
   time so memory does not grow with n_mc (arXiv 2510.11683, §5.4; `bgpo_accumulate`).
@@ -15,8 +17,9 @@ objectives differ only in how they score a response:
 The run loop (log, evaluate, checkpoint, resume) is train.run_loop; logged metrics: `METRICS`.
 
 Departures:
-1. full_trajectory's old values are the sampler's Σ logp_at_reveal (P1): no old-policy pass, for
-   any num_iterations (block layout: ρ − 1 ≈ float32 rounding on-policy).
+1. full_trajectory's and dtrpo's old values are the sampler's logp_at_reveal (P1), summed over
+   the scored steps: no old-policy pass, for any num_iterations (block layout: ρ − 1 ≈ float32
+   rounding on-policy). dtrpo draws fresh steps for every optimizer step.
 2. Estimators score at the rollout temperature τ (μ_θ = softmax(logits/τ)), the one that sampled.
 3. diffu_grpo: one prompt mask per optimizer step, drawn up front and shared by old, new and
    reference (as d1); a sequence ratio, not d1's per-token one. bgpo, vrpo_ol: one set of ELBO
@@ -60,9 +63,10 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange, repeat
 
-from .config import arg, autocast, check, folder_problem, pick_device
-from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_masks_for, elbo_terms,
-                         one_step_logprob, sample_prompt_mask, trajectory_logprob)
+from .config import BadInput, arg, autocast, check, folder_problem, pick_device
+from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_masks_for, elbo_terms,
+                         one_step_logprob, reduced_recorded_logprob, reduced_trajectory_logprob,
+                         sample_block_steps, sample_prompt_mask, trajectory_logprob)
 from .igpo import inpaint
 from .meters import Meters, elapsed
 from .objectives import (bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, elbo_ratio_terms,
@@ -70,7 +74,7 @@ from .objectives import (bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, elbo
 from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, lr_at, rollout,
                     run_loop, run_progress)
 
-OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol")
+OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol", "dtrpo")
 METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
     "reward_mean / reward_std": "task reward of this iteration's rollouts",
     "exact": "fraction of rollouts fully correct (sampled at the rollout temperature)",
@@ -110,7 +114,8 @@ class RLConfig(RunConfig, DecodingConfig):
                               group="objective")
     clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; vrpo_ol: of "
                           "exp(mean_j d_j); inert on-policy)", ge=0, group="objective")
-    beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, diffu_grpo only)",
+    beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, dtrpo, "
+                      "diffu_grpo only)",
                       ge=0, group="objective")
     scale_std: bool = arg(True, "divide advantages by the group std (false: d1 / Dr. GRPO)",
                           group="objective")
@@ -118,6 +123,11 @@ class RLConfig(RunConfig, DecodingConfig):
                            ("token_mean", "sequence_mean", "constant"), group="objective")
     ratio_level: str = arg("sequence", "full_trajectory: one ratio per sequence, or per step "
                            "(TraceRL)", ("sequence", "step"), group="objective")
+    steps_scored: int = arg(1, "dtrpo: K of each block's T_B steps scored, drawn without "
+                            "replacement, c = T_B/K (1: dTRPO; T_B: exact; docs/math.md §4.2)",
+                            ge=1, group="objective")
+    stratified_steps: bool = arg(False, "dtrpo: the K steps spread evenly over the block (one "
+                                 "random offset), not a uniform K-subset", group="objective")
     position_term: bool = arg(False, "full_trajectory: add the sampler's selection term log S_t "
                               "to log π (docs/math.md §4.1; θ-dependent under low confidence)",
                               group="objective")
@@ -163,7 +173,7 @@ class RLConfig(RunConfig, DecodingConfig):
         super().__post_init__()
         check(self.beta == 0 or self.objective not in ("bgpo", "vrpo_ol"), "beta", self.beta,
               "0 for bgpo and vrpo_ol "
-              "(the KL penalty exists for full_trajectory and diffu_grpo only)")
+              "(the KL penalty exists for full_trajectory, dtrpo and diffu_grpo only)")
         check(not self.position_term or self.objective == "full_trajectory", "position_term",
               self.position_term, "false unless objective=full_trajectory")
         check(self.igpo_hint_min <= self.igpo_hint_max, "igpo_hint_max", self.igpo_hint_max,
@@ -194,6 +204,28 @@ def update_full_trajectory(cfg, policy, ref, traj, adv, gen, step):
             logp = trajectory_logprob(policy, traj, per_step=per_step, position_term=pos)
         if pos and cfg.num_iterations == 1:  # on-policy: old = this pass, detached (departure 7)
             logp_old = logp.detach()
+        loss, stats = clipped_pg_loss(logp, logp_old, adv, cfg.clip_eps,
+                                      aggregation=cfg.aggregation, logp_ref=logp_ref, beta=cfg.beta)
+        loss.backward()
+        step()
+    return stats
+
+
+def update_dtrpo(cfg, policy, ref, traj, adv, gen, step):
+    K, single = cfg.steps_scored, policy.config.layout == "block"  # one pass only where exact
+    if K > traj.steps_per_block:
+        raise BadInput(f"--steps_scored={K} is not valid: the rollouts took "
+                       f"{traj.steps_per_block} steps per block")
+    c = dtrpo_scale(traj, "steps", K)  # T_B/K: E[c·Σ_{s∈S_b} ...] = the exact log-prob (P16)
+    for _ in range(cfg.num_iterations):
+        steps = sample_block_steps(traj, gen, K, cfg.stratified_steps)  # (B, N_B, K) fresh each step
+        # log π̂_old = c·Σ_b Σ_{s∈S_b} Σ_{i∈I_{b,s}} logp_at_reveal_i: the record, no pass (dep. 1)
+        logp_old = c * reduced_recorded_logprob(traj, steps)  # (B,)
+        with torch.no_grad(), autocast(adv.device):
+            logp_ref = c * reduced_trajectory_logprob(ref, traj, steps, single_pass=single) \
+                if cfg.beta > 0 else None
+        with autocast(adv.device):  # one [x ; y ; ỹ¹ … ỹᴷ] pass (block), N_B·K passes (full)
+            logp = c * reduced_trajectory_logprob(policy, traj, steps, single_pass=single)  # (B,)
         loss, stats = clipped_pg_loss(logp, logp_old, adv, cfg.clip_eps,
                                       aggregation=cfg.aggregation, logp_ref=logp_ref, beta=cfg.beta)
         loss.backward()
@@ -336,7 +368,7 @@ def vrpo_two_pass(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None):
 
 
 UPDATES = {"full_trajectory": update_full_trajectory, "diffu_grpo": update_diffu_grpo,
-           "bgpo": update_bgpo, "vrpo_ol": update_vrpo_ol}
+           "bgpo": update_bgpo, "vrpo_ol": update_vrpo_ol, "dtrpo": update_dtrpo}
 
 
 def train_rl(cfg: RLConfig) -> dict:

@@ -468,3 +468,35 @@ def test_rl_and_pairs_take_the_decoding_options(made, decoding, tmp_path):
           *[d for d in decoding if "igpo" not in d], f"--out={tmp_path / 'pairs.pt'}"])
     saved = torch.load(tmp_path / "pairs.pt", weights_only=True)
     assert saved["config"]["schedule"] in ("uniform", "ascending")
+
+
+def test_the_dial_at_every_step_trains_as_the_exact_trajectory(layout):
+    """dpo --estimator=dtrpo and rl --objective=dtrpo with steps_scored = T_B (c = 1, every step of
+    every block) take the gradient of the exact-trajectory DPO and online updates (P17 in training),
+    and with K = 1 a different one."""
+    from minidtrpo.preference import DPOConfig, dpo_dtrpo
+    from minidtrpo.rl import UPDATES
+    ref = tiny_model(layout)
+    policy = perturbed(ref, scale=0.05)
+    both = generate(ref, random_prompts(8, seed=3), steps_per_block=2, temperature=1.0,
+                    generator=torch.Generator().manual_seed(0))
+    adv = torch.linspace(-1, 1, 8, dtype=torch.float64)
+
+    def grad_of(update):
+        policy.zero_grad()
+        update()
+        return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+
+    gen = torch.Generator().manual_seed(1)
+    dpo = {k: grad_of(lambda: dpo_dtrpo(DPOConfig(estimator="dtrpo", steps_scored=k, beta=0.7),
+                                        policy, ref, both, gen)) for k in (1, 2)}
+    exact = grad_of(lambda: dpo_full_trajectory(SimpleNamespace(beta=0.7, flat_memory=False),
+                                                policy, ref, both, None))
+    torch.testing.assert_close(dpo[2], exact, rtol=1e-8, atol=1e-10)
+    assert (dpo[1] - exact).norm() > 1e-3 * exact.norm()
+    online = {}
+    for name, k in (("dtrpo", 2), ("full_trajectory", 2)):
+        cfg = RLConfig(objective=name, steps_scored=k)
+        online[name] = grad_of(lambda: UPDATES[name](cfg, policy, ref, both, adv, gen,
+                                                     step=lambda: None))
+    torch.testing.assert_close(online["dtrpo"], online["full_trajectory"], rtol=1e-8, atol=1e-10)
