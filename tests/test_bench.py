@@ -32,7 +32,15 @@ def test_bench_scaling_runs_and_ends_with_its_json_line(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(line) >= {"T_B", "dtrpo_over_exact", "n_mc", "bgpo_memory_ratio",
-                         "vrpo_ol_memory_ratio", "vrpo_ol_two_pass_memory_ratio"}
+                         "vrpo_ol_memory_ratio", "vrpo_ol_two_pass_memory_ratio", "dial"}
+    # the dial: K = 1, 2, 4 (, 8) of T_B = 4, 8 in one pass each; its memory grows with K
+    assert [(r["T_B"], r["K"]) for r in line["dial"]] == [(4, 1), (4, 2), (4, 4), (8, 1), (8, 2),
+                                                          (8, 4), (8, 8)]
+    assert all(set(r) == {"T_B", "K", "seconds", "rows_per_response", "peak_saved_mb"}
+               and r["rows_per_response"] == 1 for r in line["dial"])
+    for T_B in (4, 8):
+        mb = [r["peak_saved_mb"] for r in line["dial"] if r["T_B"] == T_B]
+        assert all(a < b for a, b in zip(mb, mb[1:]))
     assert max(line["bgpo_memory_ratio"]) <= 1.05  # flat in n_mc
     assert line["vrpo_ol_memory_ratio"][-1] > 0.5 * line["n_mc"][-1]  # about linear in n_mc
     # the exp-of-mean objective in two passes: flat, also off-policy where its no-grad pass runs
@@ -48,6 +56,7 @@ def test_bench_scaling_runs_and_ends_with_its_json_line(tmp_path):
         if row["mu"] == 1:
             assert row["passes_per_response"] == row["n_mc"]
     assert (tmp_path / "seconds_vs_steps.png").exists()
+    assert (tmp_path / "dial.png").exists()
     assert (tmp_path / "memory_vs_nmc.png").exists()
 
 
