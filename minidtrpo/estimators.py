@@ -133,18 +133,8 @@ def trajectory_logprob(model, traj, *, position_term=False, per_step=False, per_
     if position_term:
         _check_position_term(traj)
     y, us = traj.responses, traj.unmask_step  # (B, L)
-    B, L = y.shape
-    T, T_B, b = traj.num_steps, traj.steps_per_block, traj.block_size
-    block_of = torch.arange(L, device=y.device) // b  # (L,) block index of each response position
-    if model.config.layout == "block":
-        s = torch.arange(T_B, device=y.device)[:, None, None]  # (T_B, 1, 1) within-block step
-        step_of = block_of * T_B + s  # (T_B, 1, L) the global step at which each position is scored
-        active = torch.ones_like(step_of, dtype=torch.bool)  # each block is "current" in its copy
-        form = "rows"  # T_B rows [x ; y ; ỹ], block k of row s in its state before step k·T_B + s
-    else:
-        step_of = torch.arange(T, device=y.device)[:, None, None].expand(-1, 1, L)  # (T, 1, L)
-        active = block_of == step_of // T_B  # (T, 1, L) positions of the block decoded at step t
-        form = "plain"  # T plain passes on [x ; τ_t]
+    B, T = y.shape[0], traj.num_steps
+    step_of, active, form = _every_state(model, traj)
     logp, tok, revealed = _score_states(model, traj, step_of, active, form, chunk)
     # Σ_{i∈I_t} log μ_θ(y_i | x, τ_t), placed at step t = unmask_step_i (revealed in one pass)
     logp_reveal = torch.where(revealed, tok, 0.0).sum(0)  # (B, L) == logp_at_reveal (sampler)
@@ -157,6 +147,33 @@ def trajectory_logprob(model, traj, *, position_term=False, per_step=False, per_
         others = active & (us > step_of)  # (S, B, L) masked in the current block, not revealed
         steps = steps + _log_selection_prob(traj, logp, tok, revealed, others, step_of)
     return steps if per_step else steps.sum(1)
+
+
+def _every_state(model, traj):
+    """step_of, active and form of `_score_states` for all T states of the trajectory."""
+    L, device = traj.responses.shape[1], traj.tokens.device
+    T, T_B = traj.num_steps, traj.steps_per_block
+    block_of = torch.arange(L, device=device) // traj.block_size  # (L,) block of each position
+    if model.config.layout == "block":
+        s = torch.arange(T_B, device=device)[:, None, None]  # (T_B, 1, 1) within-block step
+        step_of = block_of * T_B + s  # (T_B, 1, L) the global step at which each position is scored
+        active = torch.ones_like(step_of, dtype=torch.bool)  # each block is "current" in its copy
+        return step_of, active, "rows"  # T_B rows [x ; y ; ỹ], block k of row s before k·T_B + s
+    step_of = torch.arange(T, device=device)[:, None, None].expand(-1, 1, L)  # (T, 1, L)
+    active = block_of == step_of // T_B  # (T, 1, L) positions of the block decoded at step t
+    return step_of, active, "plain"  # T plain passes on [x ; τ_t]
+
+
+@torch.no_grad()
+def entropy_at_reveal(model, traj, chunk=256) -> torch.Tensor:
+    """H(μ_θ(· | x, τ_t)) at each decoded token in the state where it was revealed -> (B, L), 0 at
+    hinted tokens: how unsure the policy is where it chooses (the same passes as
+    `trajectory_logprob`, without grad; a diagnostic of the runs, docs/math.md §5.5)."""
+    step_of, active, form = _every_state(model, traj)
+    logp, _, revealed = _score_states(model, traj, step_of, active, form, chunk)
+    # H = −Σ_v μ(v)·log μ(v)  (μ(MASK) = 0: its −∞ log gives 0·−∞, set to 0)
+    entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)  # (S, B, L)
+    return torch.where(revealed, entropy, 0.0).sum(0)  # (B, L) each token's reveal state only
 
 
 def _log_selection_prob(traj, logp, tok, revealed, others, step_of):

@@ -49,6 +49,7 @@ from einops import rearrange, repeat
 from .config import (BadInput, RunStopped, arg, atomic_save, autocast, device_arg,
                      file_problem, folder_problem, pick_device, read_saved)
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_masks_for, elbo_terms,
+                         entropy_at_reveal,
                          reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
                          trajectory_logprob)
 from .meters import Meters, elapsed
@@ -58,6 +59,8 @@ from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load,
                     run_loop)
 
 ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
+HEALTH = ("reward_accuracy", "kl_ref", "grad_norm", "clip_frac", "zero_adv_frac",
+          "entropy_revealed")  # curves.png beside the test scores; docs/math.md §5.5 defines them
 
 
 @dataclass
@@ -113,6 +116,9 @@ class DPOConfig(RunConfig):
                          ge=1)
     eval_every: int = arg(250, "evaluate and checkpoint every this many steps (0: at the end)",
                           ge=0, group="evaluation")
+    kl_pairs: int = arg(4, "pairs per step whose trajectories (both responses) are scored for "
+                        "kl_ref and entropy_revealed, untimed (0: off)", ge=0,
+                        group="diagnostics")
     out_dir: str = arg(
         "runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png",
         valid=folder_problem)
@@ -281,11 +287,22 @@ def train_dpo(cfg: DPOConfig) -> dict:
         with Meters(device, policy, ref) as meters:
             stats = DPO_ESTIMATORS[cfg.estimator](cfg, policy, ref, both, gens["estimator"])
             grad_norm = clip_and_step(policy, opt, cfg.grad_clip)
-        return {"epoch": round((it + 1) / per_epoch, 4), **stats, "grad_norm": grad_norm,
-                "skipped_steps": int(not math.isfinite(grad_norm)),  # a non-finite step: skipped
-                "update_s": elapsed(t0, device), **meters.summary(responses=len(both.tokens))}
+        row = {"epoch": round((it + 1) / per_epoch, 4), **stats, "grad_norm": grad_norm,
+               "skipped_steps": int(not math.isfinite(grad_norm)),  # a non-finite step: skipped
+               "update_s": elapsed(t0, device), **meters.summary(responses=len(both.tokens))}
+        if cfg.kl_pairs > 0:  # untimed diagnostics on the reference's own trajectories
+            n = min(cfg.kl_pairs, len(idx))
+            few = Trajectory.cat([chosen.index(idx[:n]), rejected.index(idx[:n])])
+            with torch.no_grad(), autocast(device):
+                # k1 on the reference's samples: KL(π_ref ‖ π_θ) ≈ mean[log π_ref(τ) − log π_θ(τ)]
+                row["kl_ref"] = (few.logp_at_reveal.sum(1)
+                                 - trajectory_logprob(policy, few)).mean().item()
+                row["entropy_revealed"] = entropy_at_reveal(policy, few)[few.unmask_step >= 0] \
+                    .mean().item()
+        return row
 
     max_iters = min(cfg.max_iters, math.ceil(cfg.epochs * per_epoch))
     return run_loop(cfg, "dpo", models={"model": policy}, frozen={"ref_model": ref}, task=task,
                     opt=opt, generators=gens, iteration=iteration, max_iters=max_iters,
-                    device=device, bar_keys=("loss", "reward_accuracy", "margin"))
+                    device=device, bar_keys=("loss", "reward_accuracy", "margin"),
+                    curve_keys=HEALTH)

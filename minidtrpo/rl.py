@@ -14,7 +14,8 @@ objectives differ only in how they score a response:
   baseline, with VRPO's masks shared between θ, old and ref, arXiv 2505.19223, and this project's
   stratified counts); vrpo_two_pass: the same gradient one sample at a time, after a no-grad pass
   for its factor.
-The run loop (log, evaluate, checkpoint, resume) is train.run_loop; logged metrics: `METRICS`.
+The run loop (log, evaluate, checkpoint, resume) is train.run_loop; the logged metrics are defined
+in docs/math.md §5.5.
 
 Departures:
 1. full_trajectory's and dtrpo's old values are the sampler's logp_at_reveal (P1), summed over
@@ -30,8 +31,8 @@ Departures:
 5. Groups with all-equal rewards (A = 0) are dropped; if none is left the update is skipped.
    AdamW, gradient clipping; the learning rate optionally ramped up over `warmup_iters` and
    decayed along a cosine to `min_lr_ratio`·lr over the run's limit (default constant).
-6. `nll_revealed`, an entropy stand-in at no extra pass, is below the mean entropy (low confidence
-   reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
+6. `kl_ref` (k1, token part of §4.1) and `entropy_revealed` are untimed diagnostics on
+   kl_rollouts rollouts; `nll_revealed` is an entropy stand-in at no extra pass.
    It can be negative: without log S_t the token part is not a normalised distribution under
    low-confidence remasking (docs/math.md §4.1).
 7. On-policy, diffu_grpo, bgpo, vrpo_ol (and full_trajectory with position_term, whose log S_t
@@ -65,7 +66,7 @@ from einops import rearrange, repeat
 
 from .config import BadInput, arg, autocast, check, folder_problem, pick_device
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_masks_for, elbo_terms,
-                         one_step_logprob, reduced_recorded_logprob, reduced_trajectory_logprob,
+                         entropy_at_reveal, one_step_logprob, reduced_recorded_logprob, reduced_trajectory_logprob,
                          sample_block_steps, sample_prompt_mask, trajectory_logprob)
 from .igpo import inpaint
 from .meters import Meters, elapsed
@@ -75,23 +76,8 @@ from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load,
                     run_loop, run_progress)
 
 OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol", "dtrpo")
-METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
-    "reward_mean / reward_std": "task reward of this iteration's rollouts",
-    "exact": "fraction of rollouts fully correct (sampled at the rollout temperature)",
-    "igpo_groups / igpo_replaced": "all-wrong groups (every run) / responses replaced by hinted "
-                                   "ones (IGPO)",
-    "zero_adv_frac": "fraction of groups whose rewards were all equal (A = 0, dropped)",
-    "clip_frac": "fraction of ratios where the clipped side of min() was taken (clipped_pg_loss)",
-    "kl": "k3 KL to the initial model inside the loss (only when beta > 0)",
-    "kl_ref": "k1 estimate of KL(π_θ ‖ π_init) on trajectories, token part (departure 6)",
-    "nll_revealed": "−mean log μ_θ of revealed tokens at reveal, an entropy stand-in (departure 6)",
-    "rollout_s / update_s": "seconds of sampling + scoring / of old values + optimizer steps",
-    "passes_per_response": "model rows run forward in the update per response (policy, old, ref)",
-    "peak_saved_mb": "peak MB autograd saved for backward in the update (a proxy for activation "
-                     "memory, P7)",
-    "rss_mb / cuda_peak_mb": "peak process resident memory (monotone) / peak CUDA allocation",
-    "test_exact / test_reward": "greedy (temperature 0) decoding of the fixed test set",
-}
+HEALTH = ("reward_mean", "kl_ref", "grad_norm", "clip_frac", "zero_adv_frac",
+          "entropy_revealed")  # curves.png beside the test scores; docs/math.md §5.5 defines them
 
 
 @dataclass
@@ -166,7 +152,8 @@ class RLConfig(RunConfig, DecodingConfig):
                                  group="IGPO")
     # ---- diagnostics
     kl_rollouts: int = arg(
-        16, "rollouts per iteration scored by the initial model for kl_ref (0: off)", ge=0,
+        16, "rollouts per iteration scored for kl_ref (by the initial model) and "
+        "entropy_revealed (0: off)", ge=0,
         group="diagnostics")
 
     def __post_init__(self):
@@ -413,6 +400,9 @@ def train_rl(cfg: RLConfig) -> dict:
                 # k1 = log π_θ(τ) − log π_init(τ)
                 row["kl_ref"] = (few.logp_at_reveal.sum(1)
                                  - trajectory_logprob(ref, few)).mean().item()
+                # H(μ_θ) at each decoded token, in the state where the policy revealed it
+                row["entropy_revealed"] = entropy_at_reveal(policy, few)[few.unmask_step >= 0] \
+                    .mean().item()
         # ---- update on the groups with signal
         if not keep.any():
             return {**row, "update_s": 0.0, "skipped": 1}
@@ -430,4 +420,5 @@ def train_rl(cfg: RLConfig) -> dict:
 
     return run_loop(cfg, "rl", models={"model": policy}, frozen={"ref_model": ref}, task=task,
                     opt=opt, generators=gens, iteration=iteration, max_iters=cfg.max_iters,
-                    device=device, bar_keys=("reward_mean", "exact", "zero_adv_frac"))
+                    device=device, bar_keys=("reward_mean", "exact", "zero_adv_frac"),
+                    curve_keys=HEALTH)

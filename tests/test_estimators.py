@@ -15,7 +15,7 @@ import torch
 
 from conftest import (P, M, assert_grads_close, grads, naive_logmu, perturbed, rollout,
                       tiny_model)
-from minidtrpo.estimators import (dtrpo_logratio, reduced_recorded_logprob,
+from minidtrpo.estimators import (dtrpo_logratio, entropy_at_reveal, reduced_recorded_logprob,
                                   reduced_trajectory_logprob, sample_block_steps,
                                   trajectory_logprob)
 from minidtrpo.sampling import reveal_schedule
@@ -448,3 +448,19 @@ def test_p19_dial_variance_is_the_finite_population_formula():
         f"K={k} {means[k, False]:.3g} / {means[k, True]:.3g}" for k in range(1, T_B + 1)))
     assert means[1, False] > means[2, False] > means[3, False] > means[4, False] == 0
     assert means[4, True] < 1e-20
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_entropy_at_reveal_matches_a_naive_loop(layout):
+    """The runs' entropy diagnostic: H(μ_θ(· | x, τ_t)) at each token's reveal state, from plain
+    passes on hand-built states."""
+    model = tiny_model(layout)
+    traj = rollout(model, steps_per_block=2, batch=3)
+    got = entropy_at_reveal(model, traj)
+    for i in range(3):
+        for t in range(traj.num_steps):
+            lp = naive_logmu(model, naive_state(traj, i, t))[:, :M]  # MASK has probability 0
+            for j in range(traj.unmask_step.shape[1]):
+                if traj.unmask_step[i, j] == t:
+                    h = -(lp[j].exp() * lp[j]).sum()
+                    assert abs(got[i, j].item() - h.item()) < 1e-10
