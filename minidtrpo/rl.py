@@ -1,4 +1,4 @@
-"""Online RL of the masked-diffusion policy with four objectives (docs/math.md §5.1, §5.2, §5.4).
+"""Online RL of the masked-diffusion policy with five objectives (docs/math.md §5.1–§5.4).
 
 One iteration: G rollouts per sampled prompt from the current policy (LLaDA's sampler, trajectories
 recorded), rewards, GRPO advantages, then `num_iterations` optimizer steps (1 = on-policy). The
@@ -82,7 +82,7 @@ HEALTH = ("reward_mean", "kl_ref", "grad_norm", "clip_frac", "zero_adv_frac",
 
 @dataclass
 class RLConfig(RunConfig, DecodingConfig):
-    """Online RL from a supervised checkpoint with one of four objectives."""
+    """Online RL from a supervised checkpoint with one of five objectives."""
     init: str = arg("runs/sft/checkpoint.pt", "checkpoint to start from; also the frozen reference")
     objective: str = arg(
         "full_trajectory", "how a response is scored (module docstring)", OBJECTIVES)
@@ -168,7 +168,7 @@ class RLConfig(RunConfig, DecodingConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# The four objectives. Each computes its old-policy (and reference) values without grad, then takes
+# The five objectives. Each computes its old-policy (and reference) values without grad, then takes
 # cfg.num_iterations optimizer steps: loss, backward, `step()`. Returns the last step's stats.
 
 

@@ -98,3 +98,29 @@ def test_star_pitfall_scores_each_run_and_draws_the_curves(tmp_path):
     assert "left to right (b = 1) | forward | 4 |" in rows[0] and rows[0].endswith("| — |")
     assert "masked diffusion (b = 4) | reversed | 4 |" in rows[1]
     assert (tmp_path / "pitfall.png").exists()
+
+
+def test_dial_training_runs_every_k_and_ends_with_its_json_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "minidtrpo", "sft", "--task=sudoku", "--max_steps=2",
+                    "--batch_size=8", "--d_model=32", "--n_layers=2", "--eval_n=4",
+                    "--device=cpu", f"--out_dir={tmp_path / 'sft'}"], check=True,
+                   capture_output=True, env=env, timeout=300)
+    ckpt = tmp_path / "sft" / "checkpoint.pt"
+    subprocess.run([sys.executable, "-m", "minidtrpo", "pairs", f"--init={ckpt}",
+                    "--num_prompts=16", "--num_generations=4", "--device=cpu",
+                    f"--out={tmp_path / 'pairs.pt'}"], check=True, capture_output=True, env=env,
+                   timeout=300)
+    for kind in ("dpo", "rl"):
+        run_args = ("max_iters=2,eval_n=4,device=cpu,"
+                    + ("batch_size=4" if kind == "dpo" else "num_prompts=2,num_generations=4"))
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "dial_training.py"),
+                              f"--kind={kind}", f"--init={ckpt}", f"--pairs={tmp_path / 'pairs.pt'}",
+                              "--ks=1,4", "--seeds=0", "--eval_every=1", f"--run_args={run_args}",
+                              f"--out={tmp_path / 'dial'}"], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = json.loads(out.stdout.strip().splitlines()[-1])
+        assert sorted(line["K"]) == ["1", "4"] and line["K"]["4"]["updates"] == 2
+        assert line["K"]["4"]["peak_saved_mb"] > line["K"]["1"]["peak_saved_mb"]
+        assert (tmp_path / "dial" / f"dial_{kind}.png").exists()
