@@ -168,7 +168,8 @@ def main():
             r = dpo_update("dtrpo", policy, ref, both, device, args.repeat, steps_scored=K)
             dial.append({"T_B": T_B, "K": K, "seconds": r["seconds"],
                          "rows_per_response": r["passes_per_response"],
-                         "tokens_per_row": cfg.prompt_len + (K + 1) * L, "peak_saved_mb": r["peak_saved_mb"]})
+                         "tokens_per_row": cfg.prompt_len + (K + 1) * L,
+                         "peak_saved_mb": r["peak_saved_mb"]})
     asc = pairs(schedule="ascending")
     by_steps.append({"update": "dpo full_trajectory, ascending", "T_B": asc.steps_per_block,
                      **dpo_update("full_trajectory", policy, ref, asc, device, args.repeat)})
@@ -230,9 +231,10 @@ def main():
     plot([{**r, "y": r["seconds"]} for r in by_steps], "T_B", steps,
          os.path.join(args.out, "seconds_vs_steps.png"), f"one DPO update ({note})",
          "T_B, decoding steps per block", "seconds")
+    exact_at_t_b = [{"update": "exact, T_B rows (drawn at K = T_B)", "K": t, "y": exact_s[t]}
+                    for t in dial_steps]
     plot([{"update": f"dtrpo, K of T_B = {r['T_B']}", "K": r["K"], "y": r["seconds"]}
-          for r in dial] + [{"update": f"exact, T_B = {t}", "K": t, "y": exact_s[t]}
-                            for t in dial_steps], "K", sorted({r["K"] for r in dial}),
+          for r in dial] + exact_at_t_b, "K", sorted({r["K"] for r in dial}),
          os.path.join(args.out, "dial.png"), f"one DPO update ({note})",
          "K, steps scored per block (one pass of P + (K+1)·L tokens)", "seconds")
     plot([{**r, "y": r["peak_saved_mb"]} for r in by_nmc if r["mu"] == 1], "n_mc", n_mcs,
