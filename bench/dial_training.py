@@ -1,7 +1,7 @@
 """Training with the dial: does scoring more steps per block buy accuracy, and at what cost?
 
     python bench/dial_training.py --init=runs/hard/sft/checkpoint.pt --pairs=runs/dial/pairs.pt
-    python bench/dial_training.py --kind=rl --run_args=max_iters=20 --eval_every=5
+    python bench/dial_training.py --kind=rl --run_args=max_iters=12 --eval_every=4
 
 For each K of --ks and each seed, one run from the same start: `dpo --estimator=dtrpo
 --steps_scored=K` on one pairs file (--kind=dpo), or `rl --objective=dtrpo --steps_scored=K`
