@@ -74,17 +74,21 @@ def main():
         ran = [i for r in mine for i in r["iters"] if "peak_saved_mb" in i]  # rl: skipped ones out
         update_s = statistics.fmean(i["update_s"] for i in ran) if ran else float("nan")
         saved = statistics.fmean(i["peak_saved_mb"] for i in ran) if ran else float("nan")
+        # the KL to the start over each run's last tenth of updates (docs/math.md §5.5)
+        last = [i for r in mine for i in r["iters"][-max(1, len(r["iters"]) // 10):]]
+        kl = statistics.fmean(i["kl_ref"] for i in last if "kl_ref" in i)
         result["K"][k] = {"start": start, "final": final, "best": best, "at_common": at_common,
                           "seconds": seconds, "updates": len(mine[0]["iters"]),
-                          "update_s": update_s, "peak_saved_mb": saved}
+                          "update_s": update_s, "peak_saved_mb": saved, "kl_ref_end": kl}
         table.append(f"| K = {k} | {100 * start:.1f}% | "
                      f"{' / '.join(f'{100 * f:.1f}' for f in final)} | "
                      f"{100 * (statistics.fmean(final) - start):+.1f} | "
                      f"{100 * (statistics.fmean(at_common) - start):+.1f} | "
-                     f"{statistics.fmean(seconds):.0f} | {1e3 * update_s:.0f} | {saved:.0f} |")
+                     f"{statistics.fmean(seconds):.0f} | {1e3 * update_s:.0f} | {saved:.0f} | "
+                     f"{kl:.2f} |")
     print(f"\n| {cfg.kind} dtrpo | start | final exact per seed | gain, equal updates "
           f"({result['K'][ks[0]]['updates']}) | gain at {common:.0f} s | seconds | "
-          "ms per update | MB saved |\n|---|---|---|---|---|---|---|---|")
+          "ms per update | MB saved | KL to start, end |\n|---|---|---|---|---|---|---|---|---|")
     print("\n".join(table))
     plot(runs, ks, seeds, os.path.join(cfg.out, f"dial_{cfg.kind}.png"), cfg.kind)
     print(json.dumps(result))
