@@ -15,6 +15,9 @@ commands use:
    with CJ-GRPO's ascending schedule (1, 2, 4, 8, 17: five steps per block).
    The reference's terms are read from the record (the reference decoded the pairs), so each
    update runs only the policy.
+   The dial between the two, for T_B ∈ {4, 8, 16}: dTRPO's update scoring K ∈ {1, 2, 4, …, T_B}
+   steps per block (`dpo --estimator=dtrpo --steps_scored=K`), all K copies of every block in one
+   [x ; y ; ỹ¹ … ỹᴷ] pass of P + (K+1)·L tokens.
 2. against n_mc ∈ {1, 2, 4, 8, 16, 32}: one online BGPO update (`rl --objective=bgpo`, gradients
    accumulated one Monte Carlo sample at a time), one VRPO-OL update (the exp-of-mean objective,
    one graph over all samples) and one two-pass VRPO-OL update (`--vrpo_two_pass`: the same
@@ -24,7 +27,8 @@ commands use:
    three at n_mc = 4.
 For each: the median seconds, the model rows run forward per response, and the peak bytes autograd
 saves for backward (`meters.SavedBytes`). Ends with one JSON line: the seconds ratio dTRPO / exact
-per T_B, each ELBO objective's activation memory over its n_mc = 1 value (μ = 1, and the two-pass
+per T_B, the dial's rows (T_B, K, seconds, rows per response, saved MB), each ELBO objective's
+activation memory over its n_mc = 1 value (μ = 1, and the two-pass
 form's at μ = 2 too), and each one's rows per response at μ = 2, n_mc = 4. Log-log figures go to
 --out.
 """
@@ -81,9 +85,9 @@ def measure(fn, policy, device, responses: int, repeat: int) -> dict:
     return {"seconds": sorted(times)[len(times) // 2], **meters.summary(responses)}
 
 
-def dpo_update(estimator, policy, ref, both, device, repeat) -> dict:
+def dpo_update(estimator, policy, ref, both, device, repeat, steps_scored=1) -> dict:
     # plain autograd for the exact estimator: T_B rows per response (flat memory would run 2·T_B)
-    cfg = DPOConfig(estimator=estimator, flat_memory=False)
+    cfg = DPOConfig(estimator=estimator, flat_memory=False, steps_scored=steps_scored)
     gen = torch.Generator(device).manual_seed(0)
 
     def update():
@@ -132,6 +136,7 @@ def main():
     device = pick_device(args.device)
     L, b = (16, 8) if args.quick else (64, 32)
     steps = [2, 4, 8] if args.quick else [2, 4, 8, 16, 32]
+    dial_steps = [4, 8] if args.quick else [4, 8, 16]  # T_B of the dial
     n_mcs = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
     cfg = ModelConfig(vocab_size=48, mask_id=47, prompt_len=16, response_len=L, block_size=b)
     with torch.random.fork_rng(devices=[]):  # a seeded init; the global RNG left as it was
@@ -152,12 +157,19 @@ def main():
 
     print(f"block layout, L = {L}, b = {b}, {args.pairs} pairs, {args.responses} online responses, "
           f"{torch.get_num_threads()} threads, {device}")
-    by_steps = []
+    by_steps, dial = [], []
     for T_B in steps:
         both = pairs(steps_per_block=T_B)
         for est in ("full_trajectory", "dtrpo"):
             by_steps.append({"update": f"dpo {est}", "T_B": T_B,
                              **dpo_update(est, policy, ref, both, device, args.repeat)})
+        for K in [2 ** j for j in range(T_B.bit_length()) if 2 ** j <= T_B] \
+                if T_B in dial_steps else []:  # K = 1, 2, 4, ..., T_B
+            r = dpo_update("dtrpo", policy, ref, both, device, args.repeat, steps_scored=K)
+            dial.append({"T_B": T_B, "K": K, "seconds": r["seconds"],
+                         "rows_per_response": r["passes_per_response"],
+                         "tokens_per_row": cfg.prompt_len + (K + 1) * L,
+                         "peak_saved_mb": r["peak_saved_mb"]})
     asc = pairs(schedule="ascending")
     by_steps.append({"update": "dpo full_trajectory, ascending", "T_B": asc.steps_per_block,
                      **dpo_update("full_trajectory", policy, ref, asc, device, args.repeat)})
@@ -177,6 +189,13 @@ def main():
     for r in by_steps:
         print(f"| {r['update']} | {r['T_B']} | {r['seconds']:.3f} | "
               f"{r['passes_per_response']:.1f} | {r['peak_saved_mb']:.1f} |")
+    exact_s = {r["T_B"]: r["seconds"] for r in by_steps if r["update"] == "dpo full_trajectory"}
+    print("\n| dial: dtrpo, K steps per block | T_B | K | seconds | rows/response | tokens/row | "
+          "saved MB | exact's seconds |\n|---|---|---|---|---|---|---|---|")
+    for r in dial:
+        print(f"| K = {r['K']} of {r['T_B']} | {r['T_B']} | {r['K']} | {r['seconds']:.3f} | "
+              f"{r['rows_per_response']:.1f} | {r['tokens_per_row']} | {r['peak_saved_mb']:.1f} | "
+              f"{exact_s[r['T_B']]:.3f} |")
     print("\n| update | μ | n_mc | seconds | passes/response | saved MB, activation proxy |\n"
           "|---|---|---|---|---|---|")
     for r in by_nmc:
@@ -196,6 +215,8 @@ def main():
                              / pick(by_steps, "dpo full_trajectory", "T_B", t)["seconds"]
                              for t in steps],
         "ascending_steps_per_block": asc.steps_per_block,
+        "dial": [{k: r[k] for k in ("T_B", "K", "seconds", "rows_per_response", "peak_saved_mb")}
+                 for r in dial],
         "n_mc": n_mcs,
         **{f"{name}_memory_ratio": memory_ratio(name) for name in elbo},
         "vrpo_ol_two_pass_memory_ratio_mu2": memory_ratio("vrpo_ol_two_pass", mu=2),
@@ -210,12 +231,19 @@ def main():
     plot([{**r, "y": r["seconds"]} for r in by_steps], "T_B", steps,
          os.path.join(args.out, "seconds_vs_steps.png"), f"one DPO update ({note})",
          "T_B, decoding steps per block", "seconds")
+    exact_at_t_b = [{"update": "exact, T_B rows (drawn at K = T_B)", "K": t, "y": exact_s[t]}
+                    for t in dial_steps]
+    plot([{"update": f"dtrpo, K of T_B = {r['T_B']}", "K": r["K"], "y": r["seconds"]}
+          for r in dial] + exact_at_t_b, "K", sorted({r["K"] for r in dial}),
+         os.path.join(args.out, "dial.png"), f"one DPO update ({note})",
+         "K, steps scored per block (one pass of P + (K+1)·L tokens)", "seconds")
     plot([{**r, "y": r["peak_saved_mb"]} for r in by_nmc if r["mu"] == 1], "n_mc", n_mcs,
          os.path.join(args.out, "memory_vs_nmc.png"), f"one online update, μ = 1 ({note})",
          "n_mc, Monte Carlo samples per response", "MB saved for backward (activation proxy)")
     with open(os.path.join(args.out, "bench_scaling.json"), "w") as f:
         json.dump({"device": str(device), "threads": torch.get_num_threads(), "L": L, "b": b,
-                   "by_steps": by_steps, "by_nmc": by_nmc, **result}, f, indent=1)
+                   "by_steps": by_steps, "by_nmc": by_nmc, "dial_rows": dial, **result}, f,
+                  indent=1)
     print(json.dumps(result))
 
 

@@ -5,7 +5,10 @@ They call the model. What each objective uses to score a sampled response y give
   (docs/math.md §4.1): the token part TraceRL (arXiv 2509.06949) and CJ-GRPO (arXiv 2509.23924)
   score, and optionally the selection term log S_t, this project's derivation.
 - `reduced_trajectory_logprob` + `dtrpo_logratio`: dTRPO's reduced trajectory (arXiv 2603.18806,
-  docs/math.md §4.2), one sampled state per block, all scored in one forward pass.
+  docs/math.md §4.2), one sampled state per block, all scored in one forward pass; and the dial
+  between it and the exact trajectory: K of each block's T_B states, sampled without replacement
+  (`sample_block_steps(k=K)`), scaled by T_B/K, in one [x ; y ; ỹ¹ … ỹᴷ] pass (K = 1: dTRPO's
+  D̂; K = T_B: the exact log-ratio).
 - `elbo_terms` + `sample_elbo_masks`: the Monte Carlo ELBO of VRPO (arXiv 2505.19223) / BGPO
   (arXiv 2510.11683), docs/math.md §4.3.
 - `one_step_logprob` + `sample_prompt_mask`: d1 / diffu-GRPO's one-step mean-field estimate
@@ -43,24 +46,66 @@ from .sampling import PARALLEL
 
 
 def _response_logps(model, prompts, states, tau, *, clean=None, block_size=None, chunk=256):
-    """log μ_θ(· | x, state) at the L response positions of every row: (n, P), (n, L) -> (n, L, V).
+    """log μ_θ(· | x, state) at the response positions of each row: (n, P), (n, K·L) -> (n, K·L, V).
 
-    clean=None: a plain pass on [x ; state] with the model's layout mask.
-    clean=(n, L) tokens: one pass on [x ; clean ; state] with clean_noisy_mask (docs/math.md §1).
+    clean=None: a plain pass on [x ; state] with the model's layout mask (K = 1).
+    clean=(n, L) tokens: one pass on [x ; clean ; ỹ¹ … ỹᴷ], the K noisy copies side by side in
+    `states`, with clean_noisy_mask (docs/math.md §1).
     """
     n, P = prompts.shape
-    L, device = states.shape[1], states.device
+    N, device = states.shape[1], states.device  # N = K·L
     if clean is None:
         tokens, positions, attn = torch.cat([prompts, states], 1), None, None  # (n, P+L)
     else:
-        tokens = torch.cat([prompts, clean, states], 1)  # (n, P+2L)
-        # the clean copy and the noisy copy of response token i both sit at position P + i
+        L = clean.shape[1]
+        tokens = torch.cat([prompts, clean, states], 1)  # (n, P+(K+1)L)
+        # the clean copy and every noisy copy of response token i sit at position P + i
         positions = torch.cat([torch.arange(P + L, device=device),
-                               torch.arange(P, P + L, device=device)])
-        attn = clean_noisy_mask(P, L, block_size, device)  # (P+2L, P+2L)
-    logits = torch.cat([model(tokens[i:i + chunk], positions, attn)[:, -L:]
+                               torch.arange(P, P + L, device=device).repeat(N // L)])
+        attn = clean_noisy_mask(P, L, block_size, device, copies=N // L)  # (P+(K+1)L, P+(K+1)L)
+    logits = torch.cat([model(tokens[i:i + chunk], positions, attn)[:, -N:]
                         for i in range(0, n, chunk)])
-    return F.log_softmax(logits / tau, dim=-1)  # (n, L, V)
+    return F.log_softmax(logits / tau, dim=-1)  # (n, K·L, V)
+
+
+def _score_states(model, traj, step_of, active, form, chunk):
+    """Score S states of every trajectory side by side -> logp (S, B, L, V), tok (S, B, L),
+    revealed (S, B, L).
+
+    State s of trajectory i masks the response tokens with unmask_step ≥ step_of[s, i]: position j
+    is read in its state before step step_of[s, i, j] (step_of (S, B or 1, L or 1)). A position
+    gives a term only where active (S, B or 1, L) and revealed at that very step. form: "plain"
+    (S·B rows [x ; state]), "rows" (S·B rows [x ; y ; state]) or "copies" (B rows
+    [x ; y ; state¹ … stateˢ]); the last two exact in the block layout only (docs/math.md §1).
+    """
+    y, us = traj.responses, traj.unmask_step  # (B, L)
+    B, L = y.shape
+    states = y.masked_fill(us >= step_of, traj.mask_id)  # (S, B, L)
+    n = len(states)
+    if form == "copies":  # one row per trajectory, its S states side by side
+        logp = _response_logps(model, traj.prompts, rearrange(states, "s b l -> b (s l)"),
+                               traj.logp_temperature, clean=y, block_size=traj.block_size,
+                               chunk=chunk)
+        logp = rearrange(logp, "b (s l) v -> s b l v", s=n)
+    else:  # the S states stacked as rows (s b): state-major, one row per (state, trajectory)
+        clean = dict(clean=repeat(y, "b l -> (s b) l", s=n), block_size=traj.block_size)
+        logp = _response_logps(model, repeat(traj.prompts, "b p -> (s b) p", s=n),
+                               rearrange(states, "s b l -> (s b) l"), traj.logp_temperature,
+                               chunk=chunk, **(clean if form == "rows" else {}))
+        logp = rearrange(logp, "(s b) l v -> s b l v", s=n)
+    tok = logp.gather(-1, y.expand(n, B, L)[..., None]).squeeze(-1)  # (S, B, L) log μ_θ(y_i | ·)
+    revealed = active & (us == step_of)  # (S, B, L) token i revealed at the step of its state
+    return logp, tok, revealed
+
+
+def _check_position_term(traj):
+    if traj.temperature == 0:
+        raise ValueError("position_term needs a sampled trajectory (temperature > 0): "
+                         "a greedy step is deterministic")
+    if traj.remasking in PARALLEL or traj.eos_factor < 1:
+        raise ValueError("position_term is derived for top-k selection by confidence or at "
+                         f"random; this trajectory used remasking={traj.remasking!r} and "
+                         f"eos_factor={traj.eos_factor}")
 
 
 def _check_block_size(model, traj):
@@ -85,37 +130,13 @@ def trajectory_logprob(model, traj, *, position_term=False, per_step=False, per_
     reveal (what the sampler records as logp_at_reveal). Derivation: docs/math.md §4.1.
     """
     _check_block_size(model, traj)
-    if position_term and traj.temperature == 0:
-        raise ValueError("position_term needs a sampled trajectory (temperature > 0): "
-                         "a greedy step is deterministic")
-    if position_term and (traj.remasking in PARALLEL or traj.eos_factor < 1):
-        raise ValueError("position_term is derived for top-k selection by confidence or at "
-                         f"random; this trajectory used remasking={traj.remasking!r} and "
-                         f"eos_factor={traj.eos_factor}")
-    y, us = traj.responses, traj.unmask_step  # (B, L), (B, L)
-    B, L = y.shape
-    T, T_B, b = traj.num_steps, traj.steps_per_block, traj.block_size
-    block_of = torch.arange(L, device=y.device) // b  # (L,) block index of each response position
-    if model.config.layout == "block":
-        s = torch.arange(T_B, device=y.device)[:, None, None]  # (T_B, 1, 1) within-block step
-        step_of = block_of * T_B + s  # (T_B, 1, L) the global step at which each position is scored
-        active = torch.ones_like(step_of, dtype=torch.bool)  # each block is "current" in its copy
-        states = y.masked_fill(us >= step_of, traj.mask_id)  # (T_B, B, L) states before step_of
-        pass_kw = dict(clean=repeat(y, "b l -> (s b) l", s=T_B), block_size=b)  # [x ; y ; ỹ]
-    else:
-        step_of = torch.arange(T, device=y.device)[:, None, None].expand(-1, 1, L)  # (T, 1, L)
-        active = block_of == step_of // T_B  # (T, 1, L) positions of the block decoded at step t
-        states = y.masked_fill(us >= step_of, traj.mask_id)  # (T, B, L) τ_t: unmask_step ≥ t masked
-        pass_kw = {}  # plain passes on [x ; τ_t]
-    n = len(states)  # S passes
-    # the S states stacked as rows (s b): state-major, one row per (pass, trajectory)
-    logp = _response_logps(model, repeat(traj.prompts, "b p -> (s b) p", s=n),
-                           rearrange(states, "s b l -> (s b) l"), traj.logp_temperature,
-                           chunk=chunk, **pass_kw)
-    logp = rearrange(logp, "(s b) l v -> s b l v", s=n)
-    tok = logp.gather(-1, y.expand(n, B, L)[..., None]).squeeze(-1)  # (S, B, L) log μ_θ(y_i | x, ·)
-    revealed = active & (us == step_of)  # (S, B, L): token i is revealed in exactly one pass
-    # Σ_{i∈I_t} log μ_θ(y_i | x, τ_t), placed at step t = unmask_step_i
+    if position_term:
+        _check_position_term(traj)
+    y, us = traj.responses, traj.unmask_step  # (B, L)
+    B, T = y.shape[0], traj.num_steps
+    step_of, active, form = _every_state(model, traj)
+    logp, tok, revealed = _score_states(model, traj, step_of, active, form, chunk)
+    # Σ_{i∈I_t} log μ_θ(y_i | x, τ_t), placed at step t = unmask_step_i (revealed in one pass)
     logp_reveal = torch.where(revealed, tok, 0.0).sum(0)  # (B, L) == logp_at_reveal (sampler)
     if per_token:
         return logp_reveal
@@ -126,6 +147,33 @@ def trajectory_logprob(model, traj, *, position_term=False, per_step=False, per_
         others = active & (us > step_of)  # (S, B, L) masked in the current block, not revealed
         steps = steps + _log_selection_prob(traj, logp, tok, revealed, others, step_of)
     return steps if per_step else steps.sum(1)
+
+
+def _every_state(model, traj):
+    """step_of, active and form of `_score_states` for all T states of the trajectory."""
+    L, device = traj.responses.shape[1], traj.tokens.device
+    T, T_B = traj.num_steps, traj.steps_per_block
+    block_of = torch.arange(L, device=device) // traj.block_size  # (L,) block of each position
+    if model.config.layout == "block":
+        s = torch.arange(T_B, device=device)[:, None, None]  # (T_B, 1, 1) within-block step
+        step_of = block_of * T_B + s  # (T_B, 1, L) the global step at which each position is scored
+        active = torch.ones_like(step_of, dtype=torch.bool)  # each block is "current" in its copy
+        return step_of, active, "rows"  # T_B rows [x ; y ; ỹ], block k of row s before k·T_B + s
+    step_of = torch.arange(T, device=device)[:, None, None].expand(-1, 1, L)  # (T, 1, L)
+    active = block_of == step_of // T_B  # (T, 1, L) positions of the block decoded at step t
+    return step_of, active, "plain"  # T plain passes on [x ; τ_t]
+
+
+@torch.no_grad()
+def entropy_at_reveal(model, traj, chunk=256) -> torch.Tensor:
+    """H(μ_θ(· | x, τ_t)) at each decoded token in the state where it was revealed -> (B, L), 0 at
+    hinted tokens: how unsure the policy is where it chooses (the same passes as
+    `trajectory_logprob`, without grad; a diagnostic of the runs, docs/math.md §5.5)."""
+    step_of, active, form = _every_state(model, traj)
+    logp, _, revealed = _score_states(model, traj, step_of, active, form, chunk)
+    # H = −Σ_v μ(v)·log μ(v)  (μ(MASK) = 0: its −∞ log gives 0·−∞, set to 0)
+    entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)  # (S, B, L)
+    return torch.where(revealed, entropy, 0.0).sum(0)  # (B, L) each token's reveal state only
 
 
 def _log_selection_prob(traj, logp, tok, revealed, others, step_of):
@@ -158,83 +206,122 @@ def _log_selection_prob(traj, logp, tok, revealed, others, step_of):
 
 
 # §4.2 dTRPO: reduced trajectory ------------------------------------------------------------------
-def sample_block_steps(traj, generator=None) -> torch.Tensor:
-    """One within-block step s_b ~ U{0..T_B−1} per block, independently: (B, N_B) long."""
-    device = generator.device if generator is not None else traj.tokens.device
+def sample_block_steps(traj, generator=None, k=1, stratified=False) -> torch.Tensor:
+    """K distinct within-block steps per block, independently per block: (B, N_B, K) long.
+
+    Uniform (default): a uniform K-subset of {0..T_B−1}, the first K of a partial Fisher–Yates
+    shuffle; K = 1 draws dTRPO's s_b ~ U{0..T_B−1}. stratified=True: s_j = (u + round(j·T_B/K))
+    mod T_B with one u ~ U{0..T_B−1} per block, spread evenly over the block. Either way each
+    step is in the set with probability K/T_B: what c = T_B/K needs (docs/math.md §4.2, P16).
+    """
+    T_B, device = traj.steps_per_block, (generator.device if generator is not None
+                                         else traj.tokens.device)
+    if not 1 <= k <= T_B:
+        raise ValueError(f"k={k} steps per block: between 1 and steps_per_block={T_B}")
     shape = (traj.tokens.shape[0], traj.num_blocks)
-    steps = torch.randint(0, traj.steps_per_block, shape, generator=generator, device=device)
+    if stratified:  # (B·N_B, K) evenly spread steps, one random offset per block
+        steps = _stratified(shape[0] * shape[1], k, T_B, generator, device).view(*shape, k)
+    else:
+        perm = torch.arange(T_B, device=device).repeat(*shape, 1)  # (B, N_B, T_B)
+        for j in range(k):  # swap a uniform pick among places j..T_B−1 into place j
+            pick = j + torch.randint(0, T_B - j, (*shape, 1), generator=generator, device=device)
+            picked, head = perm.gather(-1, pick), perm[..., j:j + 1].clone()
+            perm.scatter_(-1, pick, head)
+            perm[..., j:j + 1] = picked
+        steps = perm[..., :k]  # (B, N_B, K)
     return steps.to(traj.tokens.device)
 
 
-def reduced_trajectory_logprob(model, traj, steps, *, single_pass=True, chunk=256) -> torch.Tensor:
-    """dTRPO's reduced trajectory (arXiv 2603.18806): one state per block -> (B,).
+def _copies(steps) -> torch.Tensor:
+    """steps as (B, N_B, K): a (B, N_B) table is one step per block (K = 1)."""
+    return steps if steps.dim() == 3 else steps[..., None]
 
-    Σ_b Σ_{i∈I_{b,s_b}} log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)}),  I_{b,s}: unmask_step = b·T_B + s
-    ỹ_b^{(s)}: block b re-masked to its state just before step b·T_B + s. steps: (B, N_B) from
-    `sample_block_steps`; the reference must be scored with the same steps. single_pass=True: one
-    [x ; y ; ỹ] pass (length P+2L, clean_noisy_mask), exact in the block layout (P3), approximate in
-    the full layout (tests print the gap); False: one plain pass per block on its true state, exact
-    in both layouts, batched. Derivation: docs/math.md §4.2, and §1 for the single pass.
+
+def reduced_trajectory_logprob(model, traj, steps, *, single_pass=True, position_term=False,
+                               chunk=256) -> torch.Tensor:
+    """dTRPO's reduced trajectory (arXiv 2603.18806), K states per block -> (B,).
+
+    Σ_b Σ_{s∈S_b} [log S_t + Σ_{i∈I_{b,s}} log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s)})],  t = b·T_B + s
+    ỹ_b^{(s)}: block b re-masked to its state just before step t; S_b: the K steps of block b,
+    steps (B, N_B, K) from `sample_block_steps` ((B, N_B): K = 1); the reference must be scored
+    with the same steps. log S_t only if position_term (as `trajectory_logprob`). single_pass=True:
+    one [x ; y ; ỹ¹ … ỹᴷ] pass (length P+(K+1)L, copy k holding every block at its k-th step),
+    exact in the block layout (P3, P18), approximate in the full layout (tests print the gap);
+    False: one plain pass per block and step on its true state (N_B·K), exact in both layouts.
+    With all T_B steps of every block it is the exact `trajectory_logprob`. Derivation:
+    docs/math.md §4.2, and §1 for the single pass.
     """
     _check_block_size(model, traj)
+    if position_term:
+        _check_position_term(traj)
+    steps = _copies(steps)  # (B, N_B, K)
     y, us = traj.responses, traj.unmask_step  # (B, L)
-    B, L = y.shape
-    T_B, b, n_blocks = traj.steps_per_block, traj.block_size, traj.num_blocks
-    block_of = torch.arange(L, device=y.device) // b  # (L,)
+    L, device = y.shape[1], y.device
+    T_B, n_blocks, K = traj.steps_per_block, traj.num_blocks, steps.shape[-1]
+    block_of = torch.arange(L, device=device) // traj.block_size  # (L,)
     if single_pass:
-        t = block_of * T_B + steps[:, block_of]  # (B, L) sampled step t_b of the position's block
-        noisy = y.masked_fill(us >= t, traj.mask_id)  # (B, L) every block in its own sampled state
-        logp = _response_logps(model, traj.prompts, noisy, traj.logp_temperature, clean=y,
-                               block_size=b, chunk=chunk)
-        scored = us == t  # (B, L) the tokens revealed at the sampled step of their block
+        # copy k: every block b in its state before its k-th sampled step b·T_B + s_{b,k}
+        step_of = block_of * T_B + rearrange(steps, "b n k -> k b n")[..., block_of]  # (K, B, L)
+        active = torch.ones_like(step_of, dtype=torch.bool)  # every block scored in every copy
+        form = "copies"
     else:
-        first = torch.arange(n_blocks, device=y.device)[:, None] * T_B  # (N_B, 1) first step
-        t = (first + steps.T)[..., None]  # (N_B, B, 1) the sampled step t_b of each block
-        states = y.masked_fill(us >= t, traj.mask_id)  # (N_B, B, L) the true state before step t_b
-        logp = _response_logps(model, repeat(traj.prompts, "b p -> (s b) p", s=n_blocks),
-                               rearrange(states, "s b l -> (s b) l"), traj.logp_temperature,
-                               chunk=chunk)
-        logp = rearrange(logp, "(s b) l v -> s b l v", s=n_blocks)  # (N_B, B, L, V)
-        # pass b scores block b only: at every position, keep the pass of its own block
-        logp = logp[block_of, :, torch.arange(L, device=y.device)].transpose(0, 1)  # (B, L, V)
-        scored = us == t[block_of, :, 0].T  # (B, L)
-    tok = logp.gather(-1, y[..., None]).squeeze(-1)  # (B, L) log μ_θ(y_i | x, state)
-    # Σ_b Σ_{i∈I_{b,s_b}} log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)})   (other tokens: no term)
-    return torch.where(scored, tok, 0.0).sum(1)  # (B,)
+        # pass (b, k): the true state before block b's k-th sampled step, scoring block b only
+        first = torch.arange(n_blocks, device=device)[:, None, None] * T_B  # (N_B, 1, 1)
+        step_of = rearrange(first + rearrange(steps, "b n k -> n k b"), "n k b -> (n k) b")
+        step_of = step_of[..., None]  # (N_B·K, B, 1)
+        pass_block = torch.arange(n_blocks, device=device).repeat_interleave(K)  # (N_B·K,)
+        active = block_of == pass_block[:, None, None]  # (N_B·K, 1, L)
+        form = "plain"
+    logp, tok, revealed = _score_states(model, traj, step_of, active, form, chunk)
+    # Σ_b Σ_{s∈S_b} Σ_{i∈I_{b,s}} log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s)})   (other tokens: no term)
+    total = torch.where(revealed, tok, 0.0).sum((0, 2))  # (B,)
+    if position_term:  # + Σ_b Σ_{s∈S_b} log S_{b·T_B+s}
+        others = active & (us > step_of)  # masked in the scored block, not revealed at its step
+        total = total + _log_selection_prob(traj, logp, tok, revealed, others, step_of).sum(1)
+    return total
 
 
 def reduced_recorded_logprob(traj, steps) -> torch.Tensor:
     """The reduced trajectory of the model that sampled traj, read from its record, no pass: (B,).
 
-    Σ_b Σ_{i∈I_{b,s_b}} logp_at_reveal_i == reduced_trajectory_logprob(sampler, traj, steps) (P1,
-    state by state): the reference term of D̂ when the reference decoded the response (DPO pairs).
+    Σ_b Σ_{s∈S_b} Σ_{i∈I_{b,s}} logp_at_reveal_i == reduced_trajectory_logprob(sampler, traj,
+    steps) (P1, state by state): the reference term of D̂ when the reference decoded the response
+    (DPO pairs). steps (B, N_B, K) or (B, N_B).
     """
+    steps = _copies(steps)  # (B, N_B, K)
     L = traj.responses.shape[1]
     block_of = torch.arange(L, device=traj.tokens.device) // traj.block_size  # (L,)
-    t = block_of * traj.steps_per_block + steps[:, block_of]  # (B, L) sampled step of its block
-    # Σ_b Σ_{i∈I_{b,s_b}} logp_at_reveal_i,  I_{b,s} = {i : unmask_step_i = b·T_B + s}
-    return torch.where(traj.unmask_step == t, traj.logp_at_reveal, 0.0).sum(1)  # (B,)
+    t = (block_of * traj.steps_per_block)[:, None] + steps[:, block_of]  # (B, L, K) sampled steps
+    # Σ_b Σ_{s∈S_b} Σ_{i∈I_{b,s}} logp_at_reveal_i,  I_{b,s} = {i : unmask_step_i = b·T_B + s}
+    scored = (traj.unmask_step[..., None] == t).any(-1)  # (B, L) revealed at one of the K steps
+    return torch.where(scored, traj.logp_at_reveal, 0.0).sum(1)  # (B,)
 
 
-def dtrpo_scale(traj, scale: str) -> int:
-    """c of D̂: T_B for scale="steps" (unbiased, P4), 1 for scale="one" (the paper's form)."""
-    return {"steps": traj.steps_per_block, "one": 1}[scale]
+def dtrpo_scale(traj, scale: str, k: int = 1) -> float:
+    """c of D̂ with K steps per block: T_B/K for scale="steps" (unbiased, P4, P16), 1/K for
+    scale="one" (the paper's form at K = 1, T_B absorbed into β)."""
+    return {"steps": traj.steps_per_block, "one": 1}[scale] / k
 
 
-def dtrpo_logratio(policy, ref, traj, steps, scale="steps", *, single_pass=True) -> torch.Tensor:
-    """dTRPO's trajectory log-ratio estimate D̂(x, y) -> (B,), gradient through the policy only.
+def dtrpo_logratio(policy, ref, traj, steps, scale="steps", *, single_pass=True,
+                   position_term=False) -> torch.Tensor:
+    """dTRPO's trajectory log-ratio estimate D̂(x, y) with K steps per block -> (B,), gradient
+    through the policy only.
 
-    D̂ = c · Σ_b Σ_{i∈I_{b,s_b}} [log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s_b)}) − log μ_ref(same)]
-    c = T_B for scale="steps" (E_s[D̂] = the exact token log-ratio, P4), 1 for "one" (the
-    paper's, absorbed into β). log S_t is dropped: it cancels exactly under random remasking (P2),
-    approximately under low confidence (the tests print the gap). Derivation: docs/math.md §4.2.
+    D̂ = c · Σ_b Σ_{s∈S_b} Σ_{i∈I_{b,s}} [log μ_θ(y_i | x, y_{<b}, ỹ_b^{(s)}) − log μ_ref(same)]
+    steps (B, N_B, K) from `sample_block_steps` ((B, N_B): K = 1, dTRPO's D̂). c = T_B/K for
+    scale="steps" (E_S[D̂] = the exact token log-ratio, P4, P16; K = T_B: the exact log-ratio
+    itself, P17), 1/K for "one" (the paper's, absorbed into β). log S_t is dropped unless
+    position_term: it cancels exactly under random remasking (P2), approximately under low
+    confidence (the tests print the gap). Derivation: docs/math.md §4.2.
     """
-    c = dtrpo_scale(traj, scale)
+    c = dtrpo_scale(traj, scale, _copies(steps).shape[-1])
+    kw = dict(single_pass=single_pass, position_term=position_term)
     # the reference sees the same sampled steps and the same re-masked input (coupled estimate)
     with torch.no_grad():
-        ref_logp = reduced_trajectory_logprob(ref, traj, steps, single_pass=single_pass)
-    # D̂ = c · (reduced log-lik under θ − under ref); S_t left out: it cancels (random remasking)
-    return c * (reduced_trajectory_logprob(policy, traj, steps, single_pass=single_pass) - ref_logp)
+        ref_logp = reduced_trajectory_logprob(ref, traj, steps, **kw)
+    # D̂ = c · (reduced log-lik under θ − under ref)
+    return c * (reduced_trajectory_logprob(policy, traj, steps, **kw) - ref_logp)
 
 
 # §4.3 ELBO Monte Carlo (VRPO / BGPO) -------------------------------------------------------------

@@ -71,24 +71,28 @@ def layout_mask(config: ModelConfig, device=None) -> torch.Tensor:
 
 
 def clean_noisy_mask(prompt_len: int, response_len: int, block_size: int,
-                     device=None) -> torch.Tensor:
-    """(P+2L, P+2L) mask over [prompt ; clean y ; noisy ỹ] (BD3-LM's single-pass trick).
+                     device=None, copies: int = 1) -> torch.Tensor:
+    """(P+(K+1)L, P+(K+1)L) mask over [prompt ; clean y ; noisy ỹ¹ … ỹᴷ] (BD3-LM's single-pass
+    trick; K = `copies` noisy copies, 1 by default).
 
     prompt -> prompt;  clean block k -> prompt + clean blocks <= k;
-    noisy block k -> prompt + clean blocks < k + noisy block k.
-    Each noisy block sees what it sees in its true state, so one pass scores every block at once
-    (exact in the block layout, docs/math.md §1, used in §4.2–§4.3).
+    noisy block k of copy c -> prompt + clean blocks < k + noisy block k of copy c.
+    Each noisy block sees what it sees in its true state, so one pass scores every block of every
+    copy at once (exact in the block layout, docs/math.md §1, used in §4.2–§4.3).
     """
     ids = block_ids(prompt_len, response_len, block_size, device)  # (P+L,)
     resp = ids[prompt_len:]  # (L,) block ids 1..N_B of the response
-    q = torch.cat([ids, resp])  # (P+2L,) block id of each query
-    is_noisy = torch.arange(len(q), device=device) >= len(ids)  # (P+2L,) True on the noisy copy
-    k, k_noisy = q[None, :], is_noisy[None, :]
-    q, q_noisy = q[:, None], is_noisy[:, None]
+    q = torch.cat([ids, resp.repeat(copies)])  # (P+(K+1)L,) block id of each query
+    # 0 on the prompt and the clean copy, c = 1..K on noisy copy c
+    copy = torch.cat([torch.zeros_like(ids),
+                      torch.arange(1, copies + 1, device=device).repeat_interleave(response_len)])
+    k, k_copy = q[None, :], copy[None, :]
+    q, q_copy = q[:, None], copy[:, None]
+    q_noisy, k_noisy = q_copy > 0, k_copy > 0
     clean_to_clean = ~q_noisy & ~k_noisy & (k <= q)
     noisy_to_clean = q_noisy & ~k_noisy & ((k < q) | (k == 0))
-    noisy_to_self = q_noisy & k_noisy & (k == q)
-    return clean_to_clean | noisy_to_clean | noisy_to_self  # (P+2L, P+2L)
+    noisy_to_self = q_noisy & (k_copy == q_copy) & (k == q)  # its own block in its own copy
+    return clean_to_clean | noisy_to_clean | noisy_to_self  # (P+(K+1)L, P+(K+1)L)
 
 
 # Modules ------------------------------------------------------------------------------------------

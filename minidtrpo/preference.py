@@ -8,6 +8,8 @@ with one of three estimates of the trajectory log-ratio D = log π_θ(τ) − lo
 - dtrpo: dTRPO's reduced trajectory (arXiv 2603.18806, docs/math.md §4.2): one sampled step s_b
   per block, all blocks in one [x ; y ; ỹ] pass, c = T_B (`scale=steps`, unbiased) or 1
   (`scale=one`, the paper's form); per response one policy pass with grad, none for the reference.
+  steps_scored=K turns the dial: K steps per block without replacement, c = T_B/K, all K copies
+  in one [x ; y ; ỹ¹ … ỹᴷ] pass (K = T_B: the exact log-ratio).
 - full_trajectory: the exact token log-ratio, §4.1 (TraceRL, arXiv 2509.06949; CJ-GRPO, arXiv
   2509.23924); the full log-ratio under random remasking, where log S_t cancels.
 - vrpo: VRPO's ELBO difference B̂_θ − B̂_ref on masks shared by θ and ref (antithetic sampling;
@@ -51,6 +53,7 @@ from einops import rearrange, repeat
 from .config import (BadInput, RunStopped, arg, atomic_save, autocast, device_arg,
                      file_problem, folder_problem, pick_device, read_saved)
 from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_masks_for, elbo_terms,
+                         entropy_at_reveal,
                          reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
                          trajectory_logprob)
 from .meters import Meters, elapsed
@@ -60,6 +63,8 @@ from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, data_
                     init_parallel, load, no_sync, rollout, run_loop, share, weigh)
 
 ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
+HEALTH = ("reward_accuracy", "kl_ref", "grad_norm", "clip_frac", "zero_adv_frac",
+          "entropy_revealed")  # curves.png beside the test scores; docs/math.md §5.5 defines them
 
 
 @dataclass
@@ -91,6 +96,11 @@ class DPOConfig(RunConfig):
     beta: float = arg(1.0, "DPO β", gt=0)
     scale: str = arg("steps", "dtrpo: c = T_B (steps, unbiased) or 1 (one, the paper's)",
                      ("steps", "one"), group="estimator")
+    steps_scored: int = arg(1, "dtrpo: K of each block's T_B steps scored, drawn without "
+                            "replacement, c = T_B/K (1: dTRPO; T_B: exact; docs/math.md §4.2)",
+                            ge=1, group="estimator")
+    stratified_steps: bool = arg(False, "dtrpo: the K steps spread evenly over the block (one "
+                                 "random offset), not a uniform K-subset", group="estimator")
     single_pass: str = arg("auto", "dtrpo: all blocks in one [x ; y ; ỹ] pass; auto = in the block "
                            "layout, where it is exact, one pass per block state in the full layout "
                            "(departure 6)", ("auto", "true", "false"), group="estimator")
@@ -110,6 +120,9 @@ class DPOConfig(RunConfig):
                          ge=1)
     eval_every: int = arg(250, "evaluate and checkpoint every this many steps (0: at the end)",
                           ge=0, group="evaluation")
+    kl_pairs: int = arg(4, "pairs per step whose trajectories (both responses) are scored for "
+                        "kl_ref and entropy_revealed, untimed (0: off)", ge=0,
+                        group="diagnostics")
     out_dir: str = arg(
         "runs/dpo", "run folder: config.json, metrics.jsonl, checkpoint.pt, curves.png",
         valid=folder_problem)
@@ -170,10 +183,11 @@ def make_pairs(cfg: PairsConfig) -> dict:
 
 def dpo_dtrpo(cfg, policy, ref, both, gen):
     B = len(both.tokens) // 2
-    steps = sample_block_steps(both, gen)  # (2B, N_B) a fresh s_b ~ U{0..T_B−1} per block, response
+    # (2B, N_B, K) fresh steps per block and response: K = 1, dTRPO's s_b ~ U{0..T_B−1}
+    steps = sample_block_steps(both, gen, cfg.steps_scored, cfg.stratified_steps)
     single = cfg.single_pass == "true" or (cfg.single_pass == "auto"
                                            and policy.config.layout == "block")
-    c = dtrpo_scale(both, cfg.scale)  # T_B (unbiased) or 1
+    c = dtrpo_scale(both, cfg.scale, cfg.steps_scored)  # T_B/K (unbiased) or 1/K
     # log μ_ref at the sampled states = recorded logp_at_reveal: the reference decoded it (dep. 2)
     ref_logp = reduced_recorded_logprob(both, steps)  # (2B,)
     if single and policy.config.layout == "full":
@@ -181,7 +195,7 @@ def dpo_dtrpo(cfg, policy, ref, both, gen):
         with torch.no_grad(), autocast(both.tokens.device):
             ref_logp = reduced_trajectory_logprob(ref, both, steps, single_pass=True)  # (2B,)
     with autocast(both.tokens.device):
-        # D̂ = c · Σ_b Σ_{i∈I_{b,s_b}} [log μ_θ − log μ_ref](y_i | x, y_{<b}, ỹ_b^(s_b))
+        # D̂ = c · Σ_b Σ_{s∈S_b} Σ_{i∈I_{b,s}} [log μ_θ − log μ_ref](y_i | x, y_{<b}, ỹ_b^(s))
         d = c * (reduced_trajectory_logprob(policy, both, steps, single_pass=single)
                  - ref_logp)  # (2B,)
     loss, stats = dpo_loss(d[:B], d[B:], cfg.beta)
@@ -260,6 +274,9 @@ def train_dpo(cfg: DPOConfig) -> dict:
                        "DPO needs that model as reference")
     check_steps(cfg.steps_per_block, policy)
     chosen, rejected = Trajectory(**data["chosen"]), Trajectory(**data["rejected"])
+    if cfg.estimator == "dtrpo" and cfg.steps_scored > chosen.steps_per_block:
+        raise BadInput(f"--steps_scored={cfg.steps_scored} is not valid: {cfg.pairs} was decoded "
+                       f"with {chosen.steps_per_block} steps per block")
     n_pairs = len(chosen.tokens)
     per_epoch = math.ceil(n_pairs / cfg.batch_size)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -286,11 +303,22 @@ def train_dpo(cfg: DPOConfig) -> dict:
         with Meters(device, policy, ref) as meters:
             stats = DPO_ESTIMATORS[cfg.estimator](cfg, fwd, ref, both, gens["estimator"])
             grad_norm = clip_and_step(policy, opt, cfg.grad_clip)
-        return {"epoch": round((it + 1) / per_epoch, 4), **stats, "grad_norm": grad_norm,
-                "skipped_steps": int(not math.isfinite(grad_norm)),  # a non-finite step: skipped
-                "update_s": elapsed(t0, device), **meters.summary(responses=len(both.tokens))}
+        row = {"epoch": round((it + 1) / per_epoch, 4), **stats, "grad_norm": grad_norm,
+               "skipped_steps": int(not math.isfinite(grad_norm)),  # a non-finite step: skipped
+               "update_s": elapsed(t0, device), **meters.summary(responses=len(both.tokens))}
+        if cfg.kl_pairs > 0:  # untimed diagnostics on the reference's own trajectories
+            n = min(cfg.kl_pairs, len(idx))
+            few = Trajectory.cat([chosen.index(idx[:n]), rejected.index(idx[:n])])
+            with torch.no_grad(), autocast(device):
+                # k1 on the reference's samples: KL(π_ref ‖ π_θ) ≈ mean[log π_ref(τ) − log π_θ(τ)]
+                row["kl_ref"] = (few.logp_at_reveal.sum(1)
+                                 - trajectory_logprob(policy, few)).mean().item()
+                row["entropy_revealed"] = entropy_at_reveal(policy, few)[few.unmask_step >= 0] \
+                    .mean().item()
+        return row
 
     max_iters = min(cfg.max_iters, math.ceil(cfg.epochs * per_epoch))
     return run_loop(cfg, "dpo", models={"model": policy}, frozen={"ref_model": ref}, task=task,
                     opt=opt, generators=gens, iteration=iteration, max_iters=max_iters,
-                    device=device, bar_keys=("loss", "reward_accuracy", "margin"))
+                    device=device, bar_keys=("loss", "reward_accuracy", "margin"),
+                    curve_keys=HEALTH)

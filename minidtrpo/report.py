@@ -94,11 +94,11 @@ def exact(position_term=False):
     return fn
 
 
-def dtrpo(single_pass=True):
-    # D̂ = T_B · Σ_b [log μ_θ − log μ_ref] at one sampled step s_b per block; E_s[D̂] = Δ
-    return lambda policy, ref, traj, gen: dtrpo_logratio(policy, ref, traj,
-                                                         sample_block_steps(traj, gen), "steps",
-                                                         single_pass=single_pass)
+def dtrpo(single_pass=True, k=1, stratified=False):
+    # D̂ = (T_B/K) · Σ_b Σ_{s∈S_b} [log μ_θ − log μ_ref] at K sampled steps per block; E[D̂] = Δ
+    return lambda policy, ref, traj, gen: dtrpo_logratio(
+        policy, ref, traj, sample_block_steps(traj, gen, k, stratified), "steps",
+        single_pass=single_pass)
 
 
 def elbo(n_mc, masks="uniform"):
@@ -132,7 +132,8 @@ def one_step(p):
     return fn
 
 
-def estimators_for(layout: str, temperature: float, prompt_mask_p: float) -> list[Estimator]:
+def estimators_for(layout: str, temperature: float, prompt_mask_p: float,
+                   steps_per_block: int) -> list[Estimator]:
     rows = [Estimator("exact trajectory", "decoded τ", exact(), False)]
     if temperature > 0:  # S_t is a probability only for a sampled rollout
         rows.append(Estimator("exact + log S_t", "decoded τ with S_t",
@@ -142,6 +143,15 @@ def estimators_for(layout: str, temperature: float, prompt_mask_p: float) -> lis
     else:
         rows.append(Estimator("dTRPO c=T_B, 1 pass", "decoded τ (approx.)", dtrpo(True), True))
         rows.append(Estimator("dTRPO c=T_B, N_B passes", "decoded τ", dtrpo(False), True))
+    # the dial: K of the T_B steps per block, c = T_B/K (K = 1 is the dTRPO row above)
+    for k in sorted({2, steps_per_block // 2} - {0, 1}):
+        if k < steps_per_block:
+            passes = "1 pass" if layout == "block" else "N_B·K passes"  # exact in both
+            rows.append(Estimator(f"dial K={k}, c=T_B/{k}, {passes}", "decoded τ",
+                                  dtrpo(layout == "block", k), True))
+    if steps_per_block > 2:
+        rows.append(Estimator("dial K=2 stratified", "decoded τ",
+                              dtrpo(layout == "block", 2, True), True))
     rows += [Estimator(f"ELBO n={n}", "log p(y|x) bound", elbo(n), True) for n in (1, 4, 16)]
     if layout == "full":  # the block-by-block sampler's ELBO (block layout: the rows above are)
         rows.append(Estimator("ELBO n=16, blockwise", "semi-AR log p(y|x) bound",
@@ -257,7 +267,8 @@ def markdown(results: list[dict], setup: dict) -> str:
         "Notes:",
         "- Targets. *decoded τ*: the probability of the trajectory actually decoded (token terms; "
         "log S_t dropped). The exact estimator is Δ itself (bias, std 0 and grad cos 1 by "
-        "construction). dTRPO with c = T_B is unbiased for it (E over the sampled step per block). "
+        "construction). dTRPO with c = T_B is unbiased for it (E over the sampled step per block), "
+        "and so is the dial with K steps per block and c = T_B/K (docs/math.md §4.2, P16). "
         "*log p(y|x)*: the ELBO is a bound on, and one-step a mean-field proxy of, the "
         "order-marginal likelihood of the response; their 'bias' against Δ is partly this "
         "different target, not only an error. *visited-state ELBO*: the ELBO's per-token terms "
@@ -363,7 +374,8 @@ def _report(cfg: ReportConfig) -> dict:
     g_star = flat_grad(delta.mean(), policy)
     delta = delta.detach()
 
-    ests = estimators_for(ref.config.layout, cfg.temperature, cfg.prompt_mask_p)
+    ests = estimators_for(ref.config.layout, cfg.temperature, cfg.prompt_mask_p,
+                          traj.steps_per_block)
     gen = torch.Generator(device).manual_seed(cfg.seed + 2)  # every estimator's draws
     total = sum(cfg.draws + cfg.grad_draws if e.random else min(3, cfg.draws) + 1 for e in ests)
     results = []

@@ -1,10 +1,12 @@
-"""Online RL of the masked-diffusion policy with four objectives (docs/math.md §5.1, §5.2, §5.4).
+"""Online RL of the masked-diffusion policy with five objectives (docs/math.md §5.1–§5.4).
 
 One iteration: G rollouts per sampled prompt from the current policy (LLaDA's sampler, trajectories
 recorded), rewards, GRPO advantages, then `num_iterations` optimizer steps (1 = on-policy). The
 objectives differ only in how they score a response:
 - full_trajectory: exact trajectory log-prob (§4.1) in the clipped surrogate (TraceRL,
   arXiv 2509.06949; CJ-GRPO, arXiv 2509.23924); sequence-level ratio, or step-level (TraceRL).
+- dtrpo: dTRPO's reduced trajectory (arXiv 2603.18806, §4.2) in the same clipped surrogate, K of
+  each block's T_B steps scored (steps_scored; 1: dTRPO's D̂, T_B: the exact log-prob), c = T_B/K.
 - diffu_grpo: d1's one-step mean-field log-prob with a random prompt mask (arXiv 2504.12216, §4.4).
 - bgpo: BGPO's linear lower bound of the ELBO-ratio objective, backpropagated one MC sample at a
   time so memory does not grow with n_mc (arXiv 2510.11683, §5.4; `bgpo_accumulate`).
@@ -12,11 +14,13 @@ objectives differ only in how they score a response:
   baseline, with VRPO's masks shared between θ, old and ref, arXiv 2505.19223, and this project's
   stratified counts); vrpo_two_pass: the same gradient one sample at a time, after a no-grad pass
   for its factor.
-The run loop (log, evaluate, checkpoint, resume) is train.run_loop; logged metrics: `METRICS`.
+The run loop (log, evaluate, checkpoint, resume) is train.run_loop; the logged metrics are defined
+in docs/math.md §5.5.
 
 Departures:
-1. full_trajectory's old values are the sampler's Σ logp_at_reveal (P1): no old-policy pass, for
-   any num_iterations (block layout: ρ − 1 ≈ float32 rounding on-policy).
+1. full_trajectory's and dtrpo's old values are the sampler's logp_at_reveal (P1), summed over
+   the scored steps: no old-policy pass, for any num_iterations (block layout: ρ − 1 ≈ float32
+   rounding on-policy). dtrpo draws fresh steps for every optimizer step.
 2. Estimators score at the rollout temperature τ (μ_θ = softmax(logits/τ)), the one that sampled.
 3. diffu_grpo: one prompt mask per optimizer step, drawn up front and shared by old, new and
    reference (as d1); a sequence ratio, not d1's per-token one. bgpo, vrpo_ol: one set of ELBO
@@ -27,8 +31,8 @@ Departures:
 5. Groups with all-equal rewards (A = 0) are dropped; if none is left the update is skipped.
    AdamW, gradient clipping; the learning rate optionally ramped up over `warmup_iters` and
    decayed along a cosine to `min_lr_ratio`·lr over the run's limit (default constant).
-6. `nll_revealed`, an entropy stand-in at no extra pass, is below the mean entropy (low confidence
-   reveals the surest tokens first); `kl_ref` (k1, token part of §4.1) is an untimed diagnostic.
+6. `kl_ref` (k1, token part of §4.1) and `entropy_revealed` are untimed diagnostics on
+   kl_rollouts rollouts; `nll_revealed` is an entropy stand-in at no extra pass.
    It can be negative: without log S_t the token part is not a normalised distribution under
    low-confidence remasking (docs/math.md §4.1).
 7. On-policy, diffu_grpo, bgpo, vrpo_ol (and full_trajectory with position_term, whose log S_t
@@ -66,8 +70,10 @@ import torch
 from einops import rearrange, repeat
 
 from .config import BadInput, arg, autocast, check, folder_problem
-from .estimators import (ELBO_MASKS, elbo_mask_block, elbo_masks_for, elbo_terms,
-                         one_step_logprob, sample_prompt_mask, trajectory_logprob)
+from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_masks_for, elbo_terms,
+                         entropy_at_reveal, one_step_logprob, reduced_recorded_logprob,
+                         reduced_trajectory_logprob, sample_block_steps, sample_prompt_mask,
+                         trajectory_logprob)
 from .igpo import inpaint
 from .meters import Meters, elapsed
 from .objectives import (bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, elbo_ratio_terms,
@@ -76,29 +82,14 @@ from .train import (DecodingConfig, RunConfig, all_ranks, check_steps, clip_and_
                     data_parallel, init_parallel, load, lr_at, no_sync, rollout, run_loop, share,
                     weigh)
 
-OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol")
-METRICS = {  # what each line of metrics.jsonl holds (iteration lines; evaluation lines hold test_*)
-    "reward_mean / reward_std": "task reward of this iteration's rollouts",
-    "exact": "fraction of rollouts fully correct (sampled at the rollout temperature)",
-    "igpo_groups / igpo_replaced": "all-wrong groups (every run) / responses replaced by hinted "
-                                   "ones (IGPO)",
-    "zero_adv_frac": "fraction of groups whose rewards were all equal (A = 0, dropped)",
-    "clip_frac": "fraction of ratios where the clipped side of min() was taken (clipped_pg_loss)",
-    "kl": "k3 KL to the initial model inside the loss (only when beta > 0)",
-    "kl_ref": "k1 estimate of KL(π_θ ‖ π_init) on trajectories, token part (departure 6)",
-    "nll_revealed": "−mean log μ_θ of revealed tokens at reveal, an entropy stand-in (departure 6)",
-    "rollout_s / update_s": "seconds of sampling + scoring / of old values + optimizer steps",
-    "passes_per_response": "model rows run forward in the update per response (policy, old, ref)",
-    "peak_saved_mb": "peak MB autograd saved for backward in the update (a proxy for activation "
-                     "memory, P7)",
-    "rss_mb / cuda_peak_mb": "peak process resident memory (monotone) / peak CUDA allocation",
-    "test_exact / test_reward": "greedy (temperature 0) decoding of the fixed test set",
-}
+OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol", "dtrpo")
+HEALTH = ("reward_mean", "kl_ref", "grad_norm", "clip_frac", "zero_adv_frac",
+          "entropy_revealed")  # curves.png beside the test scores; docs/math.md §5.5 defines them
 
 
 @dataclass
 class RLConfig(RunConfig, DecodingConfig):
-    """Online RL from a supervised checkpoint with one of four objectives."""
+    """Online RL from a supervised checkpoint with one of five objectives."""
     init: str = arg("runs/sft/checkpoint.pt", "checkpoint to start from; also the frozen reference")
     objective: str = arg(
         "full_trajectory", "how a response is scored (module docstring)", OBJECTIVES)
@@ -116,7 +107,8 @@ class RLConfig(RunConfig, DecodingConfig):
                               group="objective")
     clip_eps: float = arg(0.2, "PPO clip ε of the ratio (bgpo: per MC sample; vrpo_ol: of "
                           "exp(mean_j d_j); inert on-policy)", ge=0, group="objective")
-    beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, diffu_grpo only)",
+    beta: float = arg(0.0, "β of the k3 KL to the initial model (full_trajectory, dtrpo, "
+                      "diffu_grpo only)",
                       ge=0, group="objective")
     scale_std: bool = arg(True, "divide advantages by the group std (false: d1 / Dr. GRPO)",
                           group="objective")
@@ -124,6 +116,11 @@ class RLConfig(RunConfig, DecodingConfig):
                            ("token_mean", "sequence_mean", "constant"), group="objective")
     ratio_level: str = arg("sequence", "full_trajectory: one ratio per sequence, or per step "
                            "(TraceRL)", ("sequence", "step"), group="objective")
+    steps_scored: int = arg(1, "dtrpo: K of each block's T_B steps scored, drawn without "
+                            "replacement, c = T_B/K (1: dTRPO; T_B: exact; docs/math.md §4.2)",
+                            ge=1, group="objective")
+    stratified_steps: bool = arg(False, "dtrpo: the K steps spread evenly over the block (one "
+                                 "random offset), not a uniform K-subset", group="objective")
     position_term: bool = arg(False, "full_trajectory: add the sampler's selection term log S_t "
                               "to log π (docs/math.md §4.1; θ-dependent under low confidence)",
                               group="objective")
@@ -162,14 +159,15 @@ class RLConfig(RunConfig, DecodingConfig):
                                  group="IGPO")
     # ---- diagnostics
     kl_rollouts: int = arg(
-        16, "rollouts per iteration scored by the initial model for kl_ref (0: off)", ge=0,
+        16, "rollouts per iteration scored for kl_ref (by the initial model) and "
+        "entropy_revealed (0: off)", ge=0,
         group="diagnostics")
 
     def __post_init__(self):
         super().__post_init__()
         check(self.beta == 0 or self.objective not in ("bgpo", "vrpo_ol"), "beta", self.beta,
               "0 for bgpo and vrpo_ol "
-              "(the KL penalty exists for full_trajectory and diffu_grpo only)")
+              "(the KL penalty exists for full_trajectory, dtrpo and diffu_grpo only)")
         check(not self.position_term or self.objective == "full_trajectory", "position_term",
               self.position_term, "false unless objective=full_trajectory")
         check(self.igpo_hint_min <= self.igpo_hint_max, "igpo_hint_max", self.igpo_hint_max,
@@ -177,7 +175,7 @@ class RLConfig(RunConfig, DecodingConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# The four objectives. Each computes its old-policy (and reference) values without grad, then takes
+# The five objectives. Each computes its old-policy (and reference) values without grad, then takes
 # cfg.num_iterations optimizer steps: loss, backward, `step()`. Returns the last step's stats.
 
 
@@ -200,6 +198,28 @@ def update_full_trajectory(cfg, policy, ref, traj, adv, gen, step):
             logp = trajectory_logprob(policy, traj, per_step=per_step, position_term=pos)
         if pos and cfg.num_iterations == 1:  # on-policy: old = this pass, detached (departure 7)
             logp_old = logp.detach()
+        loss, stats = clipped_pg_loss(logp, logp_old, adv, cfg.clip_eps,
+                                      aggregation=cfg.aggregation, logp_ref=logp_ref, beta=cfg.beta)
+        loss.backward()
+        step()
+    return stats
+
+
+def update_dtrpo(cfg, policy, ref, traj, adv, gen, step):
+    K, single = cfg.steps_scored, policy.config.layout == "block"  # one pass only where exact
+    if K > traj.steps_per_block:
+        raise BadInput(f"--steps_scored={K} is not valid: the rollouts took "
+                       f"{traj.steps_per_block} steps per block")
+    c = dtrpo_scale(traj, "steps", K)  # T_B/K: E[c·Σ_{s∈S_b} ...] = the exact log-prob (P16)
+    for _ in range(cfg.num_iterations):
+        steps = sample_block_steps(traj, gen, K, cfg.stratified_steps)  # (B, N_B, K) fresh each step
+        # log π̂_old = c·Σ_b Σ_{s∈S_b} Σ_{i∈I_{b,s}} logp_at_reveal_i: the record, no pass (dep. 1)
+        logp_old = c * reduced_recorded_logprob(traj, steps)  # (B,)
+        with torch.no_grad(), autocast(adv.device):
+            logp_ref = c * reduced_trajectory_logprob(ref, traj, steps, single_pass=single) \
+                if cfg.beta > 0 else None
+        with autocast(adv.device):  # one [x ; y ; ỹ¹ … ỹᴷ] pass (block), N_B·K passes (full)
+            logp = c * reduced_trajectory_logprob(policy, traj, steps, single_pass=single)  # (B,)
         loss, stats = clipped_pg_loss(logp, logp_old, adv, cfg.clip_eps,
                                       aggregation=cfg.aggregation, logp_ref=logp_ref, beta=cfg.beta)
         loss.backward()
@@ -348,7 +368,7 @@ def vrpo_two_pass(ell_fn, ell_old, advantages, *, n_mc=None, clip_eps=None,
 
 
 UPDATES = {"full_trajectory": update_full_trajectory, "diffu_grpo": update_diffu_grpo,
-           "bgpo": update_bgpo, "vrpo_ol": update_vrpo_ol}
+           "bgpo": update_bgpo, "vrpo_ol": update_vrpo_ol, "dtrpo": update_dtrpo}
 
 
 def train_rl(cfg: RLConfig) -> dict:
@@ -402,6 +422,9 @@ def train_rl(cfg: RLConfig) -> dict:
                 # k1 = log π_θ(τ) − log π_init(τ)
                 row["kl_ref"] = (few.logp_at_reveal.sum(1)
                                  - trajectory_logprob(ref, few)).mean().item()
+                # H(μ_θ) at each decoded token, in the state where the policy revealed it
+                row["entropy_revealed"] = entropy_at_reveal(policy, few)[few.unmask_step >= 0] \
+                    .mean().item()
         # ---- update on the groups with signal
         if kept == 0:
             return {**row, "update_s": 0.0, "skipped": 1}
@@ -423,4 +446,5 @@ def train_rl(cfg: RLConfig) -> dict:
 
     return run_loop(cfg, "rl", models={"model": policy}, frozen={"ref_model": ref}, task=task,
                     opt=opt, generators=gens, iteration=iteration, max_iters=cfg.max_iters,
-                    device=device, bar_keys=("reward_mean", "exact", "zero_adv_frac"))
+                    device=device, bar_keys=("reward_mean", "exact", "zero_adv_frac"),
+                    curve_keys=HEALTH)

@@ -255,7 +255,7 @@ MAX_BAD_ITERS = 10  # a run stops after this many iterations in a row with a non
 
 
 def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, device,
-             frozen=None, bar_keys=(), eval_at_start=True) -> dict:
+             frozen=None, bar_keys=(), curve_keys=None, eval_at_start=True) -> dict:
     """Call iteration(it) for it = 0, 1, ... until max_iters or cfg.time_budget; log,
     evaluate, checkpoint. Returns the last evaluation's metrics.
 
@@ -269,6 +269,7 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
     (a snapshot) and re-raises; after a kill, the rows logged since the last checkpoint are dropped
     on resume and written again. An iteration that skipped a step or left a non-finite weight is
     undone (weights and optimizer back to the snapshot); MAX_BAD_ITERS in a row raise RunStopped.
+    curves.png draws the test scores and each of curve_keys (default: bar_keys) per iteration.
     Data parallel, every rank runs this loop and resumes from the checkpoint; rank 0 alone holds
     the folder's lock, evaluates, logs and saves, so the generators must be alike on every rank.
     """
@@ -277,11 +278,11 @@ def run_loop(cfg, kind, *, models, task, opt, generators, iteration, max_iters, 
     interrupt_on_sigterm()
     with FolderLock(cfg.out_dir) if is_main() else contextlib.nullcontext():
         return _loop(cfg, kind, models, frozen or {}, task, opt, generators, iteration, max_iters,
-                     device, bar_keys, eval_at_start, state)
+                     device, bar_keys, curve_keys or bar_keys, eval_at_start, state)
 
 
 def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters, device,
-          bar_keys, eval_at_start, state):
+          bar_keys, curve_keys, eval_at_start, state):
     main = is_main()
     if main:
         remove_stale_files(cfg.out_dir)
@@ -393,7 +394,7 @@ def _loop(cfg, kind, models, frozen, task, opt, generators, iteration, max_iters
     finally:
         bar.close()
         if main and os.path.exists(metrics_path):
-            plot_run(metrics_path, os.path.join(cfg.out_dir, "curves.png"), bar_keys)
+            plot_run(metrics_path, os.path.join(cfg.out_dir, "curves.png"), curve_keys, kind)
     evals = [r for r in read_metrics(metrics_path) if "test_exact" in r] if main else []
     if not metrics and evals:  # resumed a finished run (or stopped): report its last evaluation
         metrics = {"exact": evals[-1]["test_exact"], "reward": evals[-1]["test_reward"],
@@ -416,23 +417,41 @@ def load_run_state(state, models, opt, generators):
         g.set_state(state["rng"][name].cpu())
 
 
-def plot_run(metrics_path, out_path, keys):
-    """Test scores against training seconds, each of `keys` against iterations (metrics.jsonl)."""
+def plot_run(metrics_path, out_path, keys, kind="run"):
+    """The health panel of a run (metrics.jsonl): test scores against training seconds, the final
+    and the best test exact marked, then one plot per key against iterations; a key the run does
+    not log gets a plot that says so (docs/math.md §5.5 defines each)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_metrics(metrics_path)
     test, train = [r for r in rows if "test_exact" in r], [r for r in rows if "test_exact" not in r]
-    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3.3), squeeze=False)
-    a = axes[0, 0]
-    seconds = [r["train_seconds"] for r in test]
-    a.plot(seconds, [r["test_exact"] for r in test], "o-", label="exact")
-    a.plot(seconds, [r["test_reward"] for r in test], "s--", label="reward")
+    n = 1 + len(keys)
+    cols = min(n, 4)
+    n_rows = -(-n // cols)  # ⌈n / cols⌉
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 2.9 * n_rows), squeeze=False)
+    a = axes.flat[0]
+    seconds, exact = [r["train_seconds"] for r in test], [r["test_exact"] for r in test]
+    a.plot(seconds, exact, "o-", ms=3, label="exact")
+    a.plot(seconds, [r["test_reward"] for r in test], "s--", ms=3, label="reward")
+    if test:
+        best = max(range(len(exact)), key=exact.__getitem__)
+        a.plot(seconds[best], exact[best], "*", color="gold", ms=13, mec="k",
+               label=f"best exact {exact[best]:.3f}")
+        a.annotate(f"final {exact[-1]:.3f}", (seconds[-1], exact[-1]), textcoords="offset points",
+                   xytext=(-6, 8), ha="right", fontsize=8)
     a.set(xlabel="training seconds", ylabel="test score (greedy)", ylim=(0, 1), title="test set")
-    a.legend()
-    for a, key in zip(axes[0, 1:], keys):
-        a.plot([r["iter"] for r in train if key in r], [r[key] for r in train if key in r], lw=0.8)
+    a.legend(fontsize=7)
+    for a, key in zip(axes.flat[1:], keys):
+        pts = [(r["iter"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
+        if pts:
+            a.plot(*zip(*pts), lw=0.8)
+        else:
+            a.text(0.5, 0.5, f"not logged by this {kind} run", ha="center", va="center",
+                   transform=a.transAxes, fontsize=8, color="grey")
         a.set(xlabel="iteration", title=key)
+    for a in axes.flat[n:]:
+        a.axis("off")
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

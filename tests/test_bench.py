@@ -32,7 +32,15 @@ def test_bench_scaling_runs_and_ends_with_its_json_line(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(line) >= {"T_B", "dtrpo_over_exact", "n_mc", "bgpo_memory_ratio",
-                         "vrpo_ol_memory_ratio", "vrpo_ol_two_pass_memory_ratio"}
+                         "vrpo_ol_memory_ratio", "vrpo_ol_two_pass_memory_ratio", "dial"}
+    # the dial: K = 1, 2, 4 (, 8) of T_B = 4, 8 in one pass each; its memory grows with K
+    assert [(r["T_B"], r["K"]) for r in line["dial"]] == [(4, 1), (4, 2), (4, 4), (8, 1), (8, 2),
+                                                          (8, 4), (8, 8)]
+    assert all(set(r) == {"T_B", "K", "seconds", "rows_per_response", "peak_saved_mb"}
+               and r["rows_per_response"] == 1 for r in line["dial"])
+    for T_B in (4, 8):
+        mb = [r["peak_saved_mb"] for r in line["dial"] if r["T_B"] == T_B]
+        assert all(a < b for a, b in zip(mb, mb[1:]))
     assert max(line["bgpo_memory_ratio"]) <= 1.05  # flat in n_mc
     assert line["vrpo_ol_memory_ratio"][-1] > 0.5 * line["n_mc"][-1]  # about linear in n_mc
     # the exp-of-mean objective in two passes: flat, also off-policy where its no-grad pass runs
@@ -48,6 +56,7 @@ def test_bench_scaling_runs_and_ends_with_its_json_line(tmp_path):
         if row["mu"] == 1:
             assert row["passes_per_response"] == row["n_mc"]
     assert (tmp_path / "seconds_vs_steps.png").exists()
+    assert (tmp_path / "dial.png").exists()
     assert (tmp_path / "memory_vs_nmc.png").exists()
 
 
@@ -89,3 +98,29 @@ def test_star_pitfall_scores_each_run_and_draws_the_curves(tmp_path):
     assert "left to right (b = 1) | forward | 4 |" in rows[0] and rows[0].endswith("| — |")
     assert "masked diffusion (b = 4) | reversed | 4 |" in rows[1]
     assert (tmp_path / "pitfall.png").exists()
+
+
+def test_dial_training_runs_every_k_and_ends_with_its_json_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "minidtrpo", "sft", "--task=sudoku", "--max_steps=2",
+                    "--batch_size=8", "--d_model=32", "--n_layers=2", "--eval_n=4",
+                    "--device=cpu", f"--out_dir={tmp_path / 'sft'}"], check=True,
+                   capture_output=True, env=env, timeout=300)
+    ckpt = tmp_path / "sft" / "checkpoint.pt"
+    subprocess.run([sys.executable, "-m", "minidtrpo", "pairs", f"--init={ckpt}",
+                    "--num_prompts=16", "--num_generations=4", "--device=cpu",
+                    f"--out={tmp_path / 'pairs.pt'}"], check=True, capture_output=True, env=env,
+                   timeout=300)
+    for kind in ("dpo", "rl"):
+        run_args = ("max_iters=2,eval_n=4,device=cpu,"
+                    + ("batch_size=4" if kind == "dpo" else "num_prompts=2,num_generations=4"))
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "dial_training.py"),
+                              f"--kind={kind}", f"--init={ckpt}", f"--pairs={tmp_path / 'pairs.pt'}",
+                              "--ks=1,4", "--seeds=0", "--eval_every=1", f"--run_args={run_args}",
+                              f"--out={tmp_path / 'dial'}"], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = json.loads(out.stdout.strip().splitlines()[-1])
+        assert sorted(line["K"]) == ["1", "4"] and line["K"]["4"]["updates"] == 2
+        assert line["K"]["4"]["peak_saved_mb"] > line["K"]["1"]["peak_saved_mb"]
+        assert (tmp_path / "dial" / f"dial_{kind}.png").exists()

@@ -15,7 +15,7 @@ import torch
 
 from conftest import (P, M, assert_grads_close, grads, naive_logmu, perturbed, rollout,
                       tiny_model)
-from minidtrpo.estimators import (dtrpo_logratio, reduced_recorded_logprob,
+from minidtrpo.estimators import (dtrpo_logratio, entropy_at_reveal, reduced_recorded_logprob,
                                   reduced_trajectory_logprob, sample_block_steps,
                                   trajectory_logprob)
 from minidtrpo.sampling import reveal_schedule
@@ -315,8 +315,152 @@ def test_sample_block_steps_range_and_seed():
     traj = rollout(tiny_model("block"), steps_per_block=3)
     s = sample_block_steps(traj.index(torch.arange(4).repeat(500)),
                            torch.Generator().manual_seed(0))
-    assert s.shape == (2000, 2) and s.dtype == torch.long
+    assert s.shape == (2000, 2, 1) and s.dtype == torch.long
     assert torch.equal(torch.bincount(s.flatten(), minlength=3) > 1200,
                        torch.ones(3, dtype=torch.bool))
     assert torch.equal(sample_block_steps(traj, torch.Generator().manual_seed(5)),
                        sample_block_steps(traj, torch.Generator().manual_seed(5)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The dial: K of each block's T_B steps, sampled without replacement, c = T_B/K (P16–P19)
+
+
+def all_subset_combos(traj, k, stratified=False):
+    """Every steps tensor (C, N_B, K) the sampler can draw, each with its probability (equal), and
+    the trajectory repeated C times: (C·B) rows. Uniform: every K-subset of {0..T_B−1} per block;
+    stratified: every offset u, steps (u + round(j·T_B/K)) mod T_B, written out by hand."""
+    T_B = traj.steps_per_block
+    if stratified:
+        per_block = [[(u + round(j * T_B / k)) % T_B for j in range(k)] for u in range(T_B)]
+    else:
+        per_block = [list(c) for c in itertools.combinations(range(T_B), k)]
+    combos = torch.tensor(list(itertools.product(per_block, repeat=traj.num_blocks)))  # (C, N_B, K)
+    B = traj.tokens.shape[0]
+    return (traj.index(torch.arange(B).repeat(len(combos))), combos.repeat_interleave(B, 0),
+            len(combos))
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_p16_dial_unbiased_for_every_k_by_enumeration(stratified):
+    """P16: for every K = 1..T_B, the mean of D̂ (c = T_B/K) over every step set the sampler can
+    draw (all K-subsets per block, or all offsets when stratified) == the exact token log-ratio,
+    value and gradient; with log S_t (low confidence, one model) == the full log π(τ). The sampler
+    draws every K-subset equally often (within 5 standard errors)."""
+    ref = tiny_model("block")
+    policy = perturbed(ref, 0.02)
+    traj = rollout(ref, steps_per_block=4, batch=3, temperature=0.8)  # low confidence
+    exact = trajectory_logprob(policy, traj) - trajectory_logprob(ref, traj).detach()  # (B,)
+    exact_s = trajectory_logprob(policy, traj, position_term=True).detach()  # (B,) with log S_t
+    for k in range(1, 5):
+        big, steps, C = all_subset_combos(traj, k, stratified)
+        d_hat = dtrpo_logratio(policy, ref, big, steps).view(C, -1)  # (C, B)
+        torch.testing.assert_close(d_hat.mean(0), exact, rtol=0, atol=1e-10)
+        if k == 2:
+            assert_grads_close(grads(d_hat.mean(0).sum(), policy), grads(exact.sum(), policy))
+        with torch.no_grad():  # c·Σ_b Σ_{s∈S_b} [log S_t + tokens], averaged over the sets
+            full = (4 / k) * reduced_trajectory_logprob(policy, big, steps, position_term=True)
+        torch.testing.assert_close(full.view(C, -1).mean(0), exact_s, rtol=0, atol=1e-10)
+    # the sampler: each of the C(4, 2) = 6 subsets with probability 1/6
+    many = traj.index(torch.arange(3).repeat(2000))
+    drawn = sample_block_steps(many, torch.Generator().manual_seed(0), k=2, stratified=stratified)
+    keys = drawn.sort(-1).values.flatten(0, 1)  # (B·N_B, 2) each set sorted
+    sets = [c for c in itertools.combinations(range(4), 2)]
+    counts = torch.tensor([(keys == torch.tensor(c)).all(-1).sum().item() for c in sets])
+    if stratified:  # offsets 0..3 with round(j·4/2) = 0, 2: the sets {0, 2} and {1, 3} only
+        p = torch.tensor([0, 0.5, 0, 0, 0.5, 0])
+    else:
+        p = torch.full((6,), 1 / 6)
+    n = len(keys)
+    assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt() + 1e-9).all(), counts
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_p17_dial_at_t_b_is_exact_and_at_one_is_dtrpo(layout):
+    """P17: K = T_B (c = 1, every step of every block) == the exact trajectory log-ratio of
+    trajectory_logprob, value and gradient, with and without log S_t; K = 1 draws dTRPO's s_b
+    (torch.randint, as before the dial) and == T_B × the naive reduced log-ratio on those steps."""
+    ref = tiny_model(layout)
+    policy = perturbed(ref, 0.02)
+    traj = rollout(ref, steps_per_block=4, batch=4, temperature=0.8)
+    single = layout == "block"  # the single pass is exact only there
+    gen = torch.Generator().manual_seed(0)
+    every = sample_block_steps(traj, gen, k=4)  # (B, N_B, 4): a permutation of 0..3 per block
+    for pt in (False, True):
+        dial = dtrpo_logratio(policy, ref, traj, every, single_pass=single, position_term=pt)
+        exact = (trajectory_logprob(policy, traj, position_term=pt)
+                 - trajectory_logprob(ref, traj, position_term=pt))
+        torch.testing.assert_close(dial, exact, rtol=0, atol=1e-10)
+        if not pt:
+            assert_grads_close(grads(dial.sum(), policy), grads(exact.sum(), policy))
+    one = sample_block_steps(traj, torch.Generator().manual_seed(5))  # (B, N_B, 1)
+    s_b = torch.randint(0, 4, (4, traj.num_blocks), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(one[..., 0], s_b)
+    with torch.no_grad():
+        naive = 4 * (naive_reduced(policy, traj, s_b) - naive_reduced(ref, traj, s_b))
+        dial = dtrpo_logratio(policy, ref, traj, one, single_pass=single)
+    torch.testing.assert_close(dial, naive, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_p18_one_pass_with_k_copies_equals_k_separate_passes(dtype, tol):
+    """P18: block layout, the one [x ; y ; ỹ¹ … ỹᴷ] pass == K separate [x ; y ; ỹᵏ] passes == the
+    N_B·K plain passes on the true states == the naive loop (value and gradient, float64)."""
+    model = tiny_model("block", dtype=dtype)
+    traj = rollout(model, steps_per_block=4, batch=5)
+    steps = sample_block_steps(traj, torch.Generator().manual_seed(0), k=3)  # (B, N_B, 3)
+    one = reduced_trajectory_logprob(model, traj, steps)
+    separate = sum(reduced_trajectory_logprob(model, traj, steps[..., k]) for k in range(3))
+    true_states = reduced_trajectory_logprob(model, traj, steps, single_pass=False)
+    torch.testing.assert_close(one, separate, rtol=0, atol=tol)
+    torch.testing.assert_close(one, true_states, rtol=0, atol=tol)
+    if dtype == torch.float64:
+        naive = sum(naive_reduced(model, traj, steps[..., k]) for k in range(3))
+        torch.testing.assert_close(one, naive, rtol=0, atol=tol)
+        assert_grads_close(grads(one.sum(), model), grads(naive.sum(), model))
+    torch.testing.assert_close(reduced_recorded_logprob(traj, steps), one.to(traj.logp_at_reveal),
+                               rtol=0, atol=tol)  # the record gives the sampler's value, no pass
+
+
+def test_p19_dial_variance_is_the_finite_population_formula():
+    """P19: over every K-subset per block (uniform), Var[D̂] == Σ_b (T_B²/K)·σ_b²·(T_B−K)/(T_B−1),
+    σ_b² = (1/T_B)·Σ_s (r_{b,s} − r̄_b)² from the naive per-step log-ratios (sampling without
+    replacement: the finite-population factor); it falls with K to 0 at K = T_B. Stratified sets,
+    by enumeration, printed beside it."""
+    ref = tiny_model("block")
+    policy = perturbed(ref, 0.02)
+    T_B = 4
+    traj = rollout(ref, steps_per_block=T_B, batch=4, temperature=0.8)
+    with torch.no_grad():
+        r = (naive_step_logps(policy, traj) - naive_step_logps(ref, traj)).view(4, -1, T_B)
+        sigma2 = r.var(-1, unbiased=False)  # (B, N_B) population variance over the T_B steps
+        var = {}
+        for k in range(1, T_B + 1):
+            for stratified in (False, True):
+                big, steps, C = all_subset_combos(traj, k, stratified)
+                d_hat = dtrpo_logratio(policy, ref, big, steps).view(C, -1)  # (C, B)
+                var[k, stratified] = d_hat.var(0, unbiased=False)  # (B,)
+            # Var[D̂] = Σ_b (T_B²/K)·σ_b²·(T_B − K)/(T_B − 1)
+            formula = (T_B ** 2 / k * sigma2 * (T_B - k) / (T_B - 1)).sum(-1)
+            torch.testing.assert_close(var[k, False], formula, rtol=0, atol=1e-10)
+    means = {key: v.mean().item() for key, v in var.items()}
+    print("\n[P19] mean Var[D̂] by K, uniform / stratified: " + ", ".join(
+        f"K={k} {means[k, False]:.3g} / {means[k, True]:.3g}" for k in range(1, T_B + 1)))
+    assert means[1, False] > means[2, False] > means[3, False] > means[4, False] == 0
+    assert means[4, True] < 1e-20
+
+
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_entropy_at_reveal_matches_a_naive_loop(layout):
+    """The runs' entropy diagnostic: H(μ_θ(· | x, τ_t)) at each token's reveal state, from plain
+    passes on hand-built states."""
+    model = tiny_model(layout)
+    traj = rollout(model, steps_per_block=2, batch=3)
+    got = entropy_at_reveal(model, traj)
+    for i in range(3):
+        for t in range(traj.num_steps):
+            lp = naive_logmu(model, naive_state(traj, i, t))[:, :M]  # MASK has probability 0
+            for j in range(traj.unmask_step.shape[1]):
+                if traj.unmask_step[i, j] == t:
+                    h = -(lp[j].exp() * lp[j]).sum()
+                    assert abs(got[i, j].item() - h.item()) < 1e-10

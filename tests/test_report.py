@@ -32,8 +32,10 @@ def test_report_files_and_rows(report):
     layout, out, data = report
     names = ["exact trajectory", "exact + log S_t", "ELBO n=1", "ELBO n=4", "ELBO n=16",
              "ELBO n=4, trajectory masks", "one-step p=0.15"]
-    names += (["dTRPO c=T_B"] if layout == "block"
-              else ["dTRPO c=T_B, 1 pass", "dTRPO c=T_B, N_B passes", "ELBO n=16, blockwise"])
+    names += (["dTRPO c=T_B", "dial K=2, c=T_B/2, 1 pass"] if layout == "block"
+              else ["dTRPO c=T_B, 1 pass", "dTRPO c=T_B, N_B passes", "ELBO n=16, blockwise",
+                    "dial K=2, c=T_B/2, N_B·K passes"])
+    names += ["dial K=2 stratified"]  # T_B = b = 4: K ∈ {1, 2, T_B/2} is K = 1 and 2
     table = (out / "estimators.md").read_text()
     rows = [line for line in table.splitlines()
             if line.startswith("| ") and not line.startswith("| estimator")]
@@ -54,6 +56,14 @@ def test_report_files_and_rows(report):
         assert visited["std"] < 1e-6
     else:
         assert visited["std"] > 1e-4
+    # the dial at K = 2: one pass of P + 3L tokens (block), N_B·K = 8 true states (full); the
+    # noise of dTRPO's K = 1 row falls
+    dial = next(r for r in data["estimators"] if r["name"].startswith("dial K=2, c"))
+    k1 = "dTRPO c=T_B" if layout == "block" else "dTRPO c=T_B, N_B passes"  # exact states
+    one = next(r for r in data["estimators"] if r["name"] == k1)
+    assert (dial["passes_per_response"], dial["tokens_per_pass"]) == \
+        ((1, 16 + 3 * 16) if layout == "block" else (8, 32))
+    assert dial["std"] < one["std"]
 
 
 def test_exact_row_is_the_anchor(report):

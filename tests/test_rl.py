@@ -9,6 +9,7 @@ the flat-memory exact-trajectory DPO gradient equals plain autograd's (float64).
 
 import copy
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -111,8 +112,15 @@ def test_rl_runs_every_objective(ckpt, objective, tmp_path):
                     [r for r in lines if "test_exact" not in r])
     assert [r["iter"] for r in evals] == [0, 1, 2] and [r["iter"] for r in iters] == [1, 2]
     for key in ("reward_mean", "reward_std", "exact", "zero_adv_frac", "nll_revealed", "kl_ref",
-                "rollout_s", "update_s", "passes_per_response", "peak_saved_mb"):
+                "entropy_revealed", "rollout_s", "update_s", "passes_per_response",
+                "peak_saved_mb"):
         assert all(key in r for r in iters), key
+    # the health panel's metrics where the update ran: the clip for the clipped objectives
+    ran = [r for r in iters if r["update_s"] > 0]
+    assert all("grad_norm" in r for r in ran)
+    if objective in ("full_trajectory", "diffu_grpo", "dtrpo"):
+        assert all("clip_frac" in r for r in ran)
+    assert all(0 < r["entropy_revealed"] < math.log(48) for r in iters)
     assert any(r["update_s"] > 0 for r in iters)  # at least one update ran (groups with signal)
     for name in ("config.json", "checkpoint.pt", "curves.png"):
         assert os.path.exists(tmp_path / name)
@@ -155,6 +163,9 @@ def test_pairs_and_dpo_every_estimator(ckpt, pairs, estimator, tmp_path):
           "--max_iters=2", "--eval_every=1", f"--out_dir={tmp_path}", *TINY_DPO])
     iters = [r for r in rows(tmp_path) if "test_exact" not in r]
     assert len(iters) == 2 and all(r["update_s"] > 0 and "reward_accuracy" in r for r in iters)
+    # the health panel: KL to the start (after the step), entropy where the reference revealed
+    assert all("grad_norm" in r and 0 < r["entropy_revealed"] < math.log(48)
+               and math.isfinite(r["kl_ref"]) for r in iters)
     # at θ = ref the loss is log 2 (P10); exact DPO reads the reference from the recorded trajectory
     assert abs(iters[0]["loss"] - 0.6931471805599453) < 1e-4
 
@@ -468,3 +479,35 @@ def test_rl_and_pairs_take_the_decoding_options(made, decoding, tmp_path):
           *[d for d in decoding if "igpo" not in d], f"--out={tmp_path / 'pairs.pt'}"])
     saved = torch.load(tmp_path / "pairs.pt", weights_only=True)
     assert saved["config"]["schedule"] in ("uniform", "ascending")
+
+
+def test_the_dial_at_every_step_trains_as_the_exact_trajectory(layout):
+    """dpo --estimator=dtrpo and rl --objective=dtrpo with steps_scored = T_B (c = 1, every step of
+    every block) take the gradient of the exact-trajectory DPO and online updates (P17 in training),
+    and with K = 1 a different one."""
+    from minidtrpo.preference import DPOConfig, dpo_dtrpo
+    from minidtrpo.rl import UPDATES
+    ref = tiny_model(layout)
+    policy = perturbed(ref, scale=0.05)
+    both = generate(ref, random_prompts(8, seed=3), steps_per_block=2, temperature=1.0,
+                    generator=torch.Generator().manual_seed(0))
+    adv = torch.linspace(-1, 1, 8, dtype=torch.float64)
+
+    def grad_of(update):
+        policy.zero_grad()
+        update()
+        return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+
+    gen = torch.Generator().manual_seed(1)
+    dpo = {k: grad_of(lambda: dpo_dtrpo(DPOConfig(estimator="dtrpo", steps_scored=k, beta=0.7),
+                                        policy, ref, both, gen)) for k in (1, 2)}
+    exact = grad_of(lambda: dpo_full_trajectory(SimpleNamespace(beta=0.7, flat_memory=False),
+                                                policy, ref, both, None))
+    torch.testing.assert_close(dpo[2], exact, rtol=1e-8, atol=1e-10)
+    assert (dpo[1] - exact).norm() > 1e-3 * exact.norm()
+    online = {}
+    for name, k in (("dtrpo", 2), ("full_trajectory", 2)):
+        cfg = RLConfig(objective=name, steps_scored=k)
+        online[name] = grad_of(lambda: UPDATES[name](cfg, policy, ref, both, adv, gen,
+                                                     step=lambda: None))
+    torch.testing.assert_close(online["dtrpo"], online["full_trajectory"], rtol=1e-8, atol=1e-10)

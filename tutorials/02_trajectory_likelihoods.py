@@ -17,7 +17,9 @@
 # 4. dTRPO's single forward pass with block attention, checked against one pass per block;
 # 5. the ELBO of VRPO / BGPO as the average over decoding orders of the trajectory log-likelihood, a
 #    lower bound of $\log p$;
-# 6. all the estimators side by side on the same responses.
+# 6. all the estimators side by side on the same responses;
+# 7. the dial between dTRPO and the exact trajectory: K of each block's $T_B$ steps, scaled by
+#    $T_B/K$; its bias stays 0 while its variance falls and its cost rises with K.
 #
 # Run it as `python tutorials/02_trajectory_likelihoods.py` (about a minute on one CPU thread) or
 # open it as a notebook. `MINIDTRPO_TUTORIAL_QUICK=1` makes it a smoke test of a few seconds. The
@@ -51,9 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from minidtrpo import MaskedDiffusionTransformer, Trajectory, generate
-from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob,
+from minidtrpo.estimators import (dtrpo_logratio, dtrpo_scale, elbo_terms, one_step_logprob,
                                   reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks,
                                   sample_prompt_mask, trajectory_logprob)
+from minidtrpo.meters import SavedBytes
 from minidtrpo.sft import SFTConfig, model_config, train_sft
 from minidtrpo.train import load
 
@@ -488,6 +491,82 @@ plt.close(fig)
 print(f"saved {OUT / '02_estimators.png'}")
 
 # %% [markdown]
+# ## 7. The dial: K steps per block
+#
+# §1 scores all $T_B$ steps of every block; §3 one. In between, score K of them, a set $S_b$ drawn
+# without replacement for each block, and scale by $c = T_B/K$ (docs/math.md §4.2):
+# $$\hat D_K = \frac{T_B}{K}\sum_b \sum_{s \in S_b} r_{b,s}.$$
+# Each step is in $S_b$ with probability $K/T_B$, so $\hat D_K$ is unbiased for every K; K = 1 is
+# dTRPO's $\hat D$ and K = $T_B$ the exact log-ratio. Within a block, $\frac1K\sum_{s\in S_b}
+# r_{b,s}$ is the mean of a sample drawn without replacement from $T_B$ values, so
+# $$\mathrm{Var}[\hat D_K] = \sum_b \frac{T_B^2}{K}\,\sigma_b^2\,\frac{T_B - K}{T_B - 1},
+#   \qquad \sigma_b^2 = \frac1{T_B}\sum_s (r_{b,s} - \bar r_b)^2,$$
+# with the finite-population factor $(T_B-K)/(T_B-1)$ that takes it to 0 at $K = T_B$. The cost
+# rises with K: all K copies of every block go into one pass of $[x ; y ; \tilde y^1 \ldots
+# \tilde y^K]$, $P + (K+1)L$ tokens, which in the block layout equals K separate passes.
+#
+# We enumerate every choice of K-subsets for every block (random remasking again, so that the exact
+# log-ratio is the full one), and measure the tokens of the one pass and the bytes autograd saves
+# for its backward (`meters.SavedBytes`, a proxy for activation memory).
+
+# %%
+traj_k = rollout(ref, 2 if QUICK else 3, 4, remasking="random", seed=6)
+T_Bk = traj_k.steps_per_block
+exact_k = trajectory_logprob(policy, traj_k) - trajectory_logprob(ref, traj_k)  # (B,) Δ(τ)
+with torch.no_grad():  # r_{b,s}: the per-step log-ratios, (B, N_B, T_B)
+    r_k = (trajectory_logprob(policy, traj_k, per_step=True)
+           - trajectory_logprob(ref, traj_k, per_step=True)).view(len(exact_k), N_B, T_Bk)
+sigma2 = r_k.var(-1, unbiased=False)  # (B, N_B) σ_b²
+policy.requires_grad_(True)  # for the cost of a backward below
+dial = {}
+for K in range(1, T_Bk + 1):
+    subsets = [list(S) for S in itertools.combinations(range(T_Bk), K)]
+    combos = torch.tensor(list(itertools.product(subsets, repeat=N_B)))  # (C, N_B, K)
+    C, Bk = len(combos), len(exact_k)
+    big = traj_k.index(torch.arange(Bk).repeat(C))
+    with torch.no_grad():
+        d_hat = dtrpo_logratio(policy, ref, big, combos.repeat_interleave(Bk, 0)).view(C, Bk)
+    # Var[D̂_K] = Σ_b (T_B²/K)·σ_b²·(T_B − K)/(T_B − 1)
+    formula = (T_Bk ** 2 / K * sigma2 * (T_Bk - K) / (T_Bk - 1)).sum(-1)  # (B,)
+    assert torch.allclose(d_hat.mean(0), exact_k, rtol=0, atol=1e-9)  # bias 0 for every K
+    assert torch.allclose(d_hat.var(0, unbiased=False), formula, rtol=0, atol=1e-9)
+    steps_k = combos[:1].expand(Bk, -1, -1)  # one choice, for the cost
+    with SavedBytes() as saved:  # the forward saves for backward what backward then frees
+        one = reduced_trajectory_logprob(policy, traj_k, steps_k)  # (B,) one pass, K copies
+        (dtrpo_scale(traj_k, "steps", K) * one).sum().backward()
+    policy.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        separate = sum(reduced_trajectory_logprob(policy, traj_k, steps_k[..., k])
+                       for k in range(K))
+    assert torch.allclose(one.detach(), separate, rtol=0, atol=1e-10)  # == K separate passes
+    dial[K] = {"bias": (d_hat.mean(0) - exact_k).abs().max().item(),
+               "var": d_hat.var(0, unbiased=False).mean().item(), "tokens": P + (K + 1) * L,
+               "saved_mb": saved.peak / 2 ** 20, "sets": C}
+    print(f"K = {K}: {C:5d} step sets, max |bias| {dial[K]['bias']:.1e}, mean Var[D̂_K] "
+          f"{dial[K]['var']:.4f} (formula {formula.mean():.4f}), one pass of "
+          f"{dial[K]['tokens']} tokens, {dial[K]['saved_mb']:.2f} MB saved for backward")
+policy.requires_grad_(False)
+Ks = sorted(dial)
+assert all(dial[a]["var"] > dial[b]["var"] for a, b in zip(Ks, Ks[1:]))  # variance falls ...
+assert dial[T_Bk]["var"] < 1e-20  # ... to 0 at K = T_B, the exact trajectory
+assert all(dial[a]["saved_mb"] < dial[b]["saved_mb"] for a, b in zip(Ks, Ks[1:]))  # cost rises
+
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
+a1.plot(Ks, [dial[k]["var"] for k in Ks], "o-", label="enumerated")
+a1.plot(Ks, [dial[1]["var"] / k * (T_Bk - k) / (T_Bk - 1) for k in Ks], "k--", lw=1,
+        label="Var at K = 1 · (1/K)·(T_B − K)/(T_B − 1)")
+a1.set(xlabel="K, steps scored per block", ylabel="mean Var[D̂_K]", xticks=Ks,
+       title=f"variance (bias 0 for every K), T_B = {T_Bk}")
+a1.legend(fontsize=7)
+a2.plot(Ks, [dial[k]["saved_mb"] for k in Ks], "s-", color="tab:red")
+a2.set(xlabel="K, steps scored per block", ylabel="MB saved for backward", xticks=Ks,
+       title="cost of the one pass, P + (K+1)·L tokens")
+fig.tight_layout()
+fig.savefig(OUT / "02_dial.png", dpi=110)
+plt.close(fig)
+print(f"saved {OUT / '02_dial.png'}")
+
+# %% [markdown]
 # ## Summary
 #
 # - The exact trajectory log-probability costs $T_B$ passes per response (block layout) and
@@ -499,6 +578,9 @@ print(f"saved {OUT / '02_estimators.png'}")
 #   $T_B$ here.
 # - The ELBO of VRPO / BGPO is the expected log-likelihood over random decoding orders, below
 #   $\log p$, and is estimated without bias by the stratified Monte Carlo average.
+# - Scoring K of each block's $T_B$ steps, scaled by $T_B/K$, is a dial between the two: unbiased
+#   for every K, its variance falling by the finite-population formula to 0 at $K = T_B$, its one
+#   pass growing by L tokens per step scored.
 #
 # `python -m minidtrpo estimators --help` measures bias, noise, gradient agreement and cost of every
 # estimator against the exact log-ratio at a larger scale. Tutorial 3 puts these estimators into the

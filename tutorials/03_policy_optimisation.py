@@ -419,8 +419,8 @@ print(f"saved {OUT / '03_bgpo_memory.png'}")
 # **Be warned:** 20 iterations (2 in quick mode) of 8 puzzles × 8 rollouts are far too few to see
 # learning. The test scores before and after are printed, but differences of this size are noise,
 # and so are the swings of the per-iteration reward, which is measured on different puzzles every
-# iteration. What this section shows is the loop and its logged metrics (`rl.METRICS` defines each
-# one).
+# iteration. What this section shows is the loop and its logged metrics (docs/math.md §5.5 defines
+# each one).
 
 # %%
 ITERS = 2 if QUICK else 20
