@@ -59,8 +59,9 @@ from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_masks_fo
 from .meters import Meters, elapsed
 from .objectives import dpo_loss
 from .sampling import Trajectory
-from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, data_parallel,
-                    init_parallel, load, no_sync, rollout, run_loop, share, weigh)
+from .parallel import data_parallel, init_parallel, no_sync, share, weigh
+from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, rollout,
+                    run_loop)
 
 ESTIMATORS = ("dtrpo", "full_trajectory", "vrpo")
 HEALTH = ("reward_accuracy", "kl_ref", "grad_norm", "clip_frac", "zero_adv_frac",

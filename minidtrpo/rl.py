@@ -78,9 +78,9 @@ from .igpo import inpaint
 from .meters import Meters, elapsed
 from .objectives import (bgpo_loss_terms, clipped_pg_loss, elbo_ratio_loss, elbo_ratio_terms,
                          grpo_advantages)
-from .train import (DecodingConfig, RunConfig, all_ranks, check_steps, clip_and_step,
-                    data_parallel, init_parallel, load, lr_at, no_sync, rollout, run_loop, share,
-                    weigh)
+from .parallel import all_ranks, data_parallel, init_parallel, no_sync, share, weigh
+from .train import (DecodingConfig, RunConfig, check_steps, clip_and_step, load, lr_at, rollout,
+                    run_loop)
 
 OBJECTIVES = ("full_trajectory", "bgpo", "diffu_grpo", "vrpo_ol", "dtrpo")
 HEALTH = ("reward_mean", "kl_ref", "grad_norm", "clip_frac", "zero_adv_frac",
@@ -308,7 +308,7 @@ def backward_per_sample(ell_fn, ell_old, n, terms_fn, no_sync=contextlib.nullcon
     ℓ_old^{(j)} = ℓ_θ^{(j)} detached, one pass cheaper. terms_fn gets (B, 1) columns and returns
     terms that depend on sample j alone, so the n backwards sum to the gradient of their sum.
     Gradients accumulate in .grad; the caller steps the optimizer. no_sync: DDP's `model.no_sync`
-    (train.no_sync), entered for every sample but the last: the processes reduce gradients once.
+    (parallel.no_sync), entered for every sample but the last: the processes reduce gradients once.
     """
     total, d_sum = 0.0, 0.0
     for j in range(n):

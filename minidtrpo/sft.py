@@ -26,8 +26,8 @@ from .config import BadInput, arg, autocast, check, folder_problem, parse_option
 from .meters import elapsed
 from .model import LAYOUTS, MaskedDiffusionTransformer, ModelConfig, clean_noisy_mask
 from .tasks import TASKS, get_task
-from .train import (RunConfig, clip_and_step, data_parallel, init_parallel, load, lr_at,
-                    run_loop, share)
+from .parallel import data_parallel, init_parallel, share
+from .train import RunConfig, clip_and_step, load, lr_at, run_loop
 
 
 @dataclass

@@ -91,7 +91,7 @@ def rl_update(rank, world, objective, out):
 
     from minidtrpo import rl
     from minidtrpo.estimators import elbo_masks_for
-    from minidtrpo.train import all_ranks, data_parallel, init_parallel, share, weigh
+    from minidtrpo.parallel import all_ranks, data_parallel, init_parallel, share, weigh
 
     torch.set_num_threads(1)
     if world > 1:
