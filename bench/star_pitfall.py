@@ -1,14 +1,15 @@
-"""The planning pitfall of next-token prediction, measured on the star graph (issue 12, item 2).
+"""The planning pitfall of next-token prediction, measured on the star graph.
 
 Bachmann & Nagarajan (arXiv 2403.06963): trained with teacher forcing, a left-to-right model learns
 the shortcut "the child of the node before" for every node after the first step out of the source,
 and that shortcut cannot make the first step, which needs the goal's end of the graph. Reversed
 (goal to source), every node is "the parent of the node before" and the shortcut is the answer.
-A masked-diffusion model decodes in any order. The same data (the star task's defaults, forward and
-reversed) and the same 1200 s, four runs, one training job at a time:
+A masked-diffusion model decodes in any order, so it could reveal the parent of the goal first
+(Ye et al., arXiv 2410.14157, report that it does). The same data (the star task's defaults, forward
+and reversed), the same recipe (the task's 5,000 steps), four kinds of run and three seeds each,
+one training job at a time:
 
-    python -m minidtrpo sft --task=star --time_budget=1200 --eval_every=0 --eval_every_s=150 \
-        --eval_n=200 --out_dir=runs/star/NAME OPTIONS
+    python -m minidtrpo sft --task=star --seed=S --out_dir=runs/star/NAME_sS OPTIONS
 
     NAME      OPTIONS                                               decoder
     ar_fwd    --block_size=1 --t_min=1                              left to right
@@ -19,57 +20,112 @@ reversed) and the same 1200 s, four runs, one training job at a time:
 Block size 1 in the block layout is a left-to-right model, and t_min = 1 masks every response
 token at weight 1: exactly teacher forcing (docs/math.md §2). Then
 
-    python bench/star_pitfall.py        # ~10 s: the table and runs/star/pitfall.png
+    python bench/star_pitfall.py        # ~30 s: the table and runs/star/pitfall.png
 
 scores each run's final checkpoint on 500 test problems (greedy; the diffusion models also in
-random order) and draws each run's test curve (its own evaluations on 200 problems) against steps.
+random order), counts the wrong answers that walk the other arm (the shortcut's mistake: a valid
+path from the source to the wrong leaf), and draws each run's test curve against steps.
 """
 
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from minidtrpo.config import BadInput, Config, arg, file_problem, parse  # noqa: E402
+from minidtrpo.config import (BadInput, Config, arg, check, exit_on_bad_input,  # noqa: E402
+                              file_problem, parse)
 from minidtrpo.folders import read_metrics  # noqa: E402
-from minidtrpo.train import evaluate, load  # noqa: E402
+from minidtrpo.train import load, rollout  # noqa: E402
+
+NAMES = ("ar_fwd", "ar_rev", "diff_fwd", "diff_rev")
 
 
 @dataclass
 class PitfallConfig(Config):
     """Left-to-right against masked-diffusion decoding on the star graph, forward and reversed."""
-    runs: str = arg("runs/star/ar_fwd,runs/star/ar_rev,runs/star/diff_fwd,runs/star/diff_rev",
-                    "comma-separated sft run folders (the commands above make the defaults)")
+    runs_dir: str = arg("runs/star", "the folder holding the sft runs NAME_sS")
+    runs: str = arg(",".join(NAMES), f"comma-separated run names among {', '.join(NAMES)}")
+    seeds: str = arg("0,1,2", "comma-separated seeds: the runs NAME_s0, NAME_s1, ...")
     n: int = arg(500, "fixed test problems per checkpoint", ge=1)
     out: str = arg("runs/star/pitfall.png", "the figure", valid=file_problem)
 
+    def __post_init__(self):
+        names = self.runs.split(",")
+        check(names and all(n in NAMES for n in names), "runs", self.runs,
+              f"comma-separated names among {', '.join(NAMES)}")
+        check(all(s.strip().isdigit() for s in self.seeds.split(",")), "seeds", self.seeds,
+              "comma-separated non-negative integers, e.g. 0,1,2")
+
+
+def other_arm(task, problem: str, text: str) -> bool:
+    """Whether `text` is a path from the source to a leaf other than the goal (read source first):
+    the answer of the shortcut that picked the wrong arm at the first step."""
+    edges, ends = problem.split(":")
+    path = text[: task.path_len][:: -1 if task.reverse else 1]  # source .. leaf
+    return (len(path) == task.path_len and path[0] == ends[0] and path[-1] != ends[1]
+            and all(path[i: i + 2] in edges.split(",") for i in range(len(path) - 1)))
+
+
+def score(model, task, prompts, **decoding) -> tuple[float, float]:
+    """(share exact, share on the other arm) of greedy decoding."""
+    traj, _, exact = rollout(model, task, prompts, chunk=500, **decoding)
+    problems = [task.decode_problem(p) for p in traj.prompts.cpu()]
+    texts = [task.response_text(r) for r in traj.responses.cpu()]
+    wrong_arm = sum(map(lambda p, t: other_arm(task, p, t), problems, texts))
+    return exact.float().mean().item(), wrong_arm / len(prompts)
+
+
+def spread(values: list[float]) -> str:
+    """'mean ± sd (v1 / v2 / ...)' in percent; one value alone."""
+    cells = " / ".join(f"{100 * v:.1f}" for v in values)
+    if len(values) < 2:
+        return f"{cells}%"
+    return f"{100 * statistics.mean(values):.1f}% ± {100 * statistics.stdev(values):.1f} ({cells})"
+
 
 def main(cfg: PitfallConfig):
-    print("| run | decoder | direction | steps | training s | test exact, greedy | random order |\n"
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    folders = {(name, s): os.path.join(cfg.runs_dir, f"{name}_s{s}")
+               for name in cfg.runs.split(",") for s in seeds}
+    missing = [f for f in folders.values() if not os.path.isfile(os.path.join(f, "checkpoint.pt"))]
+    if missing:  # before any work
+        raise BadInput(f"{missing[0]}: no checkpoint.pt; make the runs with the commands in "
+                       "bench/star_pitfall.py's docstring (or pass --runs_dir, --runs, --seeds)")
+    print(f"test exact on {cfg.n} problems, greedy: mean ± sd (seeds {cfg.seeds}); wrong arm: the "
+          "share of answers that walk the other arm\n"
+          "| run | decoder | direction | steps | test exact | random order | wrong arm |\n"
           "|---|---|---|---|---|---|---|")
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for folder in cfg.runs.split(","):
-        model, task = load(os.path.join(folder, "checkpoint.pt"))
-        b = model.config.block_size
+    for i, name in enumerate(cfg.runs.split(",")):
+        exact, shuffled, wrong, steps = [], [], [], set()
+        for s in seeds:
+            model, task = load(os.path.join(folders[name, s], "checkpoint.pt"))
+            b = model.config.block_size
+            prompts, _ = task.test_set(cfg.n)
+            with torch.no_grad():
+                e, w = score(model, task, prompts)
+                if b > 1:  # one token per block has no order to choose
+                    shuffled.append(score(model, task, prompts, remasking="random")[0])
+            exact.append(e)
+            wrong.append(w)
+            rows = read_metrics(os.path.join(folders[name, s], "metrics.jsonl"))
+            steps.add([r for r in rows if "loss" in r][-1]["iter"])  # the last optimizer step
+            evals = [r for r in rows if "test_exact" in r]
+            ax.plot([r["iter"] for r in evals], [100 * r["test_exact"] for r in evals],
+                    color=f"C{i}", ls="-" if b == 1 else "--", lw=1, marker=".",
+                    label=name if s == seeds[0] else None)
         decoder = "left to right (b = 1)" if b == 1 else f"masked diffusion (b = {b})"
         direction = "reversed" if task.reverse else "forward"
-        prompts, _ = task.test_set(cfg.n)
-        greedy = evaluate(model, task, prompts)["exact"]
-        shuffled = f"{100 * evaluate(model, task, prompts, remasking='random')['exact']:.1f}%" \
-            if b > 1 else "—"  # one token per block: no order to choose
-        rows = read_metrics(os.path.join(folder, "metrics.jsonl"))
-        last = [r for r in rows if "loss" in r][-1]  # the last optimizer step
-        evals = [r for r in rows if "test_exact" in r]
-        print(f"| {os.path.basename(folder)} | {decoder} | {direction} | {last['iter']:,} | "
-              f"{last['train_seconds']:.0f} | {100 * greedy:.1f}% | {shuffled} |")
-        ax.plot([r["iter"] for r in evals], [100 * r["test_exact"] for r in evals], marker="o",
-                ls="-" if b == 1 else "--", label=f"{decoder}, {direction}")
+        print(f"| {name} | {decoder} | {direction} | {'/'.join(f'{n:,}' for n in sorted(steps))} "
+              f"| {spread(exact)} | {spread(shuffled) if shuffled else '—'} | {spread(wrong)} |")
     ax.set(xlabel="optimizer steps", ylabel="test exact, % (own evaluations)",
-           title="star graph: left to right vs masked diffusion, same 1200 s")
+           title="star graph: left to right (solid) vs masked diffusion (dashed)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
@@ -78,9 +134,4 @@ def main(cfg: PitfallConfig):
 
 
 if __name__ == "__main__":
-    config = parse(PitfallConfig, sys.argv[1:], "bench/star_pitfall.py")
-    try:
-        main(config)
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_bad_input(main, parse(PitfallConfig, sys.argv[1:], "bench/star_pitfall.py"))

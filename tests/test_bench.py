@@ -2,10 +2,15 @@
 calls and ends with its JSON line (docs/results.md has the measurements). Rows and memory are
 asserted, never seconds: timings belong to the benchmarks themselves."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import torch
+
+from minidtrpo.tasks import get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,20 +89,42 @@ def test_star_pitfall_scores_each_run_and_draws_the_curves(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     tiny = [sys.executable, "-m", "minidtrpo", "sft", "--task=star", "--max_steps=4",
             "--eval_every=2", "--eval_n=4", "--d_model=32", "--device=cpu"]
-    for name, options in (("ar", ["--block_size=1", "--t_min=1"]),
-                          ("diff", ["--task_options=reverse=true"])):
-        subprocess.run([*tiny, *options, f"--out_dir={tmp_path / name}"], check=True,
-                       capture_output=True, env=env, timeout=300)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "star_pitfall.py"),
-                          f"--runs={tmp_path / 'ar'},{tmp_path / 'diff'}", "--n=8",
-                          f"--out={tmp_path / 'pitfall.png'}"], capture_output=True, text=True,
-                         timeout=300, env=env)
+    for name, options in (("ar_fwd", ["--block_size=1", "--t_min=1"]),
+                          ("diff_rev", ["--task_options=reverse=true"])):
+        for seed in (0, 1):
+            subprocess.run([*tiny, *options, f"--seed={seed}",
+                            f"--out_dir={tmp_path / f'{name}_s{seed}'}"], check=True,
+                           capture_output=True, env=env, timeout=300)
+    pitfall = [sys.executable, os.path.join(ROOT, "bench", "star_pitfall.py"),
+               f"--runs_dir={tmp_path}", "--runs=ar_fwd,diff_rev", "--n=8",
+               f"--out={tmp_path / 'pitfall.png'}"]
+    out = subprocess.run([*pitfall, "--seeds=0,1"], capture_output=True, text=True, timeout=300,
+                         env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ar") or
             line.startswith("| diff")]
-    assert "left to right (b = 1) | forward | 4 |" in rows[0] and rows[0].endswith("| — |")
-    assert "masked diffusion (b = 4) | reversed | 4 |" in rows[1]
+    assert "left to right (b = 1) | forward | 4 |" in rows[0] and "| — |" in rows[0]
+    assert "masked diffusion (b = 4) | reversed | 4 |" in rows[1] and rows[1].count(" ± ") == 3
     assert (tmp_path / "pitfall.png").exists()
+    # a seed without its runs is refused in one line, before any scoring
+    out = subprocess.run([*pitfall, "--seeds=0,2"], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().count("\n") == 0 and "diff" not in out.stderr  # ar_fwd_s2 first
+    assert "ar_fwd_s2: no checkpoint.pt" in out.stderr
+
+
+def test_other_arm_is_a_path_to_the_wrong_leaf():
+    path = os.path.join(ROOT, "bench", "star_pitfall.py")
+    spec = importlib.util.spec_from_file_location("star_pitfall", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    other_arm = bench.other_arm
+    star, reversed_star = get_task("star"), get_task("star", reverse=True)
+    problem = "de,ab,bc,ad:ae"  # arms a-b-c and a-d-e, goal e
+    assert other_arm(star, problem, "abc") and other_arm(reversed_star, problem, "cba")
+    assert not other_arm(star, problem, "ade")  # the answer
+    assert not other_arm(star, problem, "abe") and not other_arm(star, problem, "cba")
 
 
 def test_dial_training_runs_every_k_and_ends_with_its_json_line(tmp_path):
@@ -124,3 +151,38 @@ def test_dial_training_runs_every_k_and_ends_with_its_json_line(tmp_path):
         assert sorted(line["K"]) == ["1", "4"] and line["K"]["4"]["updates"] == 2
         assert line["K"]["4"]["peak_saved_mb"] > line["K"]["1"]["peak_saved_mb"]
         assert (tmp_path / "dial" / f"dial_{kind}.png").exists()
+
+
+def test_countdown_signal_counts_groups_by_operations(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for task in ("countdown", "star"):
+        subprocess.run([sys.executable, "-m", "minidtrpo", "sft", f"--task={task}", "--max_steps=2",
+                        "--batch_size=8", "--d_model=32", "--n_layers=1", "--eval_n=4",
+                        "--device=cpu", f"--out_dir={tmp_path / task}"], check=True,
+                       capture_output=True, env=env, timeout=300)
+    signal = [sys.executable, os.path.join(ROOT, "bench", "countdown_signal.py"), "--n=24",
+              "--num_generations=2"]
+    out = subprocess.run([*signal, f"--ckpt={tmp_path / 'countdown' / 'checkpoint.pt'}"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["classes"]
+    assert rows[-1]["ops"] == "all" and rows[-1]["share"] == 1.0
+    assert abs(sum(r["share"] for r in rows[:-1]) - 1.0) < 1e-6  # every prompt in one class
+    assert all(set(r["ops"]) <= set("+-*/") and r["signal"] + r["none"] <= 1 for r in rows[:-1])
+    out = subprocess.run([*signal, f"--ckpt={tmp_path / 'star' / 'checkpoint.pt'}"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2 and "a star checkpoint; expected a countdown one" in out.stderr
+
+
+def test_by_class_counts_right_rollouts_per_group():
+    spec = importlib.util.spec_from_file_location(
+        "countdown_signal", os.path.join(ROOT, "bench", "countdown_signal.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    exact = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])  # G = 2 rollouts of 3 prompts
+    rows = bench.by_class(["+-", "+-", "*"], torch.tensor([1.0, 0.0, 1.0]), exact)
+    assert [r["ops"] for r in rows] == ["+-", "*", "all"]
+    assert rows[0] == {"ops": "+-", "share": 2 / 3, "greedy": 0.5, "own": 0.25, "signal": 0.5,
+                       "none": 0.5}
+    assert rows[1]["signal"] == 0.0 and rows[1]["none"] == 0.0 and rows[1]["own"] == 1.0
+    assert abs(rows[2]["signal"] - 1 / 3) < 1e-6 and abs(rows[2]["none"] - 1 / 3) < 1e-6

@@ -339,9 +339,12 @@ def test_star_answer_follows_the_edges(opts):
         assert (path[0], path[-1]) == (ends[0], ends[1])
         assert all(path[i: i + 2] in edges for i in range(len(path) - 1))
         assert max(edges_text.replace(",", "")) < chr(ord("a") + task.num_nodes)
-    assert (get_task("star").prompt_len, get_task("star").response_len) == (20, 4)
-    assert get_task("star").answer_text("cd,ab,bc,ae,ef,fg:ad") == "abcd"
-    assert get_task("star", reverse=True).answer_text("cd,ab,bc,ae,ef,fg:ad") == "dcba"
+    assert (get_task("star").prompt_len, get_task("star").response_len) == (16, 4)
+    assert get_task("star").answer_text("de,ab,bc,ad:ae") == "ade"
+    assert get_task("star", reverse=True).answer_text("de,ab,bc,ad:ae") == "eda"
+    long = get_task("star", path_len=4)  # the longer arms kept as an option
+    assert (long.prompt_len, long.response_len) == (20, 4)
+    assert long.answer_text("cd,ab,bc,ae,ef,fg:ad") == "abcd"
 
 
 def test_bad_names_and_options():
