@@ -5,8 +5,8 @@
     python bench/bench_objectives.py --device=cuda
 
 Everything runs side by side in one process, on one batch of rollouts, through the update functions
-the training commands use (`rl.UPDATES`, `preference.DPO_ESTIMATORS`), so it measures the code that
-trains:
+the training commands use (`updates.UPDATES`, `preference.DPO_ESTIMATORS`), so it measures the code
+that trains:
 1. online updates (B = num_prompts × G responses, advantages A ~ N(0, 1) from a seeded generator:
    the cost of an update does not depend on A's values): bgpo, vrpo_ol (one graph) and
    vrpo_ol_two_pass (`--vrpo_two_pass`) at n_mc = 1, 4, 16, on-policy, and at n_mc = 4 off-policy
@@ -40,12 +40,13 @@ from minidtrpo.config import (Config, arg, device_arg, exit_on_bad_input, folder
                               pick_device)
 from minidtrpo.model import LAYOUTS, MaskedDiffusionTransformer
 from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
-from minidtrpo.rl import UPDATES, RLConfig
+from minidtrpo.rl import RLConfig
 from minidtrpo.sampling import Trajectory
 from minidtrpo.tasks import get_task
 from minidtrpo.meters import Meters
 from minidtrpo.sft import model_config
 from minidtrpo.train import load, rollout
+from minidtrpo.updates import UPDATES
 
 
 def sync(device):

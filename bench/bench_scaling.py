@@ -47,8 +47,9 @@ from minidtrpo.config import (Config, arg, device_arg, exit_on_bad_input, folder
 from minidtrpo.meters import Meters
 from minidtrpo.model import MaskedDiffusionTransformer, ModelConfig
 from minidtrpo.preference import DPO_ESTIMATORS, DPOConfig
-from minidtrpo.rl import UPDATES, RLConfig
+from minidtrpo.rl import RLConfig
 from minidtrpo.sampling import Trajectory, generate
+from minidtrpo.updates import UPDATES
 
 
 @dataclass

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from einops import repeat
 
 from minidtrpo.config import Config, arg, exit_on_bad_input, parse
-from minidtrpo.estimators import (elbo_terms, sample_elbo_masks, sample_trajectory_masks,
-                                  trajectory_logprob)
+from minidtrpo.elbo import elbo_terms, sample_elbo_masks, sample_trajectory_masks
+from minidtrpo.estimators import trajectory_logprob
 from minidtrpo.objectives import grpo_advantages
 from minidtrpo.sft import sft_loss
 from minidtrpo.train import evaluate, load, rollout

@@ -3,7 +3,7 @@
 When all G rollouts of a prompt are wrong, GRPO's advantages are all zero and the group teaches
 nothing. IGPO decodes G more responses with part of the reference answer fixed in place before
 decoding (hints), and puts up to ⌊igpo·G⌋ of the correct ones in the group in place of wrong ones.
-Used by rl.py (`--igpo`); the departures from IGPO's code are listed there (departure 10).
+Used by rl.py (`--igpo`); the departures from IGPO's code are listed there (departure 3).
 
 Shapes: B responses (prompts × G), G group size, L response length.
 """

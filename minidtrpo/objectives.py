@@ -1,6 +1,6 @@
 """RL objectives as pure functions: tensors in, (loss, stats) out (docs/math.md §5). No model calls.
 
-The log-likelihood estimates fed in come from `estimators.py`. Papers:
+The log-likelihood estimates fed in come from `estimators.py` and `elbo.py`. Papers:
 - GRPO advantages and the clipped surrogate: DeepSeekMath (arXiv 2402.03300), d1 / diffu-GRPO
   (arXiv 2504.12216); token/step-level ratios: TraceRL (arXiv 2509.06949).
 - DPO form of dTRPO (arXiv 2603.18806), the exact trajectory counterpart, and VRPO
@@ -12,12 +12,13 @@ Departures:
 1. GRPO's group std is the unbiased (Bessel-corrected) std, as torch.std and the TRL / d1 code; a
    group of size 1 or with all-equal rewards gets A = 0.
 2. BGPO's per-sample terms are returned as a (B, N) table, one column per MC sample, so the caller
-   can backpropagate them one sample at a time (`rl.bgpo_accumulate`): nothing here runs the model.
+   can backpropagate them one sample at a time (`updates.bgpo_accumulate`): nothing here runs the
+   model.
 3. BGPO's optional PPO-style clip (`clip_eps`) acts per MC sample on 1 + d_j (A ≥ 0) or exp(d_j)
    (A < 0); on-policy every d_j = 0 and the clip is inert.
 4. The exp-of-mean objective's optional clip acts on each response's ratio exp(mean_j d_j), so one
    sample's d_j can switch off the gradient of all n. Its per-sample split (`elbo_ratio_terms`)
-   takes mean_j d_j as a value from a no-grad pass (`rl.vrpo_two_pass`).
+   takes mean_j d_j as a value from a no-grad pass (`updates.vrpo_two_pass`).
 A policy-gradient loss value is not a progress signal (≈ 0 on-policy by construction): watch reward.
 
 Shapes: B batch, G group size, K steps or tokens per sequence, N MC samples.
@@ -114,8 +115,8 @@ def bgpo_loss_terms(ell, ell_old, advantages, *, n_mc=None, clip_eps=None):
     Σ terms = −(1/B)·Σ_i R̂_lb,i, the loss to minimise. ell, ell_old: (B, N) ELBO terms of the
     policy and the old policy on the same masks (`elbo_terms`); a subset of the columns may be
     passed with n_mc = the total number of samples n. Every column depends on one MC sample only, so
-    each can be backpropagated alone (`rl.bgpo_accumulate`). clip_eps: optional PPO-style clip of
-    each sample's ratio surrogate (inert on-policy, where d_j = 0).
+    each can be backpropagated alone (`updates.bgpo_accumulate`). clip_eps: optional PPO-style clip
+    of each sample's ratio surrogate (inert on-policy, where d_j = 0).
     """
     n = ell.shape[1] if n_mc is None else n_mc
     adv = advantages[:, None].to(ell.dtype)  # (B, 1)
@@ -160,8 +161,8 @@ def elbo_ratio_terms(ell, logratio_mean, advantages, *, n_mc=None, clip_eps=None
     Summed over all n samples the terms have the value and gradient of `elbo_ratio_loss`:
     ∇R̂ = c·(1/n)·Σ_j ∇ℓ_θ^{(j)} with c = ∂R̂/∂(mean_j d_j), a number per response.
     ell: (B, N) ℓ_θ^{(j)} of some of the samples, with graph (n_mc = n, the total);
-    logratio_mean: (B,) mean_j d_j over all n samples, a value (`rl.vrpo_two_pass` gets it from a
-    no-grad pass).
+    logratio_mean: (B,) mean_j d_j over all n samples, a value (`updates.vrpo_two_pass` gets it from
+    a no-grad pass).
     """
     B, n = ell.shape[0], ell.shape[1] if n_mc is None else n_mc
     adv = advantages.to(ell.dtype)  # (B,)

@@ -52,10 +52,9 @@ from einops import rearrange, repeat
 
 from .config import (BadInput, RunStopped, arg, atomic_save, autocast, device_arg,
                      file_problem, folder_problem, pick_device, read_saved)
-from .estimators import (ELBO_MASKS, dtrpo_scale, elbo_mask_block, elbo_masks_for, elbo_terms,
-                         entropy_at_reveal,
-                         reduced_recorded_logprob, reduced_trajectory_logprob, sample_block_steps,
-                         trajectory_logprob)
+from .elbo import ELBO_MASKS, elbo_mask_block, elbo_masks_for, elbo_terms
+from .estimators import (dtrpo_scale, entropy_at_reveal, reduced_recorded_logprob,
+                         reduced_trajectory_logprob, sample_block_steps, trajectory_logprob)
 from .meters import Meters, elapsed
 from .objectives import dpo_loss
 from .sampling import Trajectory

@@ -89,8 +89,8 @@ def rl_update(rank, world, objective, out):
     during the update."""
     import torch.distributed as dist
 
-    from minidtrpo import rl
-    from minidtrpo.estimators import elbo_masks_for
+    from minidtrpo import rl, updates
+    from minidtrpo.elbo import elbo_masks_for
     from minidtrpo.parallel import all_ranks, data_parallel, init_parallel, share, weigh
 
     torch.set_num_threads(1)
@@ -112,13 +112,13 @@ def rl_update(rank, world, objective, out):
     fwd = data_parallel(policy, world)
     weigh(fwd, keep.sum().item(), kept)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
-    reduces, all_reduce, draw = [], dist.all_reduce, rl.elbo_masks_for
+    reduces, all_reduce, draw = [], dist.all_reduce, updates.elbo_masks_for
     dist.all_reduce = lambda *a, **k: reduces.append(1) or all_reduce(*a, **k)  # count them
-    rl.elbo_masks_for = lambda *args: masks[rows][keep]  # the same draws on 1 and 2 processes
+    updates.elbo_masks_for = lambda *args: masks[rows][keep]  # the same draws on 1 and 2 processes
     try:
-        rl.UPDATES[objective](cfg, fwd, ref, traj.index(keep), adv[keep], None, opt.step)
+        updates.UPDATES[objective](cfg, fwd, ref, traj.index(keep), adv[keep], None, opt.step)
     finally:
-        dist.all_reduce, rl.elbo_masks_for = all_reduce, draw
+        dist.all_reduce, updates.elbo_masks_for = all_reduce, draw
     if rank == 0:
         torch.save({"model": policy.state_dict(), "reduces": len(reduces)}, out)
     if world > 1:

@@ -2,8 +2,8 @@
 naive references: P11.
 
 The references are Python loops over masks, blocks and positions with plain forward passes on
-hand-built states; they never call minidtrpo.estimators. The blockwise masks (docs/math.md §4.3) get
-their own P11: the ELBO of the block-by-block orders.
+hand-built states; they never call minidtrpo.elbo. The blockwise masks (docs/math.md §4.3) get their
+own P11: the ELBO of the block-by-block orders.
 """
 
 import copy
@@ -16,9 +16,9 @@ import torch
 
 from conftest import (P, M, assert_grads_close, grads, naive_logmu, perturbed, random_prompts,
                       rollout, tiny_model)
-from minidtrpo.estimators import (elbo_mask_block, elbo_terms, one_step_logprob, resolve_elbo_masks,
-                                  sample_elbo_masks, sample_prompt_mask, sample_trajectory_masks,
-                                  trajectory_logprob)
+from minidtrpo.elbo import (elbo_mask_block, elbo_terms, one_step_logprob, resolve_elbo_masks,
+                            sample_elbo_masks, sample_prompt_mask, sample_trajectory_masks)
+from minidtrpo.estimators import trajectory_logprob
 from minidtrpo.preference import dpo_vrpo
 from minidtrpo.sampling import Trajectory, generate
 
@@ -41,9 +41,9 @@ def test_sample_elbo_masks_stratified_and_uniform():
 
 
 def test_blockwise_elbo_masks():
-    """Departure 4: each sample keeps earlier blocks clean, masks 1..b positions of one block and
-    every later block; the (block, count) cells are stratified like the counts of docs/math.md
-    §4.3."""
+    """elbo.py, departure 1: each sample keeps earlier blocks clean, masks 1..b positions of one
+    block and every later block; the (block, count) cells are stratified like the counts of
+    docs/math.md §4.3."""
     B, L, b, n = 2000, 8, 2, 3
     masks = sample_elbo_masks(B, L, n, torch.Generator().manual_seed(0), block_size=b)
     assert masks.shape == (B, n, L) and masks.dtype == torch.bool

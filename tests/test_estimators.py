@@ -3,8 +3,8 @@ printed gaps.
 
 The references below are Python loops over sequences, steps, blocks and positions, written from the
 formulas with plain forward passes on hand-built states; they never call minidtrpo.estimators.
-Run with `pytest -s` to see the measured approximation gaps. The ELBO and one-step estimators:
-test_elbo.py.
+Run with `pytest -s` to see the measured approximation gaps. The ELBO and one-step estimators
+(minidtrpo.elbo): test_elbo.py.
 """
 
 import itertools

@@ -13,13 +13,12 @@ import torch
 
 from conftest import perturbed, random_prompts, tiny_model
 from minidtrpo.meters import SavedBytes
-from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, one_step_logprob,
-                                  sample_block_steps, sample_elbo_masks, sample_prompt_mask,
-                                  trajectory_logprob)
+from minidtrpo.elbo import elbo_terms, one_step_logprob, sample_elbo_masks, sample_prompt_mask
+from minidtrpo.estimators import dtrpo_logratio, sample_block_steps, trajectory_logprob
 from minidtrpo.objectives import (bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
                                   grpo_advantages)
-from minidtrpo.rl import bgpo_accumulate, vrpo_two_pass
 from minidtrpo.sampling import generate
+from minidtrpo.updates import bgpo_accumulate, vrpo_two_pass
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ADV = torch.tensor([1.3, -0.7, 0.5, -2.0, 0.0, 1.4], dtype=torch.float64)  # both signs and zero

@@ -1,4 +1,4 @@
-"""RL, preference and head-to-head runs (rl.py, preference.py, compare.py).
+"""RL, preference and head-to-head runs (rl.py, updates.py, preference.py, compare.py).
 
 Smoke runs of every objective and estimator through the command line on a tiny checkpoint; exact
 resume (an interrupted run, resumed, writes the same metrics as an uninterrupted one); bad options
@@ -19,6 +19,7 @@ import torch
 import minidtrpo.igpo as igpo_module
 import minidtrpo.rl as rl_module
 import minidtrpo.train as train_module
+import minidtrpo.updates as updates_module
 from conftest import perturbed, random_prompts, tiny_model
 from minidtrpo.__main__ import main
 from minidtrpo.compare import interval, reusable, stops_alike
@@ -267,8 +268,8 @@ def test_vrpo_two_pass_update_equals_one_graph_update():
             opt.zero_grad()
 
         with Meters(torch.device("cpu"), policy) as meters:
-            rl_module.UPDATES[objective](cfg, policy, None, traj, adv,
-                                         torch.Generator().manual_seed(0), step)
+            updates_module.UPDATES[objective](cfg, policy, None, traj, adv,
+                                              torch.Generator().manual_seed(0), step)
         weights[name] = torch.cat([p.detach().flatten() for p in policy.parameters()])
         rows[name] = meters.rows / len(adv)
     torch.testing.assert_close(weights["two pass"], weights["one graph"], rtol=1e-10, atol=1e-12)
@@ -412,12 +413,13 @@ def test_group_masks_cancel_what_a_group_shares(layout):
     for shared in (True, False):
         cfg = RLConfig(objective="bgpo", num_generations=G, n_mc=3, group_masks=shared,
                        elbo_masks="uniform")
-        masks, _ = rl_module._elbo_setup(cfg, model, traj, torch.Generator().manual_seed(0))
+        masks, _ = updates_module._elbo_setup(cfg, model, traj,
+                                              torch.Generator().manual_seed(0))
         groups = masks.view(2, G, 3, -1)
         assert (groups == groups[:, :1]).all() == shared  # equal within each group iff shared
         model.zero_grad()
-        rl_module.update_bgpo(cfg, model, None, traj, adv, torch.Generator().manual_seed(0),
-                              lambda: None)
+        updates_module.update_bgpo(cfg, model, None, traj, adv, torch.Generator().manual_seed(0),
+                                   lambda: None)
         norms[shared] = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
     assert norms[True] < 1e-12 < 1e-3 < norms[False]
 
@@ -486,7 +488,7 @@ def test_the_dial_at_every_step_trains_as_the_exact_trajectory(layout):
     every block) take the gradient of the exact-trajectory DPO and online updates (P17 in training),
     and with K = 1 a different one."""
     from minidtrpo.preference import DPOConfig, dpo_dtrpo
-    from minidtrpo.rl import UPDATES
+    from minidtrpo.updates import UPDATES
     ref = tiny_model(layout)
     policy = perturbed(ref, scale=0.05)
     both = generate(ref, random_prompts(8, seed=3), steps_per_block=2, temperature=1.0,

@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from minidtrpo import MaskedDiffusionTransformer, Trajectory, generate
-from minidtrpo.estimators import (dtrpo_logratio, dtrpo_scale, elbo_terms, one_step_logprob,
-                                  reduced_trajectory_logprob, sample_block_steps, sample_elbo_masks,
-                                  sample_prompt_mask, trajectory_logprob)
+from minidtrpo.elbo import elbo_terms, one_step_logprob, sample_elbo_masks, sample_prompt_mask
+from minidtrpo.estimators import (dtrpo_logratio, dtrpo_scale, reduced_trajectory_logprob,
+                                  sample_block_steps, trajectory_logprob)
 from minidtrpo.meters import SavedBytes
 from minidtrpo.sft import SFTConfig, model_config, train_sft
 from minidtrpo.train import load

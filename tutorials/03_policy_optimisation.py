@@ -47,11 +47,12 @@ import torch
 
 from minidtrpo import generate
 from minidtrpo.compare import CompareConfig
-from minidtrpo.estimators import (dtrpo_logratio, elbo_terms, sample_block_steps, sample_elbo_masks,
-                                  trajectory_logprob)
+from minidtrpo.elbo import elbo_terms, sample_elbo_masks
+from minidtrpo.estimators import dtrpo_logratio, sample_block_steps, trajectory_logprob
 from minidtrpo.objectives import (bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
                                   grpo_advantages)
-from minidtrpo.rl import RLConfig, bgpo_accumulate, train_rl, vrpo_two_pass
+from minidtrpo.rl import RLConfig, train_rl
+from minidtrpo.updates import bgpo_accumulate, vrpo_two_pass
 from minidtrpo.folders import read_metrics
 from minidtrpo.sft import SFTConfig, train_sft
 from minidtrpo.train import load
@@ -319,7 +320,7 @@ assert (bound <= exact + 1e-12).all()
 # $$\nabla \hat R = c\,\frac1n\sum_j \nabla \ell^{(j)}_\theta,\qquad
 #   c = A\,e^{\mathrm{mean}_j d_j}\quad(0 \text{ where a PPO clip of } e^{\mathrm{mean}_j d_j}
 #   \text{ binds}).$$
-# The factor $c$ needs the n values $\ell^{(j)}_\theta$, not their graphs. `rl.vrpo_two_pass`
+# The factor $c$ needs the n values $\ell^{(j)}_\theta$, not their graphs. `updates.vrpo_two_pass`
 # computes them without grad (pass 1), then backpropagates one sample at a time the terms of
 # `objectives.elbo_ratio_terms` (pass 2), like `bgpo_accumulate`. Off-policy, with a clip small
 # enough to bind at this distance from θ_old (ε = 0.02), it leaves the `.grad` of the one-graph
