@@ -9,7 +9,7 @@ A masked-diffusion model decodes in any order, so it could reveal the parent of 
 and reversed), the same recipe (the task's 5,000 steps), four kinds of run and three seeds each,
 one training job at a time:
 
-    python -m minidtrpo sft --task=star --seed=S --out_dir=runs/star/NAME_sS OPTIONS
+    python -m minidtrpo sft --task=star --seed=S --eval_n=200 --out_dir=runs/star/NAME_sS OPTIONS
 
     NAME      OPTIONS                                               decoder
     ar_fwd    --block_size=1 --t_min=1                              left to right

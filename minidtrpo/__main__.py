@@ -11,6 +11,7 @@ import torch
 from .compare import CompareConfig, compare
 from .config import BadInput, RunStopped, arg, device_arg, fail, parse, pick_device
 from .demo import DemoConfig
+from .parallel import end_parallel
 from .preference import DPOConfig, PairsConfig, make_pairs, train_dpo
 from .report import ReportConfig, run_report
 from .rl import RLConfig, train_rl
@@ -138,6 +139,8 @@ def main(argv=None):
         sys.exit(3)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        end_parallel()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,13 @@ def init_parallel(device_name: str):
     return rank, world, device
 
 
+def end_parallel():
+    """Leave the process group, if joined, as a run ends (nanoGPT's destroy_process_group): a
+    process that exits still holding it may abort in gloo's threads at shutdown."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def share(n: int, rank: int, world: int, option: str, group: int = 1) -> slice:
     """Rank r's rows of a global batch of n groups of `group` rows each: the r-th of `world` equal
     runs of whole groups (a group is never split). BadInput if n does not divide by world."""

@@ -191,7 +191,7 @@ if not QUICK:  # a trained model: scoring the wrong states moves the ratio away 
 # ## 6. The planning pitfall of left to right (Bachmann & Nagarajan, arXiv 2403.06963)
 #
 # Decoding order is not only a cost. On the star graph (`tasks/star.py`: a source with two arms of
-# three nodes, the edges shuffled, "find the path from the source to the goal") the first step out
+# two nodes, the edges shuffled, "find the path from the source to the goal") the first step out
 # of the source is a choice between two arms, and only the goal's end of the graph says which. A
 # left-to-right model trained with teacher forcing sees the true prefix at every position, so every
 # node after the first choice is "the child of the node before": one lookup, no planning. That
@@ -230,16 +230,17 @@ for reverse in (False, True):
 
 # %% [markdown]
 # The forward shortcut solves about half (a coin flip at the first step); reversed it solves all.
-# The planning pitfall table of docs/results.md trains the same star data for the same 1200 s with
-# block size 1 (`sft --task=star --block_size=1 --t_min=1`: the block layout with one token per
-# block is a left-to-right model, and t = 1 masks every token, which is exactly teacher forcing) and
-# with the default masked-diffusion decoder (one block of 4, any order inside it), forward and
-# reversed, and says what each learned in that budget. If those run folders exist (`runs/star/ar_fwd`,
-# `ar_rev`, `diff_fwd`, `diff_rev`, made by the commands there), the cell below scores them.
+# The planning pitfall table of docs/results.md trains the same star data at the same recipe (the
+# task's 5,000 steps) with block size 1 (`sft --task=star --block_size=1 --t_min=1`: the block
+# layout with one token per block is a left-to-right model, and t = 1 masks every token, which is
+# exactly teacher forcing) and with the default masked-diffusion decoder (one block of 4, any order
+# inside it), forward and reversed, three seeds each, and says what each learned. If seed 0's run
+# folders exist (`runs/star/ar_fwd_s0`, `ar_rev_s0`, `diff_fwd_s0`, `diff_rev_s0`, made by the
+# commands there), the cell below scores them.
 
 # %%
 for name in ("ar_fwd", "ar_rev", "diff_fwd", "diff_rev"):
-    path = HERE.parent / "runs" / "star" / name / "checkpoint.pt"
+    path = HERE.parent / "runs" / "star" / f"{name}_s0" / "checkpoint.pt"
     if path.exists() and not QUICK:
         star_model, star_task = load(str(path), "cpu")
         result = evaluate(star_model, star_task, star_task.test_set(500)[0])
