@@ -114,7 +114,7 @@ def test_star_pitfall_scores_each_run_and_draws_the_curves(tmp_path):
     assert "ar_fwd_s2: no checkpoint.pt" in out.stderr
 
 
-def test_other_arm_is_a_path_to_the_wrong_leaf():
+def test_other_arm_is_a_first_step_onto_the_wrong_arm():
     path = os.path.join(ROOT, "bench", "star_pitfall.py")
     spec = importlib.util.spec_from_file_location("star_pitfall", path)
     bench = importlib.util.module_from_spec(spec)
@@ -122,9 +122,10 @@ def test_other_arm_is_a_path_to_the_wrong_leaf():
     other_arm = bench.other_arm
     star, reversed_star = get_task("star"), get_task("star", reverse=True)
     problem = "de,ab,bc,ad:ae"  # arms a-b-c and a-d-e, goal e
-    assert other_arm(star, problem, "abc") and other_arm(reversed_star, problem, "cba")
+    assert other_arm(star, problem, "abe") and other_arm(star, problem, "abc")
+    assert other_arm(reversed_star, problem, "eba")
     assert not other_arm(star, problem, "ade")  # the answer
-    assert not other_arm(star, problem, "abe") and not other_arm(star, problem, "cba")
+    assert not other_arm(star, problem, "ace") and not other_arm(star, problem, "eba")
 
 
 def test_dial_training_runs_every_k_and_ends_with_its_json_line(tmp_path):
