@@ -355,8 +355,8 @@ def test_bad_names_and_options():
     with pytest.raises(ValueError,
                        match="valid: 'expression', 'steps'|valid: \\('expression', 'steps'\\)"):
         get_task("countdown", answer_format="latex")
-    with pytest.raises(ValueError, match=r"valid: an int in \[7, 26\]"):
-        get_task("star", num_nodes=5)
+    with pytest.raises(ValueError, match=r"valid: an int in \[5, 26\]"):
+        get_task("star", num_nodes=4)  # 2 arms of 2 nodes and the source
     with pytest.raises(ValueError, match="nodes"):
         get_task("star", degree=5, path_len=7)
     with pytest.raises(ValueError, match="valid"):
