@@ -1,5 +1,5 @@
-"""A run folder: its lock (one live run per folder), its metrics log, and the checks that a folder
-being resumed holds the same run. Used by train.run_loop.
+"""A run folder: its lock (one live run per folder), its metrics log and figure (curves.png), and
+the checks that a folder being resumed holds the same run. Used by train.run_loop.
 """
 
 import fcntl
@@ -103,3 +103,43 @@ def interrupt_on_sigterm():
         raise KeyboardInterrupt
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+
+
+def plot_run(metrics_path, out_path, keys, kind="run"):
+    """The health panel of a run (metrics.jsonl): test scores against training seconds, the final
+    and the best test exact marked, then one plot per key against iterations; a key the run does
+    not log gets a plot that says so (docs/math.md §5.5 defines each)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(metrics_path)
+    test, train = [r for r in rows if "test_exact" in r], [r for r in rows if "test_exact" not in r]
+    n = 1 + len(keys)
+    cols = min(n, 4)
+    n_rows = -(-n // cols)  # ⌈n / cols⌉
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 2.9 * n_rows), squeeze=False)
+    a = axes.flat[0]
+    seconds, exact = [r["train_seconds"] for r in test], [r["test_exact"] for r in test]
+    a.plot(seconds, exact, "o-", ms=3, label="exact")
+    a.plot(seconds, [r["test_reward"] for r in test], "s--", ms=3, label="reward")
+    if test:
+        best = max(range(len(exact)), key=exact.__getitem__)
+        a.plot(seconds[best], exact[best], "*", color="gold", ms=13, mec="k",
+               label=f"best exact {exact[best]:.3f}")
+        a.annotate(f"final {exact[-1]:.3f}", (seconds[-1], exact[-1]), textcoords="offset points",
+                   xytext=(-6, 8), ha="right", fontsize=8)
+    a.set(xlabel="training seconds", ylabel="test score (greedy)", ylim=(0, 1), title="test set")
+    a.legend(fontsize=7)
+    for a, key in zip(axes.flat[1:], keys):
+        pts = [(r["iter"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
+        if pts:
+            a.plot(*zip(*pts), lw=0.8)
+        else:
+            a.text(0.5, 0.5, f"not logged by this {kind} run", ha="center", va="center",
+                   transform=a.transAxes, fontsize=8, color="grey")
+        a.set(xlabel="iteration", title=key)
+    for a in axes.flat[n:]:
+        a.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)

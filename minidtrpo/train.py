@@ -4,7 +4,7 @@
 spent and does the rest the same way for every kind of run: the metrics log, periodic greedy
 evaluation, atomic checkpoints, exact resume, Ctrl-C, the progress bar and the figure. An
 algorithm module (sft.py, rl.py, preference.py) only says what one iteration is. The run folder's
-lock, log and resume checks are in folders.py.
+lock, log, figure and resume checks are in folders.py.
 
 Data parallel (parallel.py): launched by torchrun, each process runs the same loop on its share of
 every global batch, and rank 0 alone evaluates, logs, checkpoints and plots (docs/distributed.md).
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .config import (BadInput, Config, RunStopped, arg, atomic_save, autocast, check,
                      device_arg, folder_problem, read_saved, write_json)
-from .folders import (CHECKPOINT, FolderLock, interrupt_on_sigterm, read_metrics,
+from .folders import (CHECKPOINT, FolderLock, interrupt_on_sigterm, plot_run, read_metrics,
                       remove_stale_files, resume_state)
 from .model import MaskedDiffusionTransformer, ModelConfig
 from .parallel import all_ranks, is_main
@@ -338,43 +338,3 @@ def load_run_state(state, models, opt, generators):
     opt.load_state_dict(state["optimizer"])
     for name, g in generators.items():
         g.set_state(state["rng"][name].cpu())
-
-
-def plot_run(metrics_path, out_path, keys, kind="run"):
-    """The health panel of a run (metrics.jsonl): test scores against training seconds, the final
-    and the best test exact marked, then one plot per key against iterations; a key the run does
-    not log gets a plot that says so (docs/math.md §5.5 defines each)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = read_metrics(metrics_path)
-    test, train = [r for r in rows if "test_exact" in r], [r for r in rows if "test_exact" not in r]
-    n = 1 + len(keys)
-    cols = min(n, 4)
-    n_rows = -(-n // cols)  # ⌈n / cols⌉
-    fig, axes = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 2.9 * n_rows), squeeze=False)
-    a = axes.flat[0]
-    seconds, exact = [r["train_seconds"] for r in test], [r["test_exact"] for r in test]
-    a.plot(seconds, exact, "o-", ms=3, label="exact")
-    a.plot(seconds, [r["test_reward"] for r in test], "s--", ms=3, label="reward")
-    if test:
-        best = max(range(len(exact)), key=exact.__getitem__)
-        a.plot(seconds[best], exact[best], "*", color="gold", ms=13, mec="k",
-               label=f"best exact {exact[best]:.3f}")
-        a.annotate(f"final {exact[-1]:.3f}", (seconds[-1], exact[-1]), textcoords="offset points",
-                   xytext=(-6, 8), ha="right", fontsize=8)
-    a.set(xlabel="training seconds", ylabel="test score (greedy)", ylim=(0, 1), title="test set")
-    a.legend(fontsize=7)
-    for a, key in zip(axes.flat[1:], keys):
-        pts = [(r["iter"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
-        if pts:
-            a.plot(*zip(*pts), lw=0.8)
-        else:
-            a.text(0.5, 0.5, f"not logged by this {kind} run", ha="center", va="center",
-                   transform=a.transAxes, fontsize=8, color="grey")
-        a.set(xlabel="iteration", title=key)
-    for a in axes.flat[n:]:
-        a.axis("off")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
