@@ -5,11 +5,14 @@ advantage everywhere (docs/math.md §5.1). For a checkpoint, this draws `n` trai
 `rl` samples), decodes G rollouts of each at the rollout temperature (as `rl` does) and one greedy
 answer, and reports, for each class of problem by the operations of its reference answer (+-, -*,
 ...): its share of the prompts, greedy exact, the rollouts' own exact rate, the share of groups
-with signal, and the share with no right rollout at all (where only hints, IGPO, could help).
+with signal, the share with no right rollout at all (where only hints, IGPO, could help), and the
+room: prompts whose greedy answer is wrong while a rollout is right, the most that sharpening the
+policy toward its own right rollouts could add to greedy accuracy on these prompts.
 
     python bench/countdown_signal.py --ckpt=runs/countdown/sft_s0/checkpoint.pt   # ~1 minute
 
-Ends with one JSON line: {"classes": [{"ops", "share", "greedy", "own", "signal", "none"}, ...]}.
+Ends with one JSON line: {"classes": [{"ops", "share", "greedy", "own", "signal", "none", "room"},
+...]}.
 """
 
 import collections
@@ -42,8 +45,9 @@ def operations(task, answer_ids) -> str:
 
 def by_class(classes: list[str], greedy: torch.Tensor, exact: torch.Tensor) -> list[dict]:
     """One row per class (most prompts first), then "all": its share of the prompts, greedy exact
-    (greedy (n,)), the rollouts' own exact rate, and the shares of groups with signal (some right,
-    some wrong) and with no right rollout (exact (n, G), 1 = right)."""
+    (greedy (n,)), the rollouts' own exact rate, the shares of groups with signal (some right,
+    some wrong) and with no right rollout (exact (n, G), 1 = right), and the room: the share whose
+    greedy answer is wrong while some rollout is right."""
     G, right = exact.shape[1], exact.sum(1)  # right rollouts per group
     members = collections.defaultdict(list)
     for j, c in enumerate(classes):
@@ -55,7 +59,8 @@ def by_class(classes: list[str], greedy: torch.Tensor, exact: torch.Tensor) -> l
         rows.append({"ops": name, "share": len(idx) / len(classes),
                      "greedy": greedy[idx].mean().item(), "own": exact[idx].mean().item(),
                      "signal": ((right[idx] > 0) & (right[idx] < G)).float().mean().item(),
-                     "none": (right[idx] == 0).float().mean().item()})
+                     "none": (right[idx] == 0).float().mean().item(),
+                     "room": ((greedy[idx] == 0) & (right[idx] > 0)).float().mean().item()})
     return rows
 
 
@@ -80,10 +85,12 @@ def main(cfg: SignalConfig):
                     torch.cat(exact).float())
     print(f"{cfg.ckpt}: {cfg.n} training prompts, G = {G} rollouts at τ = {cfg.temperature}\n"
           "| operations | share of prompts | greedy exact | rollouts' own exact | groups with "
-          "signal | groups with no right rollout |\n|---|---|---|---|---|---|")
+          "signal | groups with no right rollout | room: greedy wrong, a rollout right |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['ops']} | {100 * r['share']:.1f}% | {100 * r['greedy']:.1f}% | "
-              f"{100 * r['own']:.1f}% | {100 * r['signal']:.1f}% | {100 * r['none']:.1f}% |")
+              f"{100 * r['own']:.1f}% | {100 * r['signal']:.1f}% | {100 * r['none']:.1f}% | "
+              f"{100 * r['room']:.1f}% |")
     print(json.dumps({"classes": rows}))
 
 

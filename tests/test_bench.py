@@ -169,7 +169,8 @@ def test_countdown_signal_counts_groups_by_operations(tmp_path):
     rows = json.loads(out.stdout.strip().splitlines()[-1])["classes"]
     assert rows[-1]["ops"] == "all" and rows[-1]["share"] == 1.0
     assert abs(sum(r["share"] for r in rows[:-1]) - 1.0) < 1e-6  # every prompt in one class
-    assert all(set(r["ops"]) <= set("+-*/") and r["signal"] + r["none"] <= 1 for r in rows[:-1])
+    assert all(set(r["ops"]) <= set("+-*/") and r["signal"] + r["none"] <= 1
+               and r["room"] <= 1 - r["none"] for r in rows[:-1])
     out = subprocess.run([*signal, f"--ckpt={tmp_path / 'star' / 'checkpoint.pt'}"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2 and "a star checkpoint; expected a countdown one" in out.stderr
@@ -184,6 +185,10 @@ def test_by_class_counts_right_rollouts_per_group():
     rows = bench.by_class(["+-", "+-", "*"], torch.tensor([1.0, 0.0, 1.0]), exact)
     assert [r["ops"] for r in rows] == ["+-", "*", "all"]
     assert rows[0] == {"ops": "+-", "share": 2 / 3, "greedy": 0.5, "own": 0.25, "signal": 0.5,
-                       "none": 0.5}
+                       "none": 0.5, "room": 0.0}
     assert rows[1]["signal"] == 0.0 and rows[1]["none"] == 0.0 and rows[1]["own"] == 1.0
     assert abs(rows[2]["signal"] - 1 / 3) < 1e-6 and abs(rows[2]["none"] - 1 / 3) < 1e-6
+    # greedy wrong on a group with a right rollout: room; greedy right with none right: not room
+    rows = bench.by_class(["+", "+"], torch.tensor([0.0, 1.0]), torch.tensor([[0.0, 1.0],
+                                                                              [0.0, 0.0]]))
+    assert rows[0]["room"] == 0.5 and rows[0]["none"] == 0.5
