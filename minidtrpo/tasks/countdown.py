@@ -113,8 +113,7 @@ class Countdown(Task):
     """
 
     name, block_size, prompt_len = "countdown", 8, 16
-    # SFT's recipe (docs/results.md "Supervised training"): about the steps of the 1200-s runs
-    # it was first measured with, evaluated every 500
+    # SFT's recipe, measured in docs/results.md "Supervised training"
     sft_recipe = {"max_steps": 6500, "eval_every": 500}
 
     def __init__(self, max_number: int = 100, max_target: int = 100,
