@@ -130,8 +130,10 @@ def main(argv=None):
     if argv[0] not in COMMANDS:
         fail(f"unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}")
     config, run, _ = COMMANDS[argv[0]]
+    finished = False
     try:
         run(parse(config, argv[1:], f"python -m minidtrpo {argv[0]}"))
+        finished = True
     except BadInput as e:  # a file or folder found bad once the command started, before any work
         fail(str(e))
     except RunStopped as e:
@@ -140,7 +142,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
-        end_parallel()
+        end_parallel(finished)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,15 @@ def init_parallel(device_name: str):
     return rank, world, device
 
 
-def end_parallel():
-    """Leave the process group, if joined, as a run ends (nanoGPT's destroy_process_group): a
-    process that exits still holding it may abort in gloo's threads at shutdown."""
+def end_parallel(finished: bool):
+    """Leave the process group, if joined, as a run ends (nanoGPT's destroy_process_group). A run
+    that finished first waits for every process to finish (a barrier, the GIL released): gloo's
+    worker threads free the tensors of the last collectives after these return, and a process
+    that reaches interpreter shutdown before they do aborts ("terminate called without an active
+    exception"). A run that failed or was interrupted does not wait: the others may never come."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

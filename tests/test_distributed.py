@@ -1,7 +1,8 @@
 """Data parallel on the CPU (DDP, gloo, 2 processes): one update on 2 processes equals the update on
 1 at the same global batch (sft and dpo through torchrun, the rl objectives given the same
 rollouts); BGPO's n_mc backwards reduce gradients once; a 2-process run killed and resumed writes
-the metrics of an uninterrupted one; bad launches are refused with one line."""
+the metrics of an uninterrupted one; bad launches are refused with one line; a finished run
+waits for the other processes before it leaves."""
 
 import os
 import signal
@@ -18,6 +19,7 @@ from fixtures import random_prompts, tiny_model
 from test_interrupt import SFT, untimed
 
 from minidtrpo.__main__ import main
+from minidtrpo.config import BadInput
 from minidtrpo.folders import FolderLock
 from minidtrpo.objectives import grpo_advantages
 from minidtrpo.sampling import generate
@@ -91,7 +93,8 @@ def rl_update(rank, world, objective, out):
 
     from minidtrpo import rl, updates
     from minidtrpo.elbo import elbo_masks_for
-    from minidtrpo.parallel import all_ranks, data_parallel, init_parallel, share, weigh
+    from minidtrpo.parallel import (all_ranks, data_parallel, end_parallel, init_parallel,
+                                    share, weigh)
 
     torch.set_num_threads(1)
     if world > 1:
@@ -121,8 +124,7 @@ def rl_update(rank, world, objective, out):
         dist.all_reduce, updates.elbo_masks_for = all_reduce, draw
     if rank == 0:
         torch.save({"model": policy.state_dict(), "reduces": len(reduces)}, out)
-    if world > 1:
-        dist.destroy_process_group()
+    end_parallel(finished=True)
 
 
 def free_port() -> str:
@@ -200,3 +202,33 @@ def test_bad_launches_are_refused_with_one_line(argv, says, start, tmp_path):
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and says in errors[0], done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("outcome, calls", [
+    ("finished", ["barrier", "destroy"]), ("interrupted", ["destroy"]), ("refused", ["destroy"])])
+def test_only_a_finished_run_waits_for_the_others_before_leaving(outcome, calls, monkeypatch):
+    """A finished run waits at a barrier before leaving the process group (an early leaver may
+    abort at shutdown while gloo's threads still free its last tensors); an interrupted or refused
+    one leaves at once, as the others may never arrive."""
+    import minidtrpo.__main__ as entry
+    import torch.distributed as dist
+
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: seen.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: seen.append("destroy"))
+
+    def command(cfg):
+        if outcome == "interrupted":
+            raise KeyboardInterrupt
+        if outcome == "refused":
+            raise BadInput("--n=0 is bad")
+
+    config = entry.COMMANDS["eval"][0]
+    monkeypatch.setitem(entry.COMMANDS, "eval", (config, command, ""))
+    if outcome == "finished":
+        main(["eval"])
+    else:
+        with pytest.raises(SystemExit):
+            main(["eval"])
+    assert seen == calls
