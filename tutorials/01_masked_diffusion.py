@@ -446,4 +446,5 @@ assert same_tokens and same_steps and lp_gap < 1e-5
 # - Tutorial 2 (`02_trajectory_likelihoods.py`): how likely is a response under this model? Exact
 #   trajectory log-probabilities, dTRPO's reduced estimator, and the ELBO.
 # - Tutorial 3 (`03_policy_optimisation.py`): the RL objectives built on those estimators.
-# - Longer training: `python -m minidtrpo sft --task=sudoku --time_budget=180` (see `--help`).
+# - Longer training: `python -m minidtrpo sft --task=sudoku`, the task's recipe of 300 steps (see
+#   `--help`).

@@ -51,6 +51,7 @@ from minidtrpo.elbo import elbo_terms, sample_elbo_masks
 from minidtrpo.estimators import dtrpo_logratio, sample_block_steps, trajectory_logprob
 from minidtrpo.objectives import (bgpo_loss_terms, clipped_pg_loss, dpo_loss, elbo_ratio_loss,
                                   grpo_advantages)
+from minidtrpo.preference import DPOConfig, PairsConfig
 from minidtrpo.rl import RLConfig, train_rl
 from minidtrpo.updates import bgpo_accumulate, vrpo_two_pass
 from minidtrpo.folders import read_metrics
@@ -460,16 +461,16 @@ plt.close(fig)
 print(f"saved {OUT / '03_rl_reward.png'}")
 
 # %% [markdown]
-# To see the objectives actually learn, and compare them under the same budget and seeds, run the
+# To see the objectives actually learn, and compare them from the same start and seeds, run the
 # head-to-head command. It trains one SFT start and then every objective from it, and writes a table
-# and a figure to `runs/compare/`. Its default budget, computed from its config:
+# and a figure to `runs/compare/`. Every run stops at its command's count, read from the configs:
 
 # %%
 cc = CompareConfig()
 n_runs = len(cc.objectives.split(",")) * len(cc.seeds.split(","))
 print(f"python -m minidtrpo compare: {n_runs} runs ({cc.objectives.count(',') + 1} objectives × "
-      f"{len(cc.seeds.split(','))} seeds) × {cc.budget:.0f} s + {cc.sft_budget:.0f} s of SFT "
-      f"≈ {(n_runs * cc.budget + cc.sft_budget) / 60:.0f} minutes of training, "
-      "plus evaluation and pair sampling")
+      f"{len(cc.seeds.split(','))} seeds) from one start of {SFTConfig().max_steps} SFT steps; "
+      f"each online run {RLConfig().max_iters} iterations, each DPO run {DPOConfig().epochs:g} "
+      f"epochs over the pairs of {PairsConfig().num_prompts} puzzles")
 print("options: python -m minidtrpo compare --help "
-      "(e.g. --objectives=full_trajectory,bgpo --budget=120 --seeds=0)")
+      "(e.g. --objectives=full_trajectory,bgpo --seeds=0 --rl_args=max_iters=40)")

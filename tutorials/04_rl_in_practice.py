@@ -227,7 +227,7 @@ print(f"figure: {OUT / '04_rl_in_practice.png'}")
 # - **dTRPO gains fastest per second.** The `rows/response` column is the report's cost
 #   prediction, measured: one row per response for dTRPO, against T_B = 4 for full-trajectory GRPO
 #   and n_mc = 4 for BGPO (at constant activation memory). One update (16 pairs) takes a few
-#   hundredths of a second against seconds for an online update on 512 rollouts, so its budget is
+#   hundredths of a second against seconds for an online update on 512 rollouts, so its epochs are
 #   hundreds of updates. What it pays instead is that its pairs are fixed: it learns only from
 #   responses the start sampled, and in longer runs it levels off while the online objectives keep
 #   climbing.
