@@ -112,10 +112,10 @@ COMMANDS = {  # name: (options, what runs them, one line of help)
     "demo": (DemoConfig, compare, "the main job: SFT, then three objectives head to head"),
     "sft": (SFTConfig, train_sft, "supervised masked-diffusion training (minidtrpo/sft.py)"),
     "eval": (EvalConfig, run_eval, "evaluate a checkpoint (prints one JSON line)"),
-    "rl": (RLConfig, train_rl, "online RL: full_trajectory | bgpo | diffu_grpo | vrpo_ol (rl.py)"),
+    "rl": (RLConfig, train_rl, "online RL: full_trajectory | bgpo | diffu_grpo | vrpo_ol | dtrpo (rl.py)"),
     "pairs": (PairsConfig, make_pairs, "sample (best, worst) pairs with trajectories"),
     "dpo": (DPOConfig, train_dpo, "offline DPO: dtrpo | full_trajectory | vrpo (preference.py)"),
-    "compare": (CompareConfig, compare, "every objective, same start and budget: table, figure"),
+    "compare": (CompareConfig, compare, "every objective, same start and counts: table, figure"),
     "estimators": (ReportConfig, run_report, "bias, noise, gradient and cost of each estimator"),
 }
 

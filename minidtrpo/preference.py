@@ -27,8 +27,8 @@ Departures:
    terms are dropped: they cancel under random remasking (P2), approximately under low confidence.
 4. vrpo defaults to the sequence-level ELBO (elbo_per_token=false: (L/m_j)·Σ), which estimates a
    log-likelihood like the other two estimators, so one β means the same for all three.
-5. Epochs are capped (default 10): offline DPO on a fixed set of pairs peaks after a few passes
-   and declines after (docs/results.md); the test reward is logged at every evaluation.
+5. Epochs are capped (default 10, the recipe measured in docs/results.md): the pairs are fixed,
+   and more passes over them are not more data; the test reward is logged at every evaluation.
 6. dtrpo's single pass is used by default only where it is exact (block layout). A full-layout
    model was never trained on the [x ; y ; ỹ] layout, so there each sampled block state gets its
    own pass (N_B passes per response, still T_B times fewer than the exact trajectory).

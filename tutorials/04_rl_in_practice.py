@@ -18,8 +18,8 @@
 # the gradient of the probability of what the sampler actually does (the selection term).
 #
 # Run it as `python tutorials/04_rl_in_practice.py`: about 8 minutes on this project's 2-core CPU,
-# most of it the three training runs; counts, not seconds, end every run, so it prints the same
-# numbers on any machine. `MINIDTRPO_TUTORIAL_QUICK=1` makes it a smoke test of a few
+# most of it the three training runs; counts, not seconds, end every run, so every machine runs the
+# same updates (the accuracies may move by a point or two between CPUs). `MINIDTRPO_TUTORIAL_QUICK=1` makes it a smoke test of a few
 # seconds whose numbers mean nothing.
 
 # %%
