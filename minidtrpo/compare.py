@@ -1,8 +1,9 @@
 """Head-to-head: every objective from one SFT start, with the same seeds, each at its recipe's counts.
 
 The experiment the dTRPO (arXiv 2603.18806) and BGPO (arXiv 2510.11683) papers report at 7-8B
-scale, at toy scale: the online objectives of rl.py (full_trajectory, bgpo, diffu_grpo,
-vrpo_ol; dtrpo on request) and the three DPO estimators of preference.py (dpo_dtrpo, dpo_full_trajectory, dpo_vrpo),
+scale, at toy scale: the online objectives of rl.py (full_trajectory, bgpo, diffu_grpo, vrpo_ol;
+dtrpo on request) and the three DPO estimators of preference.py (dpo_dtrpo, dpo_full_trajectory,
+dpo_vrpo),
 each run for its command's count (rl's iterations, dpo's epochs over the pairs; `rl_args` and
 `dpo_args` change them) per seed, `budget` seconds of training (rollouts + updates; evaluation and
 pair sampling excluded) an optional cap. Writes compare.md (a table, also printed) and compare.png (test exact accuracy

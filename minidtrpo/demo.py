@@ -8,8 +8,8 @@ objectives from that start, each scored on the same 500 test puzzles before and 
   §5.3).
 Every run is stopped by a count (SFT steps, RL iterations, DPO epochs), not by seconds, so every
 machine runs the same updates (its finals may still move by a point or two between CPUs: a
-last-bit difference in a float changes a sampled token). It writes runs/demo/compare.md (the table, also
-printed) and runs/demo/compare.png (test accuracy against seconds and iterations).
+last-bit difference in a float changes a sampled token). It writes runs/demo/compare.md (the
+table, also printed) and runs/demo/compare.png (test accuracy against seconds and iterations).
 Any option can still be changed (`--seeds=0,1,2` runs three seeds); `--help` lists the preset.
 """
 

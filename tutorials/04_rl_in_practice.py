@@ -19,8 +19,8 @@
 #
 # Run it as `python tutorials/04_rl_in_practice.py`: about 8 minutes on this project's 2-core CPU,
 # most of it the three training runs; counts, not seconds, end every run, so every machine runs the
-# same updates (the accuracies may move by a point or two between CPUs). `MINIDTRPO_TUTORIAL_QUICK=1` makes it a smoke test of a few
-# seconds whose numbers mean nothing.
+# same updates (the accuracies may move by a point or two between CPUs).
+# `MINIDTRPO_TUTORIAL_QUICK=1` makes it a smoke test of a few seconds whose numbers mean nothing.
 
 # %%
 import os
